@@ -1,0 +1,41 @@
+"""unialign_core: the UniAlignment model, its loader, samplers and modes. No ComfyUI imports."""
+
+from .errors import Cancelled, CheckpointError
+from .loader import UniAlignModel, load_model, load_tokenizer, load_transformer
+from .modes import (
+    PERCEPTION_PRESETS,
+    ImageResult,
+    answer,
+    caption,
+    compose,
+    edit,
+    perceive,
+    text_to_image,
+)
+from .single_file import save_single_file
+from .text_encoder import load_mask_embedding, load_text_encoder
+from .transformer import TransformerOutput, UniAlignTransformer
+from .vae import load_vae
+
+__all__ = [
+    "Cancelled",
+    "CheckpointError",
+    "ImageResult",
+    "PERCEPTION_PRESETS",
+    "TransformerOutput",
+    "UniAlignModel",
+    "UniAlignTransformer",
+    "answer",
+    "caption",
+    "compose",
+    "edit",
+    "load_mask_embedding",
+    "load_model",
+    "load_text_encoder",
+    "load_tokenizer",
+    "load_transformer",
+    "load_vae",
+    "perceive",
+    "save_single_file",
+    "text_to_image",
+]

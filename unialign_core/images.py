@@ -1,0 +1,62 @@
+"""Image inputs for the modes: tensors [B, 3, H, W] in [0, 1], or PIL images."""
+
+from typing import List, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+ImageInput = Union[torch.Tensor, Image.Image, Sequence[Image.Image]]
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """A PIL image (any mode; alpha is composited on white) as [1, 3, H, W] in [0, 1]."""
+    if image.mode in ("RGBA", "LA", "P"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None]
+
+
+def to_tensor(images: ImageInput, name: str = "image") -> torch.Tensor:
+    """Normalise an image input to a float tensor [B, 3, H, W] in [0, 1]."""
+    if isinstance(images, Image.Image):
+        return pil_to_tensor(images)
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError(f"{name}: got an empty list of images")
+        tensors = [to_tensor(i, name) for i in images]
+        sizes = {tuple(t.shape[-2:]) for t in tensors}
+        if len(sizes) > 1:
+            raise ValueError(f"{name}: images in one batch must share a size, got {sorted(sizes)}")
+        return torch.cat(tensors)
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor [B,3,H,W] or PIL image, got {type(images).__name__}")
+    x = images
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[1] not in (1, 3, 4):
+        raise ValueError(f"{name}: expected shape [B, 3, H, W], got {tuple(images.shape)}")
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] == 4:
+        rgb, alpha = x[:, :3], x[:, 3:]
+        x = rgb * alpha + (1 - alpha)
+    return x.float().clamp(0, 1)
+
+
+def check_size(width: int, height: int, multiple: int, name: str = "image") -> None:
+    """Raise a clear error unless both sides are positive multiples of `multiple`."""
+    if width <= 0 or height <= 0 or width % multiple or height % multiple:
+        fit = lambda v: max(multiple, round(v / multiple) * multiple)  # noqa: E731
+        raise ValueError(
+            f"{name}: size {width}x{height} is not a multiple of {multiple}; "
+            f"resize or crop it, e.g. to {fit(width)}x{fit(height)}"
+        )
+
+
+def to_pil(images: torch.Tensor) -> List[Image.Image]:
+    """[B, 3, H, W] in [0, 1] to PIL images."""
+    arrays = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arrays]

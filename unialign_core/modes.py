@@ -1,0 +1,297 @@
+"""The six modes: text-to-image, edit, perceive, compose, caption and answer.
+
+Every mode is deterministic for a given seed (noise is drawn on the CPU), takes an optional
+`callback(step, total, state)` and an optional `cancel()` check (return True to stop, which
+raises `Cancelled`, or raise your own exception), and leaves the model unchanged.
+
+Images in and out are float tensors [B, 3, H, W] in [0, 1] (PIL images are accepted too).
+Sides must be multiples of `model.pixel_multiple` (16 for SD3's VAE with patch size 2).
+"""
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from .flow_sampler import flow_sigmas, sample_flow
+from .images import ImageInput, check_size, to_tensor
+from .text_sampler import TextDenoiser, sample_confidence, sample_ddpm_cache
+
+PERCEPTION_PRESETS = {
+    "depth": "Provide a detailed depth map of the entire scene.",  # the published instruction
+    "canny": "Provide a detailed canny edge map of the entire scene.",
+    "pose": "Provide a detailed human pose map of the entire scene.",
+}
+VQA_TEMPLATE = "Q: {question} A: "
+SHORT_ANSWER_SUFFIX = " Answer the question using a single word or phrase."
+SAMPLERS = ("confidence", "ddpm_cache")
+
+
+@dataclass
+class ImageResult:
+    images: torch.Tensor  # [B, 3, H, W] in [0, 1]
+    latents: torch.Tensor  # [B, C, h, w], scaled SD3 latents
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+
+
+def _check_prompt(prompt: str, name: str = "prompt") -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{name} is empty; describe what you want")
+    return prompt
+
+
+def _source_latents(model, images: ImageInput, name: str, generator: torch.Generator) -> torch.Tensor:
+    pixels = to_tensor(images, name)
+    check_size(pixels.shape[-1], pixels.shape[-2], model.pixel_multiple, name)
+    return model.encode_images(pixels.to(model.device), generator)
+
+
+def _generate(
+    model,
+    prompts: List[str],
+    negative_prompt: str,
+    conditions: List[torch.Tensor],
+    width: int,
+    height: int,
+    steps: int,
+    guidance: float,
+    image_guidance: Optional[float],
+    generator: torch.Generator,
+    max_sequence_length: int,
+    callback,
+    cancel,
+    noise: Optional[torch.Tensor] = None,
+) -> ImageResult:
+    """The shared flow-matching loop with batched cond/uncond CFG (and optional image CFG)."""
+    check_size(width, height, model.pixel_multiple, "width/height")
+    batch = len(prompts)
+    scale = model.vae_scale
+    channels = model.transformer.config.in_channels
+    shape = (batch, channels, height // scale, width // scale)
+    if noise is None:
+        noise = torch.randn(shape, generator=generator)
+    elif tuple(noise.shape) != shape:
+        raise ValueError(f"noise: expected shape {shape}, got {tuple(noise.shape)}")
+    latents = noise.to(model.device, model.dtype)
+    positive = model.encode_prompts(prompts, max_sequence_length)
+    use_cfg = guidance > 1.0
+    negative = model.encode_prompts([negative_prompt] * batch, max_sequence_length) if use_cfg else None
+    context = torch.cat([negative, positive]) if use_cfg else positive
+    conds = [torch.cat([c, c]) for c in conditions] if use_cfg else conditions
+    use_image_cfg = bool(conditions) and image_guidance is not None and image_guidance != 1.0 and use_cfg
+
+    def velocity(x, t):
+        x_in = torch.cat([x, x]) if use_cfg else x
+        t_in = torch.cat([t, t]) if use_cfg else t
+        v = model.transformer(x_in, context, t_in.to(model.dtype), conds, compute_text=False).velocity
+        if not use_cfg:
+            return v
+        v_uncond, v_cond = v.chunk(2)
+        if not use_image_cfg:
+            return v_uncond + guidance * (v_cond - v_uncond)
+        # Three-way CFG: no text and no image / image only / text and image.
+        v_none = model.transformer(x, negative, t.to(model.dtype), None, compute_text=False).velocity
+        return v_none + image_guidance * (v_uncond - v_none) + guidance * (v_cond - v_uncond)
+
+    seq_len = (height // scale // model.transformer.config.patch_size) * (
+        width // scale // model.transformer.config.patch_size
+    )
+    sigmas = flow_sigmas(model.scheduler_config, steps, seq_len)
+    with torch.no_grad():
+        latents = sample_flow(velocity, latents, sigmas, callback, cancel)
+        images = model.decode_latents(latents)
+    return ImageResult(images.cpu(), latents.cpu())
+
+
+def text_to_image(
+    model,
+    prompt: str,
+    *,
+    negative_prompt: str = "",
+    width: int = 512,
+    height: int = 512,
+    steps: int = 28,
+    guidance: float = 7.0,
+    seed: int = 0,
+    num_images: int = 1,
+    max_sequence_length: int = 256,
+    noise: Optional[torch.Tensor] = None,
+    callback: Optional[Callable] = None,
+    cancel: Optional[Callable[[], bool]] = None,
+) -> ImageResult:
+    """Generate `num_images` images for a prompt (trained at 512x512; sides a multiple of 16).
+
+    `noise` replaces the seeded initial latents ([num_images, C, height/8, width/8]).
+    """
+    _check_prompt(prompt)
+    return _generate(
+        model, [prompt] * num_images, negative_prompt, [], width, height, steps, guidance, None,
+        _generator(seed), max_sequence_length, callback, cancel, noise,
+    )  # fmt: skip
+
+
+def edit(
+    model,
+    image: ImageInput,
+    instruction: str,
+    *,
+    negative_prompt: str = "",
+    steps: int = 50,
+    guidance: float = 7.0,
+    image_guidance: Optional[float] = None,
+    seed: int = 0,
+    num_images: int = 1,
+    max_sequence_length: int = 256,
+    callback: Optional[Callable] = None,
+    cancel: Optional[Callable[[], bool]] = None,
+) -> ImageResult:
+    """Edit each source image by an instruction; the output has the source's size.
+
+    The source latents are appended as condition tokens. CFG is on the text only, as published
+    (the uncond branch keeps the source). `image_guidance` (e.g. 1.5) adds a third branch
+    without the source image (InstructPix2Pix-style); None keeps the published two-way CFG.
+    """
+    _check_prompt(instruction, "instruction")
+    generator = _generator(seed)
+    source = _source_latents(model, image, "image", generator)
+    source = source.repeat_interleave(num_images, dim=0)
+    height, width = (s * model.vae_scale for s in source.shape[-2:])
+    return _generate(
+        model, [instruction] * source.shape[0], negative_prompt, [source], width, height, steps, guidance,
+        image_guidance, generator, max_sequence_length, callback, cancel,
+    )  # fmt: skip
+
+
+def perceive(
+    model,
+    image: ImageInput,
+    task: str = "depth",
+    *,
+    instruction: Optional[str] = None,
+    **kwargs,
+) -> ImageResult:
+    """Depth, canny-edge or pose maps (the edit path with a preset instruction).
+
+    `task` is one of PERCEPTION_PRESETS, or "custom" with your own `instruction`.
+    Other keyword arguments are those of `edit`.
+    """
+    if instruction is None:
+        if task not in PERCEPTION_PRESETS:
+            raise ValueError(f"task {task!r} is not one of {sorted(PERCEPTION_PRESETS)}; or pass an instruction")
+        instruction = PERCEPTION_PRESETS[task]
+    return edit(model, image, instruction, **kwargs)
+
+
+def compose(
+    model,
+    references: Sequence[ImageInput],
+    prompt: str,
+    *,
+    width: int = 512,
+    height: int = 512,
+    negative_prompt: str = "",
+    steps: int = 50,
+    guidance: float = 7.0,
+    seed: int = 0,
+    num_images: int = 1,
+    max_sequence_length: int = 256,
+    callback: Optional[Callable] = None,
+    cancel: Optional[Callable[[], bool]] = None,
+) -> ImageResult:
+    """Personalise / compose: generate from a prompt and 1-3 reference images (any sizes, multiples of 16)."""
+    _check_prompt(prompt)
+    if not 1 <= len(references) <= 3:
+        raise ValueError(f"references: give 1 to 3 reference images, got {len(references)}")
+    generator = _generator(seed)
+    conditions = []
+    for i, ref in enumerate(references):
+        latents = _source_latents(model, ref, f"reference {i + 1}", generator)
+        if latents.shape[0] != 1:
+            raise ValueError(f"reference {i + 1}: give one image per reference, got a batch of {latents.shape[0]}")
+        conditions.append(latents.expand(num_images, -1, -1, -1))
+    return _generate(
+        model, [prompt] * num_images, negative_prompt, conditions, width, height, steps, guidance, None,
+        generator, max_sequence_length, callback, cancel,
+    )  # fmt: skip
+
+
+def _understand(model, image, prompt_ids: List[int], length, steps, sampler, seed, temperature, callback, cancel):
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} is not one of {SAMPLERS}")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if len(prompt_ids) >= length:
+        raise ValueError(f"the question uses {len(prompt_ids)} tokens; raise length above that (now {length})")
+    generator = _generator(seed)
+    latents = _source_latents(model, image, "image", generator)
+    batch = latents.shape[0]
+    x = torch.full((batch, length), model.mask_id, dtype=torch.long)
+    x[:, : len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
+    denoiser = TextDenoiser(model, latents)
+    if sampler == "ddpm_cache":
+        ids = sample_ddpm_cache(denoiser, x, model.mask_id, steps, generator, callback, cancel)
+    else:
+        ids = sample_confidence(
+            denoiser, x, model.mask_id, model.eos_id, steps, generator, temperature, callback, cancel
+        )
+    return [decode_answer(model.tokenizer, row[len(prompt_ids) :].tolist()) for row in ids.cpu()]
+
+
+def decode_answer(tokenizer, ids: List[int]) -> str:
+    """Text up to the first end-of-text, without special tokens."""
+    if tokenizer.eos_token_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def caption(
+    model,
+    image: ImageInput,
+    *,
+    length: int = 128,
+    steps: int = 32,
+    sampler: str = "confidence",
+    seed: int = 0,
+    temperature: float = 0.0,
+    callback: Optional[Callable] = None,
+    cancel: Optional[Callable[[], bool]] = None,
+) -> List[str]:
+    """One caption per image by masked text diffusion.
+
+    Args:
+        length: generated tokens (published: 256; captions rarely need more than 128).
+        steps: denoising steps (published: 32). The confidence sampler may stop earlier.
+        sampler: "confidence" (fast, stops at end-of-text) or "ddpm_cache" (the published MDLM sampler).
+        temperature: confidence sampler only; 0 is greedy.
+    """
+    return _understand(model, image, [], length, steps, sampler, seed, temperature, callback, cancel)
+
+
+def answer(
+    model,
+    image: ImageInput,
+    question: str,
+    *,
+    length: int = 128,
+    steps: int = 32,
+    sampler: str = "confidence",
+    short: bool = False,
+    seed: int = 0,
+    temperature: float = 0.0,
+    callback: Optional[Callable] = None,
+    cancel: Optional[Callable[[], bool]] = None,
+) -> List[str]:
+    """Answer a question about each image with the published `Q: ... A: ` prompt.
+
+    The question's tokens are frozen (without the tokenizer's trailing end-of-text) and the
+    answer fills the rest. `short=True` appends the SFT hint for one-word answers.
+    """
+    _check_prompt(question, "question")
+    text = VQA_TEMPLATE.format(question=question.strip() + (SHORT_ANSWER_SUFFIX if short else ""))
+    ids = model.tokenizer(text, add_special_tokens=True)["input_ids"]
+    if ids and ids[-1] == model.eos_id:
+        ids = ids[:-1]
+    return _understand(model, image, ids, length, steps, sampler, seed, temperature, callback, cancel)

@@ -1,0 +1,158 @@
+"""Masked discrete diffusion for the text stream (captions and answers).
+
+Every denoiser call, as published:
+  1. the partly masked ids go through T5 (no attention mask);
+  2. the transformer runs on the clean image latents at timestep 0;
+  3. the mask token's logit gets -1e6, then log_softmax;
+  4. positions already revealed are forced to their own token (SUBS).
+
+Two samplers:
+  * `sample_ddpm_cache`: MDLM's "ddpm_cache" sampler, reproduced exactly.
+  * `sample_confidence`: commits the most confident masked positions each step (LLaDA-style),
+    fills everything after a committed end-of-text with padding at once (those positions
+    cannot change the decoded text), and stops as soon as nothing is masked.
+"""
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from .flow_sampler import check_cancel
+
+NEG_INF = -1000000.0
+EPS = 1e-5  # the end of MDLM's time grid
+
+
+class TextDenoiser:
+    """SUBS log-probabilities p(x0 | x_t) for token ids, given one clean image (or none)."""
+
+    def __init__(self, model, latents: Optional[torch.Tensor]):
+        self.model = model
+        self.latents = latents
+        self.calls = 0  # number of forward passes, for benchmarks
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        mask_id = self.model.mask_id
+        context = self.model.encode_ids(ids)
+        zero = torch.zeros(ids.shape[0], device=context.device)
+        out = self.model.transformer(self.latents, context, zero, compute_image=False)
+        return subs_log_probs(out.text_logits.float(), ids.to(out.text_logits.device), mask_id)
+
+
+def subs_log_probs(logits: torch.Tensor, ids: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """Mask-id logit to -1e6, log_softmax, then revealed positions carry their own token."""
+    logits = logits.clone()
+    logits[:, :, mask_id] += NEG_INF
+    logp = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+    revealed = ids != mask_id
+    logp[revealed] = NEG_INF
+    logp[revealed, ids[revealed]] = 0
+    return logp
+
+
+def ddpm_cache_update(x: torch.Tensor, t: float, dt: float, p_x0: torch.Tensor, mask_id: int, uniform: torch.Tensor):
+    """One MDLM ddpm_cache step from time t to t - dt, with the uniform noise given explicitly.
+
+    q(x_s) = p(x0) * (t - s) for tokens and s for the mask; draw with Gumbel noise
+    argmax(q / (-log(u + 1e-10) + 1e-10)); revealed tokens are kept.
+    """
+    t = torch.full((x.shape[0],), t, dtype=torch.float32, device=p_x0.device)
+    move_t = t[:, None, None]
+    move_s = (t - dt)[:, None, None]
+    q = p_x0 * (move_t - move_s)
+    q[:, :, mask_id] = move_s[:, :, 0]
+    gumbel = 1e-10 - (uniform.to(q.device) + 1e-10).log()
+    drawn = (q / gumbel).argmax(dim=-1).to(x.device)
+    keep = (x != mask_id).to(x.dtype)
+    return keep * x + (1 - keep) * drawn
+
+
+def sample_ddpm_cache(
+    denoiser: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    mask_id: int,
+    steps: int,
+    generator: torch.Generator,
+    callback: Optional[Callable] = None,
+    cancel: Optional[Callable[[], bool]] = None,
+) -> torch.Tensor:
+    """The published sampler: `t = linspace(1, 1e-5, steps+1)`, p(x0) reused while no token changes,
+    then one final argmax pass."""
+    grid = torch.linspace(1, EPS, steps + 1)
+    dt = (1 - EPS) / steps
+    p_x0 = None
+    for i in range(steps):
+        check_cancel(cancel)
+        if p_x0 is None:
+            p_x0 = denoiser(x).exp()
+        uniform = torch.rand(p_x0.shape, generator=generator)
+        x_next = ddpm_cache_update(x, grid[i].item(), dt, p_x0, mask_id, uniform)
+        if not torch.equal(x_next, x):
+            p_x0 = None
+        x = x_next
+        if callback is not None:
+            callback(i + 1, steps + 1, x)
+    check_cancel(cancel)
+    x = denoiser(x).argmax(dim=-1).to(x.device)
+    if callback is not None:
+        callback(steps + 1, steps + 1, x)
+    return x
+
+
+def sample_confidence(
+    denoiser: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    mask_id: int,
+    eos_id: int,
+    steps: int,
+    generator: Optional[torch.Generator] = None,
+    temperature: float = 0.0,
+    callback: Optional[Callable] = None,
+    cancel: Optional[Callable[[], bool]] = None,
+) -> torch.Tensor:
+    """Reveal the most confident masked positions each step; stop once nothing is masked.
+
+    A revealed token is never changed again. When a row commits an end-of-text token, every
+    masked position after it becomes end-of-text immediately (padding, as in training).
+    With `temperature > 0` the token at each position is drawn (Gumbel, seeded) instead of argmax.
+    """
+    x = x.clone()
+    for step in range(steps):
+        masked = x == mask_id
+        if not masked.any():
+            break
+        check_cancel(cancel)
+        logp = denoiser(x).to(x.device)
+        if temperature > 0:
+            u = torch.rand(logp.shape, generator=generator).to(logp.device)
+            tokens = (logp / temperature - torch.log(-torch.log(u + 1e-10) + 1e-10)).argmax(dim=-1)
+        else:
+            tokens = logp.argmax(dim=-1)
+        confidence = logp.gather(-1, tokens[..., None])[..., 0].masked_fill(~masked, -math.inf)
+        left = steps - step
+        for row in range(x.shape[0]):
+            n_masked = int(masked[row].sum())
+            if n_masked == 0:
+                continue
+            k = math.ceil(n_masked / left)
+            chosen = confidence[row].topk(k).indices
+            x[row, chosen] = tokens[row, chosen]
+            fill_after_eos(x[row], mask_id, eos_id)
+        if callback is not None:
+            callback(step + 1, steps, x)
+    # Only reached with masks left if `steps` ran out: finish them in one pass.
+    if (x == mask_id).any():
+        logp = denoiser(x).to(x.device)
+        x = torch.where(x == mask_id, logp.argmax(dim=-1), x)
+    return x
+
+
+def fill_after_eos(row: torch.Tensor, mask_id: int, eos_id: int) -> None:
+    """In place: masked positions after the first committed end-of-text become end-of-text."""
+    eos = (row == eos_id).nonzero()
+    if len(eos):
+        tail = row[eos[0, 0] + 1 :]
+        tail[tail == mask_id] = eos_id

@@ -1,0 +1,86 @@
+"""The SD3 VAE: loading from a diffusers folder or a single file, and the latent scaling.
+
+Latents are `z = (encode(x) - shift_factor) * scaling_factor` with pixels in [-1, 1].
+"""
+
+import json
+import os
+from typing import Optional
+
+import torch
+from diffusers import AutoencoderKL
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+from .checkpoint import load_into, read_safetensors, read_weights_folder
+from .errors import CheckpointError
+
+# The SD3 VAE (stable-diffusion-3-medium `vae/config.json`), used for single files without a config.
+SD3_VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "force_upcast": True,
+}
+LDM_MARKERS = ("encoder.down.0.", "first_stage_model.", "vae.encoder.down.")
+
+
+def _clean_config(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def vae_from_state_dict(state: dict, config: dict, path: str, dtype: torch.dtype) -> AutoencoderKL:
+    """Build an AutoencoderKL from diffusers- or LDM-layout weights."""
+    config = _clean_config(config)
+    if any(k.startswith(LDM_MARKERS) for k in state):
+        state = convert_ldm_vae_checkpoint(state, config)
+    with torch.device("meta"):
+        vae = AutoencoderKL(**config)
+    return load_into(vae, state, path, "VAE", dtype).eval().requires_grad_(False)
+
+
+def load_vae(path: str, dtype: torch.dtype = torch.float32, config: Optional[dict] = None) -> AutoencoderKL:
+    """Load a VAE from a diffusers folder (`config.json` + weights) or a single .safetensors file.
+
+    A single file takes its config from, in order: the `config` argument, a `config`
+    entry in its metadata, a `<name>.json` or `config.json` beside it, or the SD3 VAE config.
+    """
+    if os.path.isdir(path):
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise CheckpointError(path, "no config.json in this VAE folder")
+        with open(config_path) as f:
+            config = json.load(f)
+        return vae_from_state_dict(read_weights_folder(path, "diffusion_pytorch_model"), config, path, dtype)
+    state, metadata = read_safetensors(path)
+    if config is None and "config" in metadata:
+        config = json.loads(metadata["config"])
+    for sibling in (os.path.splitext(path)[0] + ".json", os.path.join(os.path.dirname(path), "config.json")):
+        if config is None and os.path.isfile(sibling):
+            with open(sibling) as f:
+                config = json.load(f)
+    return vae_from_state_dict(state, config or SD3_VAE_CONFIG, path, dtype)
+
+
+def encode(vae: AutoencoderKL, pixels: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Pixels [B, 3, H, W] in [0, 1] to scaled latents, sampling the posterior as published."""
+    x = pixels.to(vae.device, vae.dtype) * 2 - 1
+    dist = vae.encode(x).latent_dist
+    z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator, device="cpu").to(dist.mean)
+    return (z - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents to pixels [B, 3, H, W] in [0, 1]."""
+    z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    return ((vae.decode(z).sample.float() + 1) / 2).clamp(0, 1)
