@@ -1,0 +1,1 @@
+"""UniAlignment training tools."""
