@@ -97,7 +97,10 @@ def load_tokenizer(path: str):
 class UniAlignModel:
     """Everything a mode needs: transformer, VAE, T5, tokenizer, scheduler config and mask id."""
 
-    def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler_config: dict, mask_id: int, source: str):
+    def __init__(
+        self, transformer, vae, text_encoder, tokenizer, scheduler_config: dict, mask_id: int, source: str,
+        mask_embedding: Optional[torch.Tensor] = None,
+    ):  # fmt: skip
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
@@ -105,6 +108,7 @@ class UniAlignModel:
         self.scheduler_config = dict(scheduler_config)
         self.mask_id = int(mask_id)
         self.source = source
+        self.mask_embedding = mask_embedding  # what was written into T5's mask row, or None
         self.check_vocabulary()
 
     def check_vocabulary(self):
@@ -317,9 +321,8 @@ def load_model(
     mask_id = _mask_id(tok, declared_mask)
 
     mask_source = mask_embedding or parts["mask_embedding"]
-    if isinstance(mask_source, str):
-        set_mask_embedding(t5, load_mask_embedding(mask_source), mask_id, mask_source)
-    elif mask_source is not None:
-        set_mask_embedding(t5, mask_source, mask_id, path)
-    model = UniAlignModel(transformer, autoencoder, t5, tok, scheduler, mask_id, path)
+    mask_vector = load_mask_embedding(mask_source) if isinstance(mask_source, str) else mask_source
+    if mask_vector is not None:
+        set_mask_embedding(t5, mask_vector, mask_id, mask_source if isinstance(mask_source, str) else path)
+    model = UniAlignModel(transformer, autoencoder, t5, tok, scheduler, mask_id, path, mask_vector)
     return model.to(device)

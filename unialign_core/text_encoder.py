@@ -40,6 +40,21 @@ class UpcastLinear(nn.Module):
         return F.linear(x, weight, bias)
 
 
+class UpcastGatedFF(nn.Module):
+    """T5 v1.1's gated-GELU feed-forward for fp8 weights.
+
+    transformers' own version casts its input to `wo.weight.dtype` before `wo`, which with
+    fp8 weights would round the activations to fp8; this one keeps them in the compute dtype.
+    """
+
+    def __init__(self, ff: nn.Module):
+        super().__init__()
+        self.wi_0, self.wi_1, self.wo, self.act = ff.wi_0, ff.wi_1, ff.wo, ff.act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wo(self.act(self.wi_0(x)) * self.wi_1(x))
+
+
 def infer_t5_config(state: Dict[str, torch.Tensor]) -> T5Config:
     """Read a T5 v1.1 encoder's sizes from its weights."""
     vocab, d_model = state["shared.weight"].shape
@@ -102,6 +117,9 @@ def t5_from_state_dict(
         parent = model.get_submodule(parent_name)
         old = getattr(parent, child)
         setattr(parent, child, UpcastLinear(old.weight.data, old.bias, scales.get(module_name)))
+    if fp8 and config.is_gated_act:
+        for block in model.encoder.block:
+            block.layer[-1].DenseReluDense = UpcastGatedFF(block.layer[-1].DenseReluDense)
     return model.eval().requires_grad_(False)
 
 

@@ -1,0 +1,263 @@
+"""Every checkpoint format loads to the same model, and every bad file gets one clear error."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tiny_models import GOLDEN, REFERENCE, copy_tree, golden_model, golden_vectors, write_single_file, write_t5_file, write_vae_file
+from unialign_core import CheckpointError, load_mask_embedding, load_model, load_text_encoder, load_vae, save_single_file
+from unialign_core.single_file import FORMAT
+
+MASK_ID = 32099
+
+
+def same_outputs(model, reference=None, atol=1e-6, t5_atol=1e-5):
+    """Transformer + T5 outputs of `model` agree with the golden model."""
+    reference = reference or golden_model()
+    v = golden_vectors()
+    ids = reference.tokenize(["a red cube"], 16)
+    with torch.no_grad():
+        a = model.transformer(v["t2i.latents"], v["t2i.context"], v["t2i.timestep"])
+        b = reference.transformer(v["t2i.latents"], v["t2i.context"], v["t2i.timestep"])
+        assert torch.allclose(a.velocity, b.velocity, atol=atol)
+        assert torch.allclose(a.text_logits, b.text_logits, atol=atol)
+        assert torch.allclose(model.encode_ids(ids), reference.encode_ids(ids), atol=t5_atol)
+
+
+# ---- formats ---------------------------------------------------------------------------------
+
+
+def test_upstream_folder_loads_every_component():
+    model = golden_model()
+    assert model.mask_id == MASK_ID
+    assert model.transformer.config.fp16_time_projection is True
+    assert not hasattr(model.transformer, "siglip_adapter_img")  # training-only, not allocated
+    assert model.scheduler_config["shift"] == 3.0
+    assert model.pixel_multiple == 4  # tiny VAE downsamples x2, patch 2
+
+
+def test_unialignment_folder_with_training_projectors_loads_without_them(tmp_path):
+    folder = copy_tree(GOLDEN, tmp_path / "uni")
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    for side in ("img", "text"):
+        state[f"siglip_adapter_{side}.fc.0.weight"] = torch.zeros(2048, 1536)
+        state[f"siglip_adapter_{side}.fc.2.weight"] = torch.zeros(3584, 2048)
+    save_file(state, str(weights))
+    model = load_model(str(folder))
+    assert not any(k.startswith("siglip") for k in model.transformer.state_dict())
+    same_outputs(model)
+
+
+def test_dualdiffusion_folder_turns_fp16_rounding_off(tmp_path):
+    folder = copy_tree(GOLDEN, tmp_path / "dual")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "DualDiffSD3Pipeline"}))
+    assert load_model(str(folder)).transformer.config.fp16_time_projection is False
+
+
+def test_sharded_transformer_folder_loads(tmp_path):
+    folder = copy_tree(GOLDEN, tmp_path / "sharded")
+    tdir = folder / "transformer"
+    state = load_file(str(tdir / "diffusion_pytorch_model.safetensors"))
+    (tdir / "diffusion_pytorch_model.safetensors").unlink()
+    keys = sorted(state)
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :])):
+        name = f"diffusion_pytorch_model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: state[k] for k in part}, str(tdir / name))
+        weight_map.update({k: name for k in part})
+    (tdir / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    same_outputs(load_model(str(folder)))
+
+
+def test_single_file_round_trip_is_exact(tmp_path):
+    path = write_single_file(tmp_path / "model.safetensors", bundle=True)
+    model = load_model(str(path))
+    same_outputs(model, atol=0)
+    assert model.mask_id == MASK_ID
+    assert model.tokenizer("a red cube")["input_ids"] == golden_model().tokenizer("a red cube")["input_ids"]
+    assert model.scheduler_config["shift"] == 3.0
+
+
+def test_single_file_with_comfyui_t5_vae_and_tokenizer_files(tmp_path):
+    """The full-size path: the file holds the transformer; T5 and VAE come from ComfyUI's folders."""
+    path = write_single_file(tmp_path / "model.safetensors")
+    t5 = write_t5_file(tmp_path / "t5xxl_fp16.safetensors", torch.float16)
+    vae = write_vae_file(tmp_path / "sd3_vae.safetensors")
+    with pytest.raises(CheckpointError, match="no text encoder"):
+        load_model(str(path))
+    model = load_model(str(path), text_encoder=str(t5), vae=str(vae), tokenizer=str(GOLDEN / "tokenizer"))
+    assert model.text_encoder.shared.weight.dtype == torch.float32
+    same_outputs(model, atol=1e-6, t5_atol=5e-3)  # the T5 file holds fp16-rounded weights
+
+
+def test_fp8_t5_stays_fp8_in_memory_and_computes(tmp_path):
+    fp8 = load_text_encoder(str(write_t5_file(tmp_path / "t5xxl_fp8_e4m3fn.safetensors", torch.float8_e4m3fn)))
+    q = fp8.encoder.block[0].layer[0].SelfAttention.q
+    assert q.weight.dtype == torch.float8_e4m3fn
+    ref = golden_model()
+    ids = ref.tokenize(["a red cube on a table"], 16)
+    with torch.no_grad():
+        out, expected = fp8(input_ids=ids)[0], ref.text_encoder(input_ids=ids)[0]
+    assert out.dtype == torch.float32
+    rel = (out - expected).norm() / expected.norm()
+    assert rel < 0.1  # fp8 rounding, not garbage
+
+
+def test_official_mask_embedding_file_loads_safely():
+    emb = load_mask_embedding(str(REFERENCE / "mask_token_emb.00-of-01.pth"))
+    assert emb.shape == (4096,) and emb.dtype == torch.bfloat16 and emb.device.type == "cpu"
+
+
+def test_mask_embedding_goes_into_row_32099(tmp_path):
+    vector = torch.linspace(-1, 1, 32)
+    torch.save(vector.to(torch.bfloat16), tmp_path / "mask.pth")  # the official file's dtype
+    model = load_model(str(GOLDEN), mask_embedding=str(tmp_path / "mask.pth"))
+    table = model.text_encoder.shared.weight
+    assert torch.allclose(table[MASK_ID], vector, atol=1e-2)
+    assert torch.equal(table[MASK_ID - 1], golden_model().text_encoder.shared.weight[MASK_ID - 1])
+    # The single file keeps it, and applies it to whatever T5 the user loads.
+    path = write_single_file(tmp_path / "m.safetensors", mask_embedding=str(tmp_path / "mask.pth"), bundle=True)
+    assert torch.allclose(load_model(str(path)).text_encoder.shared.weight[MASK_ID], vector, atol=1e-2)
+
+
+def test_mask_file_in_model_folder_is_found(tmp_path):
+    folder = copy_tree(GOLDEN, tmp_path / "m")
+    (folder / "checkpoint").mkdir()
+    torch.save(torch.ones(32), folder / "checkpoint" / "mask_token_emb.00-of-01.pth")
+    assert torch.equal(load_model(str(folder)).text_encoder.shared.weight[MASK_ID], torch.ones(32))
+
+
+def test_without_any_mask_file_the_text_encoders_own_row_is_kept():
+    own = load_file(str(GOLDEN / "text_encoder" / "model.safetensors"))["shared.weight"][MASK_ID]
+    assert torch.equal(golden_model().text_encoder.shared.weight[MASK_ID], own)
+    assert golden_model().mask_embedding is None
+
+
+def test_vae_single_file_matches_folder(tmp_path):
+    a = load_vae(str(write_vae_file(tmp_path / "vae.safetensors")))
+    b = golden_model().vae
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(a.encode(x).latent_dist.mean, b.encode(x).latent_dist.mean)
+
+
+# ---- errors --------------------------------------------------------------------------------
+
+
+def test_missing_model_names_the_path(tmp_path):
+    with pytest.raises(CheckpointError, match="nope.safetensors: model not found"):
+        load_model(str(tmp_path / "nope.safetensors"))
+
+
+def test_truncated_file_is_named(tmp_path):
+    path = write_single_file(tmp_path / "m.safetensors")
+    data = path.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut.safetensors: not a readable safetensors file"):
+        load_model(str(cut))
+
+
+def test_not_a_safetensors_file(tmp_path):
+    bogus = tmp_path / "model.safetensors"
+    bogus.write_text("this is not a model")
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        load_model(str(bogus))
+
+
+def test_file_of_another_architecture(tmp_path):
+    other = tmp_path / "sdxl.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4)}, str(other))
+    with pytest.raises(CheckpointError, match="not a UniAlignment single file"):
+        load_model(str(other))
+
+
+def test_plain_sd3_transformer_folder_lists_missing_and_unexpected_keys(tmp_path):
+    folder = copy_tree(GOLDEN, tmp_path / "sd3")
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    state["norm_out.linear.weight"] = state.pop("image_norm_out.linear.weight")
+    del state["null_image_embd"]
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError) as e:
+        load_model(str(folder))
+    msg = str(e.value)
+    assert str(weights.parent) in msg
+    assert "2 missing keys" in msg and "null_image_embd" in msg and "image_norm_out.linear.weight" in msg
+    assert "1 unexpected keys" in msg and "norm_out.linear.weight" in msg
+
+
+def test_wrong_shapes_are_listed(tmp_path):
+    path = write_single_file(tmp_path / "m.safetensors", bundle=True)
+    state = load_file(str(path))
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    state["context_embedder.weight"] = torch.zeros(32, 64)
+    save_file(state, str(path), metadata=meta)
+    with pytest.raises(CheckpointError, match=r"1 wrong shapes.*context_embedder.weight: file \(32, 64\) vs model \(32, 32\)"):
+        load_model(str(path))
+
+
+def test_t5_that_is_not_a_t5(tmp_path):
+    bad = tmp_path / "clip_l.safetensors"
+    save_file({"text_model.embeddings.token_embedding.weight": torch.zeros(8, 4)}, str(bad))
+    with pytest.raises(CheckpointError, match="clip_l.safetensors: not a T5 encoder"):
+        load_text_encoder(str(bad))
+
+
+def test_mask_embedding_of_wrong_size_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="mask_token_emb.00-of-01.pth: mask embedding has size 4096 but the T5 encoder's width is 32"):
+        load_model(str(GOLDEN), mask_embedding=str(REFERENCE / "mask_token_emb.00-of-01.pth"))
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "mask.pth"
+    torch.save({"x": Evil()}, path)
+    with pytest.raises(CheckpointError, match="mask.pth: not a weights-only torch file"):
+        load_mask_embedding(str(path))
+
+
+def test_save_single_file_is_atomic(tmp_path, monkeypatch):
+    path = write_single_file(tmp_path / "m.safetensors")
+    before = path.read_bytes()
+    import unialign_core.single_file as sf
+
+    def boom(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sf, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_single_file(str(path), golden_model().transformer, scheduler_config={}, mask_id=MASK_ID)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_converter_cli_writes_header(tmp_path):
+    from safetensors import safe_open
+
+    from unialign_core.convert import main
+
+    out = tmp_path / "uni.safetensors"
+    assert main([str(GOLDEN), str(out), "--dtype", "bf16"]) == 0
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+        assert f.get_tensor("image_proj_out.weight").dtype == torch.bfloat16
+        assert not any(k.startswith(("text_encoder.", "vae.", "siglip")) for k in f.keys())
+    assert meta["format"] == FORMAT and meta["format_version"] == "1"
+    assert json.loads(meta["model_config"])["num_layers"] == 3
+    assert meta["vocab_size"] == "32100" and meta["mask_id"] == "32099"
+    assert json.loads(meta["scheduler_config"])["shift"] == 3.0
+    assert main([str(tmp_path / "missing"), str(tmp_path / "x.safetensors")]) == 2
+    assert not (tmp_path / "x.safetensors").exists()

@@ -1,0 +1,77 @@
+"""Tiny models for the tests, in every format users have.
+
+The base is the golden checkpoint in `../shared/golden/tiny_unialignment` (upstream folder layout,
+tiny T5 with the real T5 tokenizer, tiny VAE). `../shared` is read-only: anything that changes
+files works on a copy.
+"""
+
+import functools
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("UNIALIGN_SHARED", REPO.parent / "shared"))
+GOLDEN = SHARED / "golden" / "tiny_unialignment"
+REFERENCE = SHARED / "reference"
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    """Copy a read-only tree and make the copy writable."""
+    shutil.copytree(src, dst)
+    for root, dirs, files in os.walk(dst):
+        for name in dirs + files:
+            p = os.path.join(root, name)
+            os.chmod(p, os.stat(p).st_mode | stat.S_IWUSR)
+    os.chmod(dst, os.stat(dst).st_mode | stat.S_IWUSR)
+    return dst
+
+
+@functools.lru_cache(maxsize=None)
+def golden_model():
+    """The golden checkpoint loaded once through the normal loader (treat as read-only)."""
+    from unialign_core import load_model
+
+    return load_model(str(GOLDEN))
+
+
+def golden_vectors():
+    return load_file(str(GOLDEN / "vectors.safetensors"))
+
+
+def golden_settings():
+    with open(GOLDEN / "vectors.json") as f:
+        return json.load(f)
+
+
+def write_t5_file(path: Path, dtype: torch.dtype) -> Path:
+    """The golden T5 as one ComfyUI-style file (HF key layout): fp16, or fp8 linears with the rest in fp16."""
+    state = load_file(str(GOLDEN / "text_encoder" / "model.safetensors"))
+    linear = ("SelfAttention.q.", "SelfAttention.k.", "SelfAttention.v.", "SelfAttention.o.", "DenseReluDense.")
+    out = {}
+    for k, v in state.items():
+        low_precision = dtype.is_floating_point and dtype.itemsize == 1 and any(p in k for p in linear)
+        out[k] = v.to(dtype if low_precision else torch.float16)
+    save_file(out, str(path))
+    return path
+
+
+def write_vae_file(path: Path) -> Path:
+    """The golden VAE as one file, with its config in the metadata."""
+    state = load_file(str(GOLDEN / "vae" / "diffusion_pytorch_model.safetensors"))
+    config = (GOLDEN / "vae" / "config.json").read_text()
+    save_file(state, str(path), metadata={"config": config})
+    return path
+
+
+def write_single_file(path: Path, **kwargs) -> Path:
+    """The golden model converted to our single-file format (fp32)."""
+    from unialign_core.convert import convert
+
+    convert(str(GOLDEN), str(path), dtype="fp32", **kwargs)
+    return path
