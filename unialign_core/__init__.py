@@ -39,3 +39,7 @@ __all__ = [
     "save_single_file",
     "text_to_image",
 ]
+
+from .lora import load_lora, lora_deltas, save_lora  # noqa: E402
+
+__all__ += ["load_lora", "lora_deltas", "save_lora"]

@@ -1,0 +1,100 @@
+"""LoRA files in diffusers' SD3 key format, with alpha keys.
+
+Keys: `transformer.<module>.lora_A.weight` [r, in], `transformer.<module>.lora_B.weight` [out, r]
+and `transformer.<module>.alpha` (a scalar). The scale is alpha / rank when an alpha key exists,
+else 1.0 -- the rule ComfyUI applies, so both read a file at the same strength.
+
+`lora_deltas` returns weight deltas keyed by the transformer's parameter names; callers add
+them to a copy (or hand them to ComfyUI's ModelPatcher), so the base model never changes.
+"""
+
+import os
+from typing import Dict, NamedTuple, Optional
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import read_safetensors
+from .errors import CheckpointError
+
+PREFIXES = ("transformer.", "base_model.model.", "diffusion_model.")
+
+
+class LoraLayer(NamedTuple):
+    down: torch.Tensor  # lora_A [rank, in]
+    up: torch.Tensor  # lora_B [out, rank]
+    alpha: Optional[float]
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.alpha is None else self.alpha / self.down.shape[0]
+
+
+def parse_lora(state: Dict[str, torch.Tensor], path: str) -> Dict[str, LoraLayer]:
+    """Group a LoRA state dict by module name (prefix stripped)."""
+    parts: Dict[str, dict] = {}
+    for key, value in state.items():
+        name = key
+        for prefix in PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix) :]
+                break
+        for suffix, slot in ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".alpha", "alpha")):
+            if name.endswith(suffix):
+                parts.setdefault(name[: -len(suffix)], {})[slot] = value
+                break
+        else:
+            raise CheckpointError(path, f"not a diffusers-format LoRA: unexpected key {key!r}")
+    if not parts:
+        raise CheckpointError(path, "empty LoRA file")
+    layers = {}
+    for module, p in sorted(parts.items()):
+        if "down" not in p or "up" not in p:
+            raise CheckpointError(path, f"LoRA layer {module!r} lacks lora_A or lora_B")
+        if p["down"].shape[0] != p["up"].shape[1]:
+            raise CheckpointError(path, f"LoRA layer {module!r}: rank of lora_A and lora_B differ")
+        alpha = float(p["alpha"]) if "alpha" in p else None
+        layers[module] = LoraLayer(p["down"], p["up"], alpha)
+    return layers
+
+
+def load_lora(path: str) -> Dict[str, LoraLayer]:
+    """Read a LoRA .safetensors file."""
+    return parse_lora(read_safetensors(path)[0], path)
+
+
+def lora_deltas(
+    transformer: torch.nn.Module, layers: Dict[str, LoraLayer], strength: float, path: str = "LoRA"
+) -> Dict[str, torch.Tensor]:
+    """Weight deltas `strength * scale * up @ down`, keyed `<module>.weight`, checked against the model."""
+    params = dict(transformer.named_parameters())
+    deltas = {}
+    for module, layer in layers.items():
+        key = f"{module}.weight"
+        if key not in params:
+            raise CheckpointError(path, f"LoRA targets {module!r}, which this model does not have")
+        weight = params[key]
+        shape = (layer.up.shape[0], layer.down.shape[1])
+        if tuple(weight.shape) != shape:
+            raise CheckpointError(path, f"LoRA for {module!r} is {shape}, the model's weight is {tuple(weight.shape)}")
+        delta = (layer.up.float() @ layer.down.float()) * (layer.scale * strength)
+        deltas[key] = delta.to(weight.dtype)
+    return deltas
+
+
+def save_lora(path: str, layers: Dict[str, LoraLayer], metadata: Optional[Dict[str, str]] = None) -> str:
+    """Write layers in diffusers' SD3 format with alpha keys (atomically)."""
+    tensors = {}
+    for module, layer in layers.items():
+        tensors[f"transformer.{module}.lora_A.weight"] = layer.down.contiguous()
+        tensors[f"transformer.{module}.lora_B.weight"] = layer.up.contiguous()
+        alpha = layer.alpha if layer.alpha is not None else float(layer.down.shape[0])
+        tensors[f"transformer.{module}.alpha"] = torch.tensor(alpha)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
