@@ -1,6 +1,7 @@
 """unialign_core: the UniAlignment model, its loader, samplers and modes. No ComfyUI imports."""
 
 from .errors import Cancelled, CheckpointError
+from .lora import load_lora, lora_deltas, save_lora
 from .loader import UniAlignModel, load_model, load_tokenizer, load_transformer
 from .modes import (
     PERCEPTION_PRESETS,
@@ -29,17 +30,16 @@ __all__ = [
     "caption",
     "compose",
     "edit",
+    "load_lora",
     "load_mask_embedding",
     "load_model",
     "load_text_encoder",
     "load_tokenizer",
     "load_transformer",
     "load_vae",
+    "lora_deltas",
     "perceive",
+    "save_lora",
     "save_single_file",
     "text_to_image",
 ]
-
-from .lora import load_lora, lora_deltas, save_lora  # noqa: E402
-
-__all__ += ["load_lora", "lora_deltas", "save_lora"]
