@@ -1,0 +1,148 @@
+"""Every mode end to end on the tiny model: output types and shapes, seeds, callbacks, cancel, bad input."""
+
+import hashlib
+import logging
+
+import pytest
+import torch
+from PIL import Image
+
+from tiny_models import golden_model
+from unialign_core import Cancelled, answer, caption, compose, edit, perceive, text_to_image
+
+FAST = dict(steps=2, guidance=3.0)
+
+
+def state_hash(model):
+    h = hashlib.sha256()
+    for module in (model.transformer, model.text_encoder, model.vae):
+        for k, v in sorted(module.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = golden_model()
+    before = state_hash(m)
+    yield m
+    assert state_hash(m) == before, "a mode changed the model's weights"
+
+
+def image(h=16, w=24, batch=1, seed=0):
+    return torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def test_text_to_image_shapes_batch_and_non_square(model):
+    r = text_to_image(model, "a red cube", width=24, height=16, num_images=3, **FAST)
+    assert r.images.shape == (3, 3, 16, 24) and r.latents.shape == (3, 16, 8, 12)
+    assert 0 <= r.images.min() and r.images.max() <= 1
+    assert not torch.equal(r.latents[0], r.latents[1])  # N images per prompt differ
+
+
+def test_same_seed_same_image_other_seed_differs(model):
+    a = text_to_image(model, "a cat", width=16, height=16, seed=7, **FAST)
+    b = text_to_image(model, "a cat", width=16, height=16, seed=7, **FAST)
+    c = text_to_image(model, "a cat", width=16, height=16, seed=8, **FAST)
+    assert torch.equal(a.images, b.images)
+    assert not torch.equal(a.latents, c.latents)
+
+
+def test_negative_prompt_changes_the_result(model):
+    a = text_to_image(model, "a cat", width=16, height=16, **FAST)
+    b = text_to_image(model, "a cat", negative_prompt="blurry", width=16, height=16, **FAST)
+    assert not torch.equal(a.latents, b.latents)
+
+
+def test_edit_keeps_any_size_and_aspect(model):
+    r = edit(model, image(12, 28), "make it blue", **FAST)
+    assert r.images.shape == (1, 3, 12, 28)
+
+
+def test_edit_batch_and_image_guidance(model):
+    two = edit(model, image(16, 16, batch=2), "make it blue", num_images=2, **FAST)
+    assert two.images.shape == (4, 3, 16, 16)
+    a = edit(model, image(), "make it blue", **FAST)
+    b = edit(model, image(), "make it blue", image_guidance=1.5, **FAST)
+    assert not torch.equal(a.latents, b.latents)
+
+
+def test_edit_accepts_pil_with_alpha_and_grayscale(model):
+    rgba = Image.new("RGBA", (16, 8), (255, 0, 0, 128))
+    assert edit(model, rgba, "make it blue", **FAST).images.shape == (1, 3, 8, 16)
+    gray = torch.rand(1, 1, 8, 8)
+    assert edit(model, gray, "make it blue", **FAST).images.shape == (1, 3, 8, 8)
+
+
+def test_perceive_presets_and_custom(model):
+    for task in ("depth", "canny", "pose"):
+        assert perceive(model, image(), task, **FAST).images.shape == (1, 3, 16, 24)
+    assert perceive(model, image(), "custom", instruction="segment the cat", **FAST).images.shape == (1, 3, 16, 24)
+    with pytest.raises(ValueError, match="task 'normals' is not one of"):
+        perceive(model, image(), "normals")
+
+
+def test_compose_one_to_three_references(model):
+    for n in (1, 2, 3):
+        refs = [image(8, 8, seed=i) for i in range(n)]
+        r = compose(model, refs, "these together", width=16, height=20, **FAST)
+        assert r.images.shape == (1, 3, 20, 16)
+    with pytest.raises(ValueError, match="references: give 1 to 3"):
+        compose(model, [image()] * 4, "too many")
+
+
+@pytest.mark.parametrize("sampler", ["confidence", "ddpm_cache"])
+def test_caption_one_clean_string_per_image(model, sampler):
+    texts = caption(model, image(batch=2), length=12, steps=4, sampler=sampler)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    for t in texts:
+        assert "</s>" not in t and "<pad>" not in t and "<extra_id_0>" not in t
+    assert caption(model, image(batch=2), length=12, steps=4, sampler=sampler) == texts  # seeded
+
+
+def test_answer_uses_the_question_and_returns_only_the_answer(model):
+    out = answer(model, image(), "what colour is the cube?", length=24, steps=4)
+    assert len(out) == 1 and "Q:" not in out[0]
+    with pytest.raises(ValueError, match="raise length"):
+        answer(model, image(), "what colour is the cube?", length=8)
+
+
+def test_callback_every_step_and_cancel(model):
+    seen = []
+    text_to_image(model, "a cat", width=16, height=16, callback=lambda i, n, x0: seen.append((i, n, x0.shape)), **FAST)
+    assert seen == [(1, 2, (1, 16, 8, 8)), (2, 2, (1, 16, 8, 8))]
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 1
+
+    with pytest.raises(Cancelled):
+        text_to_image(model, "a cat", width=16, height=16, steps=5, cancel=cancel)
+    assert len(calls) == 2  # stopped within one step
+    with pytest.raises(Cancelled):
+        caption(model, image(), length=8, steps=5, cancel=lambda: True)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m: text_to_image(m, "", width=16, height=16), "prompt is empty"),
+        (lambda m: text_to_image(m, "   ", width=16, height=16), "prompt is empty"),
+        (lambda m: text_to_image(m, "a cat", width=18, height=16), r"width/height: size 18x16 is not a multiple of 4"),
+        (lambda m: edit(m, image(10, 16), "x"), r"image: size 16x10 is not a multiple of 4; resize or crop it"),
+        (lambda m: edit(m, image(), ""), "instruction is empty"),
+        (lambda m: caption(m, image(), sampler="beam"), "sampler 'beam' is not one of"),
+        (lambda m: edit(m, torch.rand(1, 2, 8, 8), "x"), r"image: expected shape \[B, 3, H, W\]"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(model, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(model)
+
+
+def test_too_long_prompt_warns_with_the_lost_words(model, caplog):
+    with caplog.at_level(logging.WARNING, logger="unialign_core"):
+        model.tokenize(["one two three four five six seven eight nine ten eleven twelve"], 8)
+    assert "dropped" in caplog.text and "eleven twelve" in caplog.text
