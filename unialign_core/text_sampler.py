@@ -27,14 +27,15 @@ EPS = 1e-5  # the end of MDLM's time grid
 class TextDenoiser:
     """SUBS log-probabilities p(x0 | x_t) for token ids, given one clean image (or none)."""
 
+    total_calls = 0  # forward passes by all denoisers, for benchmarks
+
     def __init__(self, model, latents: Optional[torch.Tensor]):
         self.model = model
         self.latents = latents
-        self.calls = 0  # number of forward passes, for benchmarks
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
+        TextDenoiser.total_calls += 1
         mask_id = self.model.mask_id
         context = self.model.encode_ids(ids)
         zero = torch.zeros(ids.shape[0], device=context.device)
