@@ -261,3 +261,21 @@ def test_converter_cli_writes_header(tmp_path):
     assert json.loads(meta["scheduler_config"])["shift"] == 3.0
     assert main([str(tmp_path / "missing"), str(tmp_path / "x.safetensors")]) == 2
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_vae_single_file_in_original_ldm_layout(tmp_path):
+    from tiny_models import to_ldm_vae_keys
+
+    state = load_file(str(GOLDEN / "vae" / "diffusion_pytorch_model.safetensors"))
+    config = json.loads((GOLDEN / "vae" / "config.json").read_text())
+    ldm = to_ldm_vae_keys(state, len(config["up_block_types"]))
+    assert "first_stage_model.decoder.up.0.block.0.conv1.weight" in ldm
+    path = tmp_path / "sd3_vae.safetensors"
+    save_file(ldm, str(path))
+    (tmp_path / "sd3_vae.json").write_text(json.dumps(config))  # tiny sizes: the config sits beside it
+    a, b = load_vae(str(path)), golden_model().vae
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(a.encode(x).latent_dist.mean, b.encode(x).latent_dist.mean)
+        z = torch.randn(1, 16, 8, 8)
+        assert torch.allclose(a.decode(z).sample, b.decode(z).sample)

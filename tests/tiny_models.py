@@ -75,3 +75,36 @@ def write_single_file(path: Path, **kwargs) -> Path:
 
     convert(str(GOLDEN), str(path), dtype="fp32", **kwargs)
     return path
+
+
+def to_ldm_vae_keys(state: dict, num_up_blocks: int) -> dict:
+    """Rename diffusers AutoencoderKL keys to the original (LDM) layout of SD3's single-file VAE."""
+    import re
+
+    renames = [
+        (r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block."),
+        (r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample."),
+        (r"mid_block\.resnets\.0\.", "mid.block_1."),
+        (r"mid_block\.resnets\.1\.", "mid.block_2."),
+        (r"mid_block\.attentions\.0\.", "mid.attn_1."),
+        (r"conv_norm_out\.", "norm_out."),
+        (r"conv_shortcut\.", "nin_shortcut."),
+        (r"attn_1\.to_q\.", "attn_1.q."),
+        (r"attn_1\.to_k\.", "attn_1.k."),
+        (r"attn_1\.to_v\.", "attn_1.v."),
+        (r"attn_1\.to_out\.0\.", "attn_1.proj_out."),
+        (r"attn_1\.group_norm\.", "attn_1.norm."),
+    ]
+    out = {}
+    for key, value in state.items():
+        new = key
+        up = re.match(r"decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.(.*)", key)
+        if up:
+            kind = "block" if up.group(2) == "resnets" else "upsample"
+            new = f"decoder.up.{num_up_blocks - 1 - int(up.group(1))}.{kind}.{up.group(3)}"
+        for pattern, repl in renames:
+            new = re.sub(pattern, repl, new)
+        if re.search(r"attn_1\.(q|k|v|proj_out)\.weight$", new):
+            value = value[:, :, None, None]  # LDM stores the attention projections as 1x1 convs
+        out["first_stage_model." + new] = value
+    return out
