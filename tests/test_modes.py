@@ -146,3 +146,34 @@ def test_too_long_prompt_warns_with_the_lost_words(model, caplog):
     with caplog.at_level(logging.WARNING, logger="unialign_core"):
         model.tokenize(["one two three four five six seven eight nine ten eleven twelve"], 8)
     assert "dropped" in caplog.text and "eleven twelve" in caplog.text
+
+
+def test_vqa_prompt_has_no_end_of_text(model, monkeypatch):
+    """The question's tokens are frozen without the tokenizer's trailing </s> (the upstream pipeline keeps it)."""
+    import unialign_core.modes as modes
+
+    seen = {}
+    real = modes._understand
+
+    def spy(m, image, prompt_ids, *args):
+        seen["ids"] = prompt_ids
+        return real(m, image, prompt_ids, *args)
+
+    monkeypatch.setattr(modes, "_understand", spy)
+    answer(model, image(), "what colour?", length=16, steps=2)
+    expected = model.tokenizer("Q: what colour? A: ")["input_ids"]
+    assert expected[-1] == model.eos_id
+    assert seen["ids"] == expected[:-1]
+
+
+def test_dynamic_shifting_follows_resolution():
+    from unialign_core.flow_sampler import flow_sigmas
+
+    config = {"shift": 3.0, "use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 4096,
+              "base_shift": 0.5, "max_shift": 1.15}  # fmt: skip
+    small, large = flow_sigmas(config, 4, 256), flow_sigmas(config, 4, 4096)
+    assert small[0] == large[0] == 1.0 and small[-1] == large[-1] == 0.0
+    assert (large[1:-1] > small[1:-1]).all()  # more tokens, more time at high noise
+    fixed = flow_sigmas({"shift": 3.0}, 4, 256)
+    s = 1 - 0.999 / 3  # linspace(1, 1/1000, 4)[1], then SD3's shift 3
+    assert torch.allclose(fixed[1], torch.tensor(3 * s / (1 + 2 * s)), atol=1e-5)

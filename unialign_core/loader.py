@@ -45,6 +45,11 @@ DEFAULT_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shi
 UPSTREAM_IGNORED = ("_class_name", "_diffusers_version", "_name_or_path")
 
 
+def vae_dtype(dtype: torch.dtype) -> torch.dtype:
+    """SD3's VAE overflows in float16 (its config says force_upcast), so it runs in float32 then."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def transformer_config_from_upstream(raw: dict, path: str) -> dict:
     """Turn an upstream `transformer/config.json` into our config."""
     config = {k: v for k, v in raw.items() if k not in UPSTREAM_IGNORED}
@@ -259,12 +264,14 @@ def _load_file(path, dtype, fp16_time_projection):
         parts["text_encoder"] = t5_from_state_dict(t5_state, path, dtype, t5_config)
     if "vae_config" in meta:
         vae_state = {k[len("vae.") :]: v for k, v in tensors.items() if k.startswith("vae.")}
-        parts["vae"] = vae_from_state_dict(vae_state, json.loads(meta["vae_config"]), path, dtype)
+        parts["vae"] = vae_from_state_dict(vae_state, json.loads(meta["vae_config"]), path, vae_dtype(dtype))
     if "tokenizer" in meta:
         special = json.loads(meta.get("tokenizer_special", "{}"))
         parts["tokenizer"] = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(meta["tokenizer"]), **special)
-    else:
-        parts["tokenizer"] = _first_dir(os.path.dirname(os.path.abspath(path)), ["tokenizer"])
+    else:  # a tokenizer/ folder or a tokenizer.json beside the file
+        folder = os.path.dirname(os.path.abspath(path))
+        beside = os.path.join(folder, "tokenizer.json")
+        parts["tokenizer"] = _first_dir(folder, ["tokenizer"]) or (beside if os.path.isfile(beside) else None)
     if "mask_embedding" in meta:
         parts["mask_embedding"] = decode_tensor(meta["mask_embedding"])
     return transformer, scheduler, parts, mask_id
@@ -308,9 +315,9 @@ def load_model(
         t5 = load_text_encoder(t5, dtype)
     if t5 is None:
         raise CheckpointError(path, "no text encoder: pass a T5 encoder file (e.g. models/text_encoders/t5xxl_fp16.safetensors)")
-    autoencoder = load_vae(vae, dtype) if vae else parts["vae"]
+    autoencoder = load_vae(vae, vae_dtype(dtype)) if vae else parts["vae"]
     if isinstance(autoencoder, str):
-        autoencoder = load_vae(autoencoder, dtype)
+        autoencoder = load_vae(autoencoder, vae_dtype(dtype))
     if autoencoder is None:
         raise CheckpointError(path, "no VAE: pass an SD3 VAE file (e.g. models/vae/sd3_vae.safetensors)")
     tok = tokenizer or parts["tokenizer"]

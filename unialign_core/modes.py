@@ -76,10 +76,12 @@ def _generate(
     elif tuple(noise.shape) != shape:
         raise ValueError(f"noise: expected shape {shape}, got {tuple(noise.shape)}")
     latents = noise.to(model.device, model.dtype)
-    positive = model.encode_prompts(prompts, max_sequence_length)
     use_cfg = guidance > 1.0
-    negative = model.encode_prompts([negative_prompt] * batch, max_sequence_length) if use_cfg else None
-    context = torch.cat([negative, positive]) if use_cfg else positive
+    if use_cfg:  # one T5 call for both halves: [negative..., positive...]
+        context = model.encode_prompts([negative_prompt] * batch + prompts, max_sequence_length)
+        negative = context[:batch]
+    else:
+        context = model.encode_prompts(prompts, max_sequence_length)
     conds = [torch.cat([c, c]) for c in conditions] if use_cfg else conditions
     use_image_cfg = bool(conditions) and image_guidance is not None and image_guidance != 1.0 and use_cfg
 
