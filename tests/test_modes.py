@@ -175,5 +175,7 @@ def test_dynamic_shifting_follows_resolution():
     assert small[0] == large[0] == 1.0 and small[-1] == large[-1] == 0.0
     assert (large[1:-1] > small[1:-1]).all()  # more tokens, more time at high noise
     fixed = flow_sigmas({"shift": 3.0}, 4, 256)
-    s = 1 - 0.999 / 3  # linspace(1, 1/1000, 4)[1], then SD3's shift 3
+    # diffusers: linspace(1, sigma_min, 4) with sigma_min the shifted 1/1000, then SD3's shift 3 again
+    sigma_min = 3 * 0.001 / (1 + 2 * 0.001)
+    s = 1 - (1 - sigma_min) / 3
     assert torch.allclose(fixed[1], torch.tensor(3 * s / (1 + 2 * s)), atol=1e-5)
