@@ -179,3 +179,15 @@ def test_dynamic_shifting_follows_resolution():
     sigma_min = 3 * 0.001 / (1 + 2 * 0.001)
     s = 1 - (1 - sigma_min) / 3
     assert torch.allclose(fixed[1], torch.tensor(3 * s / (1 + 2 * s)), atol=1e-5)
+
+
+def test_understanding_scales_large_images_down(model, monkeypatch):
+    import unialign_core.modes as modes
+
+    sizes = []
+    real = modes._source_latents
+    monkeypatch.setattr(modes, "_source_latents", lambda m, px, *a: sizes.append(px.shape[-2:]) or real(m, px, *a))
+    caption(model, image(64, 32), length=8, steps=1, resolution=16)
+    caption(model, image(8, 12), length=8, steps=1, resolution=16)  # smaller: used as given
+    caption(model, image(10, 14), length=8, steps=1)  # odd sizes: rounded to multiples of 4
+    assert sizes == [(24, 12), (8, 12), (8, 16)]  # ~16x16 in area, aspect kept, multiples of 4

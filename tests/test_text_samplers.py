@@ -53,9 +53,10 @@ class ToyDenoiser:
         self.calls = 0
         self.seen = []
 
-    def __call__(self, ids):
+    def __call__(self, ids, rows=None):
         self.calls += 1
         self.seen.append(ids.clone())
+        self.rows = rows
         return subs_log_probs(self.logits.expand(ids.shape[0], -1, -1), ids, MASK)
 
 
@@ -72,6 +73,16 @@ def test_confidence_sampler_never_unreveals_and_stops_at_eos():
     # tail at once; the three words then take ceil(3 / 15) = 1 step each: 4 passes, not 16.
     assert (states[0][0, 3:] == EOS).all() and (states[0][0, :3] == MASK).all()
     assert toy.calls == 4
+
+
+def test_confidence_sampler_skips_finished_rows():
+    toy = ToyDenoiser(length=8)
+    x = torch.full((2, 8), MASK)
+    x[1] = torch.tensor([5, 6, 7, EOS, EOS, EOS, EOS, MASK])  # nearly done: finishes in step 1
+    out = sample_confidence(toy, x, MASK, EOS, steps=8)
+    assert out[1].tolist() == [5, 6, 7] + [EOS] * 5
+    assert toy.seen[0].shape[0] == 2 and toy.seen[-1].shape[0] == 1  # row 1 no longer computed
+    assert toy.rows.tolist() == [0]
 
 
 def test_confidence_sampler_keeps_the_frozen_prompt():

@@ -56,6 +56,19 @@ def check_size(width: int, height: int, multiple: int, name: str = "image") -> N
         )
 
 
+def resize_to_area(images: torch.Tensor, side: int, multiple: int) -> torch.Tensor:
+    """Resize [B, 3, H, W] to about side x side pixels in area, keeping the aspect ratio,
+    with both sides multiples of `multiple` (antialiased bilinear)."""
+    h, w = images.shape[-2:]
+    scale = (side * side / (h * w)) ** 0.5
+    new_h = max(multiple, round(h * scale / multiple) * multiple)
+    new_w = max(multiple, round(w * scale / multiple) * multiple)
+    if (new_h, new_w) == (h, w):
+        return images
+    out = torch.nn.functional.interpolate(images, size=(new_h, new_w), mode="bilinear", antialias=True)
+    return out.clamp(0, 1)
+
+
 def to_pil(images: torch.Tensor) -> List[Image.Image]:
     """[B, 3, H, W] in [0, 1] to PIL images."""
     arrays = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -14,7 +14,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from .flow_sampler import flow_sigmas, sample_flow
-from .images import ImageInput, check_size, to_tensor
+from .images import ImageInput, check_size, resize_to_area, to_tensor
 from .text_sampler import TextDenoiser, sample_confidence, sample_ddpm_cache
 
 PERCEPTION_PRESETS = {
@@ -220,7 +220,9 @@ def compose(
     )  # fmt: skip
 
 
-def _understand(model, image, prompt_ids: List[int], length, steps, sampler, seed, temperature, callback, cancel):
+def _understand(
+    model, image, prompt_ids: List[int], length, steps, sampler, seed, temperature, resolution, callback, cancel
+):
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler {sampler!r} is not one of {SAMPLERS}")
     if steps < 1:
@@ -228,7 +230,13 @@ def _understand(model, image, prompt_ids: List[int], length, steps, sampler, see
     if len(prompt_ids) >= length:
         raise ValueError(f"the question uses {len(prompt_ids)} tokens; raise length above that (now {length})")
     generator = _generator(seed)
-    latents = _source_latents(model, image, "image", generator)
+    pixels = to_tensor(image, "image")
+    area = pixels.shape[-1] * pixels.shape[-2]
+    if resolution and area > resolution**2:
+        pixels = resize_to_area(pixels, resolution, model.pixel_multiple)
+    else:  # reading needs no exact size: round odd sizes to the nearest multiple
+        pixels = resize_to_area(pixels, area**0.5, model.pixel_multiple)
+    latents = _source_latents(model, pixels, "image", generator)
     batch = latents.shape[0]
     x = torch.full((batch, length), model.mask_id, dtype=torch.long)
     x[:, : len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
@@ -258,6 +266,7 @@ def caption(
     sampler: str = "confidence",
     seed: int = 0,
     temperature: float = 0.0,
+    resolution: Optional[int] = 512,
     callback: Optional[Callable] = None,
     cancel: Optional[Callable[[], bool]] = None,
 ) -> List[str]:
@@ -268,8 +277,11 @@ def caption(
         steps: denoising steps (published: 32). The confidence sampler may stop earlier.
         sampler: "confidence" (fast, stops at end-of-text) or "ddpm_cache" (the published MDLM sampler).
         temperature: confidence sampler only; 0 is greedy.
+        resolution: a larger image is scaled down to about this many pixels squared (aspect
+            kept), the size the model was trained at (512); None keeps its size. Sides that are
+            not multiples of 16 are rounded to the nearest multiple.
     """
-    return _understand(model, image, [], length, steps, sampler, seed, temperature, callback, cancel)
+    return _understand(model, image, [], length, steps, sampler, seed, temperature, resolution, callback, cancel)
 
 
 def answer(
@@ -283,6 +295,7 @@ def answer(
     short: bool = False,
     seed: int = 0,
     temperature: float = 0.0,
+    resolution: Optional[int] = 512,
     callback: Optional[Callable] = None,
     cancel: Optional[Callable[[], bool]] = None,
 ) -> List[str]:
@@ -290,10 +303,11 @@ def answer(
 
     The question's tokens are frozen (without the tokenizer's trailing end-of-text) and the
     answer fills the rest. `short=True` appends the SFT hint for one-word answers.
+    Other arguments are those of `caption`.
     """
     _check_prompt(question, "question")
     text = VQA_TEMPLATE.format(question=question.strip() + (SHORT_ANSWER_SUFFIX if short else ""))
     ids = model.tokenizer(text, add_special_tokens=True)["input_ids"]
     if ids and ids[-1] == model.eos_id:
         ids = ids[:-1]
-    return _understand(model, image, ids, length, steps, sampler, seed, temperature, callback, cancel)
+    return _understand(model, image, ids, length, steps, sampler, seed, temperature, resolution, callback, cancel)

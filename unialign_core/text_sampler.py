@@ -34,12 +34,14 @@ class TextDenoiser:
         self.latents = latents
 
     @torch.no_grad()
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Log-probs for `ids`; `rows` picks which images of the batch these ids belong to."""
         TextDenoiser.total_calls += 1
         mask_id = self.model.mask_id
         context = self.model.encode_ids(ids)
         zero = torch.zeros(ids.shape[0], device=context.device)
-        out = self.model.transformer(self.latents, context, zero, compute_image=False)
+        latents = self.latents if rows is None or self.latents is None else self.latents[rows.to(self.latents.device)]
+        out = self.model.transformer(latents, context, zero, compute_image=False)
         return subs_log_probs(out.text_logits.float(), ids.to(out.text_logits.device), mask_id)
 
 
@@ -122,32 +124,27 @@ def sample_confidence(
     """
     x = x.clone()
     for step in range(steps):
-        masked = x == mask_id
-        if not masked.any():
+        active = (x == mask_id).any(dim=1).nonzero()[:, 0]  # finished rows cost nothing more
+        if len(active) == 0:
             break
         check_cancel(cancel)
-        logp = denoiser(x).to(x.device)
+        rows = x[active]
+        masked = rows == mask_id
+        logp = denoiser(rows, active).to(x.device)
         if temperature > 0:
             u = torch.rand(logp.shape, generator=generator).to(logp.device)
             tokens = (logp / temperature - torch.log(-torch.log(u + 1e-10) + 1e-10)).argmax(dim=-1)
         else:
             tokens = logp.argmax(dim=-1)
         confidence = logp.gather(-1, tokens[..., None])[..., 0].masked_fill(~masked, -math.inf)
-        left = steps - step
-        for row in range(x.shape[0]):
-            n_masked = int(masked[row].sum())
-            if n_masked == 0:
-                continue
-            k = math.ceil(n_masked / left)
-            chosen = confidence[row].topk(k).indices
-            x[row, chosen] = tokens[row, chosen]
-            fill_after_eos(x[row], mask_id, eos_id)
+        for i in range(len(active)):
+            k = math.ceil(int(masked[i].sum()) / (steps - step))
+            chosen = confidence[i].topk(k).indices
+            rows[i, chosen] = tokens[i, chosen]
+            fill_after_eos(rows[i], mask_id, eos_id)
+        x[active] = rows
         if callback is not None:
             callback(step + 1, steps, x)
-    # Only reached with masks left if `steps` ran out: finish them in one pass.
-    if (x == mask_id).any():
-        logp = denoiser(x).to(x.device)
-        x = torch.where(x == mask_id, logp.argmax(dim=-1), x)
     return x
 
 
