@@ -230,14 +230,14 @@ def test_pickle_with_code_is_refused(tmp_path):
 def test_save_single_file_is_atomic(tmp_path, monkeypatch):
     path = write_single_file(tmp_path / "m.safetensors")
     before = path.read_bytes()
-    import unialign_core.single_file as sf
+    import unialign_core.checkpoint as checkpoint
 
     def boom(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(sf, "save_file", boom)
+    monkeypatch.setattr(checkpoint, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         save_single_file(str(path), golden_model().transformer, scheduler_config={}, mask_id=MASK_ID)
     assert path.read_bytes() == before

@@ -9,6 +9,7 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .errors import CheckpointError
 
@@ -125,3 +126,17 @@ def load_into(
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     module.load_state_dict(state, strict=True, assign=True)
     return module
+
+
+def save_safetensors_atomic(tensors: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> str:
+    """Write a .safetensors file via a temp file and a rename: readers never see half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

@@ -8,13 +8,11 @@ else 1.0 -- the rule ComfyUI applies, so both read a file at the same strength.
 them to a copy (or hand them to ComfyUI's ModelPatcher), so the base model never changes.
 """
 
-import os
 from typing import Dict, NamedTuple, Optional
 
 import torch
-from safetensors.torch import save_file
 
-from .checkpoint import read_safetensors
+from .checkpoint import read_safetensors, save_safetensors_atomic
 from .errors import CheckpointError
 
 PREFIXES = ("transformer.", "base_model.model.", "diffusion_model.")
@@ -90,11 +88,4 @@ def save_lora(path: str, layers: Dict[str, LoraLayer], metadata: Optional[Dict[s
         tensors[f"transformer.{module}.lora_B.weight"] = layer.up.contiguous()
         alpha = layer.alpha if layer.alpha is not None else float(layer.down.shape[0])
         tensors[f"transformer.{module}.alpha"] = torch.tensor(alpha)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return save_safetensors_atomic(tensors, path, metadata)

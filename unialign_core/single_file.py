@@ -18,12 +18,11 @@ Metadata (all strings, JSON where structured):
 """
 
 import json
-import os
 from typing import Dict, Optional
 
 import torch
-from safetensors.torch import save_file
 
+from .checkpoint import save_safetensors_atomic
 from .transformer import ALIGN_PREFIXES
 
 FORMAT = "unialignment"
@@ -102,13 +101,4 @@ def save_single_file(
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
         for k, v in tensors.items()
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return save_safetensors_atomic(tensors, path, metadata)
