@@ -1,0 +1,324 @@
+"""Training configuration: nested dataclasses, loaded from YAML, with `--set section.key=value` overrides.
+
+    cfg = load_config("train/configs/lora.yaml", ["train.lr=1e-4", "data.ratios={t2i: 1.0}"])
+
+Values given with `--set` are parsed as YAML (numbers, true/false, null, [lists], {maps}) and type-checked
+against the field; every error names the key. Relative paths are relative to the working directory.
+"""
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+@dataclass
+class InitConfig:
+    path: str = ""  # upstream folder, our single file, a previous run (dir or checkpoint), or plain SD3-medium
+    text_encoder: Optional[str] = None  # T5 folder or single file (overrides the one found with `path`)
+    vae: Optional[str] = None
+    tokenizer: Optional[str] = None
+    mask_embedding: Optional[str] = None  # the official mask_token_emb .pth
+    fp16_time_projection: Optional[bool] = None  # None: keep the source's (False when starting from SD3)
+
+
+@dataclass
+class DataConfig:
+    files: List[Union[str, Dict[str, str]]] = field(default_factory=list)  # JSONL paths or {path, root, ti2i_task}
+    resolution: int = 512
+    bucket_step: int = 64
+    max_aspect: float = 2.0
+    random_crop: bool = False
+    ratios: Optional[Dict[str, float]] = None  # task -> share of batches; None: in proportion to the data
+    t2i_as_caption: bool = False  # also use t2i records as caption items
+    text_length: int = 256  # T5 tokens of prompts and captions
+    num_workers: int = 2
+    cache_dir: Optional[str] = None  # cache VAE moments and T5 prompt states here (content-keyed)
+
+
+@dataclass
+class TeacherConfig:
+    path: Optional[str] = None  # local Hugging Face folder (CLIP, SigLIP or Qwen2.5-VL); None: no L_align
+    block: int = 8  # transformer block whose states are aligned (1-based)
+    cache: bool = True  # cache teacher features under data.cache_dir (or <run_dir>/cache)
+    image_size: Optional[int] = None  # override the teacher processor's image size
+
+
+@dataclass
+class LossConfig:
+    image: float = 1.0  # L_img weight
+    text: float = 0.2  # lambda1, L_txt
+    cross: float = 0.05  # lambda2, L_cross
+    align: float = 0.1  # lambda3, L_align
+    temperature: float = 0.07
+    text_dropout: float = 0.1  # share of prompts replaced by the T5 states of " "
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    ignore_padding: bool = False  # L_txt: False counts padding positions, as upstream
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: List[str] = field(default_factory=lambda: [
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    ])
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "lora"  # lora | full
+    batch_size: int = 4  # per process, per micro-step
+    grad_accum: int = 1
+    max_steps: int = 1000  # optimizer steps
+    lr: float = 3e-5
+    warmup_steps: int = 2000
+    schedule: str = "constant"  # constant | cosine | linear (after warm-up)
+    weight_decay: float = 0.01
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 2.0
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    frozen_dtype: str = "auto"  # T5/VAE/teacher weights: auto (bf16 on GPU with bf16, else fp32) | fp32 | bf16 | fp16
+    gradient_checkpointing: bool = False
+    ema: bool = False
+    ema_decay: float = 0.9999
+    train_projectors: bool = True  # the alignment projectors train in LoRA mode too
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # steps; 0: only at the end
+    keep: int = 3  # keep the last K
+
+
+@dataclass
+class LogConfig:
+    every: int = 10  # TensorBoard scalars every N steps
+    tensorboard: bool = True
+    progress: bool = True  # tqdm bar
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 0  # steps; 0: never
+    prompts: List[str] = field(default_factory=list)
+    images: List[str] = field(default_factory=list)  # images to caption
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    guidance: float = 5.0
+    caption_length: int = 64
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/unialign"
+    seed: int = 0
+    init: InitConfig = field(default_factory=InitConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+CHOICES = {
+    "train.mode": ("lora", "full"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.frozen_dtype": ("auto", "fp32", "bf16", "fp16"),
+    "train.schedule": ("constant", "cosine", "linear"),
+}
+POSITIVE = ("data.resolution", "data.text_length", "train.batch_size", "train.grad_accum", "train.max_steps",
+            "train.lora.rank", "teacher.block", "checkpoint.keep", "log.every")
+NON_NEGATIVE = ("loss.image", "loss.text", "loss.cross", "loss.align", "train.lr", "train.warmup_steps",
+                "train.weight_decay", "train.grad_clip", "checkpoint.every", "validation.every", "data.num_workers")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, key):
+    """Check `value` against the annotation `tp`; returns the value (ints widen to float)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a section (a mapping), got {value!r}")
+        return _build(tp, value, key)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin in (list, List):
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(k, args[0], f"{key} key"): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML reads 3e-5 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _unknown(key, name, known):
+    hint = difflib.get_close_matches(name, known, n=1)
+    return ConfigError(f"unknown config key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                       + f"; known here: {', '.join(sorted(known))}")
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for name, value in (values or {}).items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in hints:
+            raise _unknown(key, str(name), known)
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def _get(cfg, key):
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> Config:
+    for key, choices in CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {_get(cfg, key)!r}")
+    for key in POSITIVE:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)!r}")
+    for key in NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)!r}")
+    if not 0 <= cfg.loss.text_dropout <= 1:
+        raise ConfigError(f"loss.text_dropout: must be in [0, 1], got {cfg.loss.text_dropout}")
+    if cfg.loss.temperature <= 0:
+        raise ConfigError(f"loss.temperature: must be > 0, got {cfg.loss.temperature}")
+    if not 0 < cfg.train.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay: must be in (0, 1), got {cfg.train.ema_decay}")
+    if len(cfg.train.betas) != 2:
+        raise ConfigError(f"train.betas: give two numbers, got {cfg.train.betas}")
+    if not cfg.init.path:
+        raise ConfigError("init.path: required (upstream folder, single file, previous run, or SD3-medium)")
+    if not cfg.data.files:
+        raise ConfigError("data.files: give at least one JSONL file")
+    if cfg.data.ratios is not None:
+        from .data import TASKS
+
+        bad = sorted(set(cfg.data.ratios) - set(TASKS))
+        if bad:
+            raise ConfigError(f"data.ratios: unknown tasks {bad}; tasks are {', '.join(TASKS)}")
+    if cfg.loss.align > 0 and not cfg.teacher.path:
+        raise ConfigError("loss.align > 0 needs teacher.path (a local CLIP, SigLIP or Qwen2.5-VL folder); "
+                          "or set loss.align=0")
+    return cfg
+
+
+def parse_override(text: str):
+    """'a.b=value' -> ('a.b', parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.lr=1e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: cannot parse {raw!r} ({e})") from None
+    return key, value
+
+
+def apply_override(raw: dict, key: str, value):
+    """Set `key` (dotted) in a raw config dict, checking the key exists in the schema."""
+    cls, node, parts = Config, raw, key.split(".")
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            raise _unknown(".".join(parts[: i + 1]), part, list(hints))
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            cls = hints[part]
+            if not dataclasses.is_dataclass(cls):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section")
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a mapping in the file")
+            node = child
+
+
+def load_config(path: Optional[str], overrides=()) -> Config:
+    """Read a YAML config, apply `key=value` overrides, check types and values."""
+    raw = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config {path}: expected a mapping at the top level")
+    for item in overrides:
+        key, value = parse_override(item) if isinstance(item, str) else item
+        apply_override(raw, key, value)
+    return validate(_build(Config, raw))
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str):
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

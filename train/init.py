@@ -1,0 +1,252 @@
+"""Where training starts: the model bundle and a trainable transformer, with a report of what was mapped.
+
+    bundle, transformer, report = load_start(cfg.init, align_dim=teacher.dim)
+
+`init.path` may be
+  * an upstream UniAlignment or DualDiffusion pipeline folder (`transformer/ vae/ text_encoder/ tokenizer/`);
+  * our single-file export (`.safetensors` with format=unialignment);
+  * a previous run of this trainer (its folder, or one checkpoint folder): the run's own start, plus its trained
+    weights (LoRA merged) -- this is how a stage starts from the previous stage's output;
+  * plain SD3-medium in the diffusers layout: a pipeline folder (`transformer/ text_encoder_3/ tokenizer_3/ vae/`)
+    or a `transformer/` folder, with the T5, VAE and tokenizer given by `init.text_encoder/vae/tokenizer`.
+    Mapping: `norm_out` -> `image_norm_out`, `proj_out` -> `image_proj_out`, the timestep embedder is kept, the
+    pooled-text embedder (`time_text_embed.text_embedder.*`) is dropped, and the last block's new context path
+    (its AdaLayerNormZero `norm1_context`, `attn.to_add_out`, `ff_context`), the text head and the null image
+    tokens start fresh.
+The alignment projectors (`align_dim` = the teacher's embedding size) are new unless a previous run of the same
+teacher size supplies them.
+"""
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+
+from unialign_core import UniAlignModel, UniAlignTransformer, load_model, load_mask_embedding, load_text_encoder
+from unialign_core import load_tokenizer, load_vae
+from unialign_core.checkpoint import read_safetensors, read_weights_folder
+from unialign_core.errors import CheckpointError
+from unialign_core.loader import DEFAULT_SCHEDULER, T5_MASK_TOKEN
+from unialign_core.text_encoder import set_mask_embedding
+from unialign_core.transformer import ALIGN_PREFIXES, AlignmentProjector
+
+from . import runs
+
+log = logging.getLogger(__name__)
+
+SD3_ONLY = ("time_text_embed.text_embedder.",)
+SD3_RENAMES = (("norm_out.", "image_norm_out."), ("proj_out.", "image_proj_out."))
+SD3_CONFIG_KEYS = ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim",
+                   "num_attention_heads", "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim",
+                   "out_channels", "pos_embed_max_size")
+
+
+@dataclass
+class InitReport:
+    kind: str  # upstream | single | run | sd3
+    source: str
+    mapped: List[Tuple[str, str]] = field(default_factory=list)  # (source key, our key)
+    new: List[str] = field(default_factory=list)  # our keys freshly initialised
+    dropped: List[str] = field(default_factory=list)  # source keys not used ("key: why")
+    notes: List[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        renamed = [f"{a} -> {b}" for a, b in self.mapped if a != b]
+        lines = [f"init from {self.kind}: {self.source}",
+                 f"  mapped {len(self.mapped)} tensors ({len(renamed)} renamed)"]
+        lines += [f"    {r}" for r in renamed]
+        lines.append(f"  new (fresh) {len(self.new)}")
+        lines += [f"    {k}" for k in self.new]
+        lines.append(f"  dropped {len(self.dropped)}")
+        lines += [f"    {k}" for k in self.dropped]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def detect_kind(path: str) -> str:
+    """upstream | single | run | sd3 (raises CheckpointError for anything else)."""
+    if not os.path.exists(path):
+        raise CheckpointError(path, "init.path not found")
+    if os.path.isdir(path):
+        if runs.is_run(path) or runs.is_checkpoint(path):
+            return "run"
+        config_path = os.path.join(path, "transformer", "config.json")
+        if not os.path.isfile(config_path):
+            config_path = os.path.join(path, "config.json")  # a bare transformer folder
+        if os.path.isfile(config_path):
+            with open(config_path) as f:
+                config = json.load(f)
+            return "upstream" if "vocab_size" in config else "sd3"
+        raise CheckpointError(path, "not a model folder (no transformer/config.json), run or checkpoint")
+    from unialign_core.checkpoint import read_safetensors_metadata
+
+    meta = read_safetensors_metadata(path)
+    if meta.get("format") == "unialignment":
+        return "single"
+    return "sd3"
+
+
+def add_projectors(transformer: UniAlignTransformer, align_dim: Optional[int], hidden: int = 2048) -> List[str]:
+    """Give a loaded transformer fresh alignment projectors of output size `align_dim`; returns their keys."""
+    if align_dim is None:
+        return []
+    dim = transformer.inner_dim
+    device = transformer.pos_embed.proj.weight.device
+    transformer.siglip_adapter_img = AlignmentProjector(dim, hidden, align_dim).to(device)
+    transformer.siglip_adapter_text = AlignmentProjector(dim, hidden, align_dim).to(device)
+    transformer.register_to_config(align_dim=align_dim, align_hidden_dim=hidden)
+    return [k for k in transformer.state_dict() if k.startswith(ALIGN_PREFIXES)]
+
+
+def _finish(transformer):
+    if transformer.dtype != torch.float32:
+        transformer.to(torch.float32)
+    return transformer.train().requires_grad_(True)
+
+
+def _from_model(init, kind, align_dim):
+    model = load_model(init.path, text_encoder=init.text_encoder, vae=init.vae, tokenizer=init.tokenizer,
+                       mask_embedding=init.mask_embedding, fp16_time_projection=init.fp16_time_projection)
+    report = InitReport(kind, init.path)
+    report.mapped = [(k, k) for k in model.transformer.state_dict()]
+    report.new = add_projectors(model.transformer, align_dim)
+    _finish(model.transformer)
+    return model, model.transformer, report
+
+
+def _from_run(init, align_dim):
+    checkpoint = runs.resolve_checkpoint(init.path)
+    previous = runs.read_run_config(runs.run_dir_of(checkpoint))
+    base = previous.init
+    for name in ("text_encoder", "vae", "tokenizer", "mask_embedding", "fp16_time_projection"):
+        if getattr(init, name) is not None:  # this stage's overrides win
+            setattr(base, name, getattr(init, name))
+    model, transformer, inner = load_start(base, align_dim)
+    loaded = runs.apply_checkpoint(transformer, checkpoint)
+    report = InitReport("run", checkpoint, inner.mapped, inner.new, inner.dropped,
+                        inner.notes + [f"previous stage started from {inner.kind}: {inner.source}",
+                                       f"applied {loaded['mode']} weights of {checkpoint}"])
+    took = {k for k in runs.read_trainable(checkpoint)[0] if k.startswith(ALIGN_PREFIXES)} - set(loaded["skipped"])
+    report.new = [k for k in report.new if k not in took]
+    if loaded["skipped"]:
+        report.dropped += [f"{k}: projector of another teacher size" for k in loaded["skipped"]]
+    return model, transformer, report
+
+
+def sd3_config(raw: dict, vocab_size: int, fp16_time_projection: bool = False) -> dict:
+    """Our transformer config from a diffusers SD3Transformer2DModel config."""
+    if raw.get("dual_attention_layers"):
+        raise CheckpointError("init.path", "SD3.5 (dual attention layers) is not a UniAlignment base; use SD3-medium")
+    if raw.get("qk_norm"):
+        raise CheckpointError("init.path", "SD3.5 (qk-norm) is not a UniAlignment base; use SD3-medium")
+    missing = [k for k in SD3_CONFIG_KEYS if k not in raw]
+    if missing:
+        raise CheckpointError("init.path", f"SD3 transformer config lacks {missing}")
+    config = {k: raw[k] for k in SD3_CONFIG_KEYS}
+    config.update(vocab_size=vocab_size, fp16_time_projection=fp16_time_projection)
+    return config
+
+
+def map_sd3_state_dict(state: dict, transformer: UniAlignTransformer, source: str = "sd3") -> Tuple[dict, InitReport]:
+    """SD3-medium keys -> ours. Returns (state to load, report); tensors of a different shape are dropped."""
+    ours = transformer.state_dict()
+    report = InitReport("sd3", source)
+    mapped = {}
+    for key in sorted(state):
+        if key.startswith(SD3_ONLY):
+            report.dropped.append(f"{key}: pooled-text embedder (UniAlignment embeds the timestep only)")
+            continue
+        target = key
+        for old, new in SD3_RENAMES:
+            if key.startswith(old):
+                target = new + key[len(old):]
+        if target not in ours:
+            report.dropped.append(f"{key}: no such tensor in UniAlignment")
+        elif tuple(ours[target].shape) != tuple(state[key].shape):
+            report.dropped.append(f"{key}: shape {tuple(state[key].shape)} != {tuple(ours[target].shape)} "
+                                  "(re-initialised)")
+        else:
+            mapped[target] = state[key]
+            report.mapped.append((key, target))
+    report.new = [k for k in ours if k not in mapped]
+    return mapped, report
+
+
+def _sd3_parts(path: str, init):
+    """(transformer config dict, state, component paths) of an SD3 pipeline / transformer folder or file."""
+    folder = path if os.path.isdir(path) else None
+    parts = {"text_encoder": init.text_encoder, "vae": init.vae, "tokenizer": init.tokenizer, "scheduler": None}
+    if folder and os.path.isdir(os.path.join(folder, "transformer")):
+        for name, subs in (("text_encoder", ("text_encoder_3",)), ("vae", ("vae",)),
+                           ("tokenizer", ("tokenizer_3", "tokenizer"))):
+            for sub in subs:
+                if parts[name] is None and os.path.isdir(os.path.join(folder, sub)):
+                    parts[name] = os.path.join(folder, sub)
+        scheduler = os.path.join(folder, "scheduler", "scheduler_config.json")
+        parts["scheduler"] = scheduler if os.path.isfile(scheduler) else None
+        folder = os.path.join(folder, "transformer")
+    if folder:
+        with open(os.path.join(folder, "config.json")) as f:
+            raw = json.load(f)
+        state = read_weights_folder(folder, "diffusion_pytorch_model")
+    else:
+        state, meta = read_safetensors(path)
+        sibling = os.path.join(os.path.dirname(path), "config.json")
+        if "config" in meta:
+            raw = json.loads(meta["config"])
+        elif os.path.isfile(sibling):
+            with open(sibling) as f:
+                raw = json.load(f)
+        else:
+            raise CheckpointError(path, "an SD3 transformer file needs its config.json beside it")
+    missing = [n for n in ("text_encoder", "vae", "tokenizer") if parts[n] is None]
+    if missing:
+        raise CheckpointError(path, f"starting from SD3 needs {', '.join('init.' + m for m in missing)} "
+                                    "(or an SD3 pipeline folder with text_encoder_3/, vae/, tokenizer_3/)")
+    return raw, state, parts
+
+
+def _from_sd3(init, align_dim):
+    raw, state, parts = _sd3_parts(init.path, init)
+    tokenizer = load_tokenizer(parts["tokenizer"])
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    fp16 = bool(init.fp16_time_projection) if init.fp16_time_projection is not None else False
+    config = sd3_config(raw, len(tokenizer), fp16)
+    transformer = UniAlignTransformer(**config, align_dim=align_dim)
+    mapped, report = map_sd3_state_dict(state, transformer, init.path)
+    transformer.load_state_dict(mapped, strict=False)
+    report.notes.append("fp16_time_projection=%s (stock SD3 does not round the timestep projection)" % fp16)
+    t5 = load_text_encoder(parts["text_encoder"])
+    vae = load_vae(parts["vae"])
+    mask_id = tokenizer.convert_tokens_to_ids(T5_MASK_TOKEN)
+    mask_vector = None
+    if init.mask_embedding:
+        mask_vector = load_mask_embedding(init.mask_embedding)
+        set_mask_embedding(t5, mask_vector, mask_id, init.mask_embedding)
+    else:
+        report.notes.append("no init.mask_embedding: T5's own row for the mask token is used")
+    scheduler = dict(DEFAULT_SCHEDULER)
+    if parts["scheduler"]:
+        with open(parts["scheduler"]) as f:
+            scheduler = json.load(f)
+    model = UniAlignModel(transformer, vae, t5, tokenizer, scheduler, mask_id, init.path, mask_vector)
+    return model, _finish(transformer), report
+
+
+def load_start(init, align_dim: Optional[int] = None):
+    """(UniAlignModel bundle on the CPU in fp32, its transformer ready to train, InitReport)."""
+    kind = detect_kind(init.path)
+    if kind == "run":
+        model, transformer, report = _from_run(init, align_dim)
+    elif kind == "sd3":
+        model, transformer, report = _from_sd3(init, align_dim)
+    else:
+        model, transformer, report = _from_model(init, kind, align_dim)
+    model.transformer = transformer
+    return model, transformer, report

@@ -1,0 +1,610 @@
+"""The training loop: accelerate + peft, hybrid batches, the four losses, checkpoints, resume, logs, validation.
+
+    python -m train train/configs/lora.yaml --set train.max_steps=2000
+    accelerate launch --config_file train/configs/accelerate/ddp.yaml -m train train/configs/full.yaml
+
+One optimizer step = `train.grad_accum` micro-batches of `train.batch_size` per process. Micro-batch number n of
+the run is global batch n of the HybridBatchSampler (rank r takes its slice), and all per-sample randomness is
+keyed by n (see losses.SampleRNG): a resumed run sees the data and noise the uninterrupted run would have seen.
+"""
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections import defaultdict
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import DistributedType, set_seed
+from safetensors.torch import load_file
+
+from unialign_core import UniAlignModel
+from unialign_core.modes import VQA_TEMPLATE
+
+from . import data as D
+from . import runs
+from .config import Config, ConfigError, dump_config, to_dict
+from .init import load_start
+from .losses import Prepared, Reducer, SampleRNG, TrainModule, compute_losses
+from .teacher import CachedTeacher, Teacher
+
+log = logging.getLogger("train")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TERMS = ("loss", "img", "txt", "cross", "align")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Small pieces
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """A cheap identity of a frozen encoder for cache keys: names, shapes and a sample of every tensor."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(sample.numpy().tobytes())
+        h.update(str(float(flat.float().sum())).encode())
+    return h.hexdigest()[:16]
+
+
+def cast_frozen(module: torch.nn.Module, dtype: torch.dtype):
+    """Cast a frozen encoder's float tensors to `dtype`; fp8 weights (ComfyUI's fp8 T5) stay fp8."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.is_floating_point() and t.dtype.itemsize > 1 and t.dtype != dtype:
+            t.data = t.data.to(dtype)
+    return module
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters (fp32 copies)."""
+
+    def __init__(self, named_params, decay: float):
+        self.decay = decay
+        self.params = dict(named_params)
+        self.shadow = {k: p.detach().float().clone() for k, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self):
+        for k, p in self.params.items():
+            self.shadow[k].lerp_(p.detach().float(), 1 - self.decay)
+
+    def state_dict(self):
+        return dict(self.shadow)
+
+    def load_state_dict(self, state):
+        missing = set(self.shadow) - set(state)
+        if missing:
+            raise ValueError(f"EMA state lacks {sorted(missing)[:3]}")
+        for k in self.shadow:
+            self.shadow[k].copy_(state[k])
+
+
+def caption_ids(tokenizer, task: str, text: str, caption: str, length: int):
+    """(ids, maskable, not_pad) for one sample. VQA: the `Q: ... A: ` prompt stays visible, the answer is learned.
+    Ids are padded with EOS (as published); the first EOS is a real token."""
+    eos = tokenizer.eos_token_id
+    if task == "vqa":
+        prompt = tokenizer(VQA_TEMPLATE.format(question=text), add_special_tokens=True)["input_ids"]
+        prompt = prompt[:-1] if prompt and prompt[-1] == eos else prompt
+        answer = tokenizer(caption, add_special_tokens=True)["input_ids"]
+        ids, frozen = prompt + answer, len(prompt)
+    else:
+        ids, frozen = tokenizer(caption, add_special_tokens=True)["input_ids"], 0
+    if len(ids) > length:
+        ids = ids[: length - 1] + [eos]
+    frozen = min(frozen, length - 1)
+    n = len(ids)
+    ids = ids + [eos] * (length - n)
+    maskable = [i >= frozen for i in range(length)]
+    not_pad = [i < n for i in range(length)]
+    return ids, maskable, not_pad
+
+
+class Encoders:
+    """The frozen encoders (VAE, T5, teacher) with their optional disk caches."""
+
+    def __init__(self, bundle: UniAlignModel, device, frozen_dtype, compute_dtype, cfg: Config, teacher=None):
+        self.bundle, self.device, self.compute_dtype = bundle, device, compute_dtype
+        self.vae, self.t5, self.tokenizer = bundle.vae, bundle.text_encoder, bundle.tokenizer
+        for module in (self.vae, self.t5):
+            cast_frozen(module.to(device).eval().requires_grad_(False), frozen_dtype)
+        self.length = cfg.data.text_length
+        self.cache = D.FeatureCache(cfg.data.cache_dir) if cfg.data.cache_dir else None
+        self.vae_id = fingerprint(self.vae) if self.cache else ""
+        self.t5_id = fingerprint(self.t5) if self.cache else ""
+        self.teacher = teacher
+        self.null_context = self.encode_prompts([" "])
+
+    @torch.no_grad()
+    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.t5(input_ids=ids.to(self.device))[0].to(self.compute_dtype)
+
+    @torch.no_grad()
+    def encode_prompts(self, texts):
+        out = [None] * len(texts)
+        keys = [D.FeatureCache.key("t5", self.t5_id, t, self.length) for t in texts] if self.cache else None
+        if keys:
+            out = [self.cache.get(k) for k in keys]
+        todo = [i for i, o in enumerate(out) if o is None]
+        if todo:
+            ids = self.bundle.tokenize([texts[i] for i in todo], self.length)
+            states = self.encode_ids(ids)
+            for j, i in enumerate(todo):
+                out[i] = states[j]
+                if self.cache:
+                    self.cache.put(keys[i], states[j])
+        return torch.stack([o.to(self.device, self.compute_dtype) for o in out])
+
+    @torch.no_grad()
+    def moments(self, pixels: torch.Tensor):
+        """VAE posterior (mean, std) per image, cached by the image's pixels."""
+        out = [None] * pixels.shape[0]
+        keys = None
+        if self.cache:
+            q = (pixels.float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+            keys = [D.FeatureCache.key("vae", self.vae_id, tuple(x.shape), x.numpy().tobytes()) for x in q]
+            out = [self.cache.get(k) for k in keys]
+        todo = [i for i, o in enumerate(out) if o is None]
+        if todo:
+            x = pixels[todo].to(self.device, self.vae.dtype) * 2 - 1
+            dist = self.vae.encode(x).latent_dist
+            both = torch.cat([dist.mean, dist.std], dim=1).float()
+            for j, i in enumerate(todo):
+                out[i] = both[j]
+                if self.cache:
+                    self.cache.put(keys[i], both[j])
+        both = torch.stack([o.to(self.device) for o in out])
+        return both.chunk(2, dim=1)
+
+    def latents(self, pixels: torch.Tensor, rng: SampleRNG, purpose: str) -> torch.Tensor:
+        """Scaled latents, sampling the posterior with per-sample noise (as published: `.sample()`)."""
+        mean, std = self.moments(pixels)
+        z = mean + std * rng.randn(purpose, mean.shape[1:]).to(self.device)
+        cfg = self.vae.config
+        return ((z - cfg.shift_factor) * cfg.scaling_factor).to(self.compute_dtype)
+
+
+def pad_batch(batch: dict, size: int) -> dict:
+    """Repeat the last sample until the batch has `size` samples; `present` marks the real ones."""
+    n = len(batch["index"])
+    batch["present"] = [True] * n + [False] * (size - n)
+    if n == size:
+        return batch
+    def grow(t):
+        return torch.cat([t, t[-1:].expand(size - n, *t.shape[1:])]) if t is not None else None
+    batch["target"] = grow(batch["target"])
+    batch["sources"] = [grow(s) for s in batch["sources"]]
+    for key in ("text", "caption", "index"):
+        batch[key] = batch[key] + [batch[key][-1]] * (size - n)
+    return batch
+
+
+def prepare_batch(batch: dict, enc: Encoders, rng: SampleRNG, need_teacher: bool) -> Prepared:
+    """Run the frozen encoders on one collated micro-batch."""
+    task, device = batch["task"], enc.device
+    present = torch.tensor(batch["present"], device=device)
+    target = enc.latents(batch["target"], rng, "vae_target") if batch["target"] is not None else None
+    sources = [enc.latents(s, rng, f"vae_source{k}") for k, s in enumerate(batch["sources"])]
+    conditions = sources if target is not None else []
+    rows = [caption_ids(enc.tokenizer, task, t, c, enc.length) for t, c in zip(batch["text"], batch["caption"])]
+    ids, maskable, not_pad = (torch.tensor([r[i] for r in rows], device=device) for i in range(3))
+    caption_valid = torch.tensor([bool(c.strip()) for c in batch["caption"]], device=device) & present
+    prepared = Prepared(
+        target=target, conditions=conditions,
+        prompt_context=enc.encode_prompts(batch["text"]) if target is not None else None,
+        null_context=enc.null_context, understand=target if target is not None else sources[0],
+        ids=ids, maskable=maskable, not_pad=not_pad, caption_valid=caption_valid, sample_valid=present)
+    if need_teacher and enc.teacher is not None:
+        pixels = batch["target"] if batch["target"] is not None else batch["sources"][0]
+        texts = [f"{t} {c}" if task == "vqa" else c for t, c in zip(batch["text"], batch["caption"])]
+        texts = [t if t.strip() else " " for t in texts]
+        prepared.teacher_image = enc.teacher.image_features(pixels).to(device)
+        prepared.teacher_text = enc.teacher.text_features(texts).to(device)
+    return prepared
+
+
+def make_optimizer_and_schedule(params, cfg: Config):
+    from diffusers.optimization import get_scheduler
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                  weight_decay=cfg.train.weight_decay)
+    name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[cfg.train.schedule]
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=cfg.train.warmup_steps,
+                              num_training_steps=cfg.train.max_steps)
+    return optimizer, scheduler
+
+
+def apply_lora(transformer, cfg: Config):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lora = cfg.train.lora
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.targets), init_lora_weights=True)
+    transformer.requires_grad_(False)
+    try:
+        inject_adapter_in_model(config, transformer)
+    except ValueError as e:
+        raise ConfigError(f"train.lora.targets: {e}") from None
+    if cfg.train.train_projectors and transformer.config.align_dim is not None:
+        for name in ("siglip_adapter_img", "siglip_adapter_text"):
+            getattr(transformer, name).requires_grad_(True)
+    return transformer
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Resolve relative paths against the working directory (the saved config must work from anywhere)."""
+    def fix(p):
+        return os.path.abspath(p) if isinstance(p, str) and p else p
+    cfg.run_dir = fix(cfg.run_dir)
+    for name in ("path", "text_encoder", "vae", "tokenizer", "mask_embedding"):
+        setattr(cfg.init, name, fix(getattr(cfg.init, name)))
+    cfg.data.files = [dict(f, path=fix(f["path"]), **({"root": fix(f["root"])} if f.get("root") else {}))
+                      if isinstance(f, dict) else fix(f) for f in cfg.data.files]
+    cfg.data.cache_dir = fix(cfg.data.cache_dir)
+    cfg.teacher.path = fix(cfg.teacher.path)
+    cfg.validation.images = [fix(p) for p in cfg.validation.images]
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The trainer
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: str = None):
+        self.cfg = cfg = absolute_paths(cfg)
+        self.accelerator = acc = self._accelerator()
+        self.main = acc.is_main_process
+        self.run_dir = cfg.run_dir
+        self.resume_from = self._find_resume(resume)
+        if self.main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            runs.clean_temporaries(self.run_dir)
+            self._check_config_against_saved()
+            dump_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        acc.wait_for_everyone()
+        set_seed(cfg.seed)  # identical fresh initialisation on every process
+        self.device = acc.device
+        frozen = cfg.train.frozen_dtype
+        if frozen == "auto":
+            frozen = "bf16" if cfg.train.mixed_precision == "bf16" and self.device.type == "cuda" else "fp32"
+        self.frozen_dtype = DTYPES[frozen]
+
+        teacher = None
+        if cfg.teacher.path and cfg.loss.align > 0:
+            raw = Teacher.load(cfg.teacher.path, self.device, self.frozen_dtype, cfg.teacher.image_size)
+            cache_dir = cfg.data.cache_dir or os.path.join(self.run_dir, "cache")
+            teacher = CachedTeacher(raw, D.FeatureCache(cache_dir) if cfg.teacher.cache else None)
+        bundle, transformer, report = load_start(cfg.init, teacher.dim if teacher else None)
+        self.report = report
+        if self.main:
+            runs.write_json(os.path.join(self.run_dir, "init_report.json"), report.to_dict())
+            log.info(report.summary())
+        if teacher is not None and not 1 <= cfg.teacher.block <= transformer.config.num_layers:
+            raise ConfigError(f"teacher.block: {cfg.teacher.block} is not a block of this "
+                              f"{transformer.config.num_layers}-block transformer")
+        self.bundle, self.transformer = bundle, transformer
+        self.encoders = Encoders(bundle, self.device, self.frozen_dtype, torch.float32, cfg, teacher)
+
+        if cfg.train.mode == "lora":
+            apply_lora(transformer, cfg)
+        if cfg.train.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        self.trainable = [(n, p) for n, p in transformer.named_parameters() if p.requires_grad]
+        n_train = sum(p.numel() for _, p in self.trainable)
+        n_all = sum(p.numel() for p in transformer.parameters())
+        log.info("mode %s: %s of %s transformer parameters train", cfg.train.mode, f"{n_train:,}", f"{n_all:,}")
+        self.optimizer, self.scheduler = make_optimizer_and_schedule([p for _, p in self.trainable], cfg)
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            ds = acc.state.deepspeed_plugin.deepspeed_config
+            ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+            if ds.get("gradient_clipping", "auto") == "auto":
+                ds["gradient_clipping"] = cfg.train.grad_clip
+        self.module, self.optimizer = acc.prepare(TrainModule(transformer), self.optimizer)
+        acc.register_for_checkpointing(self.scheduler)
+        acc.register_save_state_pre_hook(self._save_hook)
+        acc.register_load_state_pre_hook(self._load_hook)
+        self.sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        self.ema = None
+        if cfg.train.ema:
+            if acc.distributed_type == DistributedType.FSDP:
+                raise ConfigError("train.ema: not supported with FSDP (parameters are sharded); use DDP or ZeRO-2")
+            self.ema = EMA(self.trainable, cfg.train.ema_decay)
+
+        self._data()
+        self.step, self.batch_no = 0, 0
+        if self.resume_from:
+            self._resume(self.resume_from)
+        self._trackers()
+
+    # -- setup --------------------------------------------------------------------------------------------------
+
+    def _accelerator(self):
+        cfg = self.cfg
+        kwargs = dict(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
+                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+                      step_scheduler_with_optimizer=False)
+        if cfg.log.tensorboard:
+            try:
+                import tensorboard  # noqa: F401
+
+                kwargs.update(log_with="tensorboard", project_dir=os.path.join(cfg.run_dir, "logs"))
+            except ImportError:
+                logging.getLogger("train").warning("tensorboard is not installed: no TensorBoard logs")
+        return Accelerator(**kwargs)
+
+    def _find_resume(self, resume):
+        if not resume:
+            return None
+        if resume == "latest":
+            found = runs.list_checkpoints(self.run_dir)
+            if not found:
+                log.info("--resume latest: no checkpoint in %s yet; starting fresh", self.run_dir)
+                return None
+            return found[-1][1]
+        return runs.resolve_checkpoint(resume)
+
+    def _check_config_against_saved(self):
+        saved = os.path.join(self.run_dir, "config.yaml")
+        if not os.path.isfile(saved):
+            return
+        import yaml
+
+        with open(saved) as f:
+            old = yaml.safe_load(f) or {}
+        new = to_dict(self.cfg)
+        changed = [f"{s}.{k}" for s in new if isinstance(new[s], dict) for k in new[s]
+                   if isinstance(old.get(s), dict) and old[s].get(k) != new[s][k]]
+        if changed:
+            log.warning("config differs from the one saved in this run folder: %s", ", ".join(changed))
+
+    def _data(self):
+        cfg, acc = self.cfg, self.accelerator
+        records, self.skips = D.load_records(cfg.data.files)
+        if not records:
+            raise ConfigError(f"data.files: no usable record ({self.skips.total} skipped: {self.skips.summary()})")
+        buckets = D.make_buckets(cfg.data.resolution, cfg.data.bucket_step, cfg.data.max_aspect)
+        self.dataset = D.UniDataset(records, cfg.data.resolution, buckets, random_crop=cfg.data.random_crop,
+                                    seed=cfg.seed, t2i_as_caption=cfg.data.t2i_as_caption, skips=self.skips)
+        self.sampler = D.HybridBatchSampler(self.dataset.groups, cfg.train.batch_size, cfg.data.ratios, seed=cfg.seed,
+                                            rank=acc.process_index, world_size=acc.num_processes)
+        self.loader = D.make_loader(self.dataset, self.sampler, cfg.data.num_workers)
+        self.global_batch = cfg.train.batch_size * acc.num_processes
+        self.positions = [acc.process_index * cfg.train.batch_size + i for i in range(cfg.train.batch_size)]
+
+    def _trackers(self):
+        acc = self.accelerator
+        self.tb = None
+        if acc.log_with:
+            init = {"tensorboard": {"purge_step": self.step + 1}} if self.step else {}
+            acc.init_trackers("unialign", init_kwargs=init)
+            if self.main:
+                self.tb = acc.get_tracker("tensorboard", unwrap=True)
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+
+    def _save_hook(self, models, weights, output_dir):
+        if not self.sharded:
+            weights.clear()  # trainable.safetensors holds the weights; no second full copy
+
+    def _load_hook(self, models, input_dir):
+        if self.sharded:
+            return
+        models.clear()
+        state = load_file(os.path.join(input_dir, runs.TRAINABLE), device="cpu")
+        self._load_trainable(state, input_dir)
+
+    def _trainable_keys(self):
+        if self.cfg.train.mode == "full":
+            return list(self.transformer.state_dict())
+        return [n for n, _ in self.trainable]
+
+    def _load_trainable(self, state, where):
+        keys = set(self._trainable_keys())
+        if set(state) != keys:
+            raise ValueError(f"{where}: trained tensors do not match this run's model "
+                             f"(missing {sorted(keys - set(state))[:3]}, extra {sorted(set(state) - keys)[:3]})")
+        own = self.transformer.state_dict()
+        with torch.no_grad():
+            for k, v in state.items():
+                own[k].copy_(v)
+
+    def _trainable_state(self):
+        state = self.accelerator.get_state_dict(self.module)  # collective under FSDP / ZeRO-3
+        if state is None:
+            return None
+        state = {k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")}
+        return {k: state[k] for k in self._trainable_keys()}
+
+    def save_checkpoint(self):
+        acc, step = self.accelerator, self.step
+        tmp, final = runs.temporary_dir(self.run_dir, step), runs.checkpoint_dir(self.run_dir, step)
+        if self.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        acc.wait_for_everyone()
+        state = self._trainable_state()
+        acc.save_state(tmp)
+        if self.main:
+            lora = self.cfg.train.lora
+            meta = {"mode": self.cfg.train.mode, "step": str(step), "lora_rank": str(lora.rank),
+                    "lora_alpha": str(lora.alpha), "format": "unialign-train"}
+            runs.save_tensors(os.path.join(tmp, runs.TRAINABLE), state, meta)
+            if self.ema is not None:
+                runs.save_tensors(os.path.join(tmp, runs.EMA), self.ema.state_dict(), meta)
+            runs.write_json(os.path.join(tmp, runs.STATE), {
+                "step": step, "batch_no": self.batch_no, "sampler": self.sampler.state_dict(step=self.batch_no),
+                "world_size": acc.num_processes, "global_batch": self.global_batch,
+                "skipped": self.skips.summary()})
+            runs.commit(tmp, final)
+            runs.prune(self.run_dir, self.cfg.checkpoint.keep)
+            log.info("checkpoint %s", final)
+        acc.wait_for_everyone()
+
+    def _resume(self, checkpoint):
+        acc = self.accelerator
+        state = runs.read_state(checkpoint)
+        if state["global_batch"] != self.global_batch:
+            raise ConfigError(f"--resume {checkpoint}: saved with a global batch of {state['global_batch']}, this run "
+                              f"has {self.global_batch} (train.batch_size x processes); keep it the same")
+        acc.load_state(checkpoint)
+        if self.ema is not None:
+            path = os.path.join(checkpoint, runs.EMA)
+            if os.path.isfile(path):
+                self.ema.load_state_dict(load_file(path, device=str(self.device)))
+            else:
+                log.warning("%s has no EMA weights; EMA restarts from the current weights", checkpoint)
+        self.sampler.load_state_dict(state["sampler"])
+        self.step, self.batch_no = state["step"], state["batch_no"]
+        if self.main:
+            runs.truncate_metrics(self.run_dir, self.step)
+        log.info("resumed from %s at step %d (micro-batch %d)", checkpoint, self.step, self.batch_no)
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+
+    def _batches(self):
+        while True:
+            yield from self.loader
+
+    def _reducer(self):
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return Reducer()
+        return Reducer(all_sum=lambda x: acc.reduce(x.to(self.device), "sum"), gather=lambda x: acc.gather(x),
+                       rank=acc.process_index, world=acc.num_processes)
+
+    def train(self):
+        cfg, acc = self.cfg, self.accelerator
+        reducer = self._reducer()
+        batches = self._batches()
+        block = cfg.teacher.block if self.encoders.teacher is not None else None
+        need_teacher = cfg.loss.align > 0 and self.encoders.teacher is not None
+        bar = None
+        if self.main and cfg.log.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        last_good, speed, final = None, None, {}
+        metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
+        self.module.train()
+        while self.step < cfg.train.max_steps:
+            started = time.perf_counter()
+            sums, seen, grad_norm = defaultdict(float), [], None
+            for _ in range(cfg.train.grad_accum):
+                batch = next(batches)
+                if batch is None:
+                    if last_good is None:
+                        raise RuntimeError("the first batch could not be decoded at all; check the data")
+                    log.warning("micro-batch %d: nothing decodable; it counts with zero weight", self.batch_no)
+                    batch = dict(last_good, index=last_good["index"][:1], text=last_good["text"][:1],
+                                 caption=last_good["caption"][:1], skipped=[])
+                    batch["target"] = batch["target"][:1] if batch["target"] is not None else None
+                    batch["sources"] = [s[:1] for s in batch["sources"]]
+                    batch = pad_batch(batch, cfg.train.batch_size)
+                    batch["present"] = [False] * cfg.train.batch_size
+                else:
+                    self.skips.merge(batch.get("skipped", []))
+                    batch = pad_batch(batch, cfg.train.batch_size)
+                    last_good = batch
+                rng = SampleRNG(cfg.seed, self.batch_no, self.positions, self.global_batch)
+                if self.main:
+                    seen.append({"task": batch["task"], "batch": self.sampler.global_batch_at(self.batch_no)})
+                prepared = prepare_batch(batch, self.encoders, rng, need_teacher)
+                with acc.accumulate(self.module):
+                    total, logged = compute_losses(self.module, prepared, rng, cfg.loss, self.encoders.encode_ids,
+                                                   self.bundle.mask_id, reducer, block)
+                    acc.backward(total)
+                    if acc.sync_gradients:
+                        grad_norm = acc.clip_grad_norm_([p for _, p in self.trainable], cfg.train.grad_clip)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                for k, v in logged.items():
+                    sums[k] += float(v) / cfg.train.grad_accum
+                self.batch_no += 1
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update()
+            self.step += 1
+
+            values = torch.tensor([sums[k] for k in TERMS], device=self.device)
+            values = acc.reduce(values, "mean") if acc.num_processes > 1 else values
+            elapsed = time.perf_counter() - started
+            rate = self.global_batch * cfg.train.grad_accum / max(elapsed, 1e-9)
+            speed = rate if speed is None else 0.9 * speed + 0.1 * rate
+            final = {k: float(v) for k, v in zip(TERMS, values)}
+            final.update(step=self.step, lr=self.scheduler.get_last_lr()[0], samples_per_s=rate,
+                         grad_norm=float(grad_norm) if grad_norm is not None else None)
+            if self.main:
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(dict(final, micro=seen)) + "\n")
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({k: f"{final[k]:.4f}" for k in TERMS} | {"samples/s": f"{speed:.2f}"})
+                if self.tb is not None and (self.step % cfg.log.every == 0 or self.step == 1):
+                    acc.log({f"loss/{k}": final[k] for k in TERMS} | {"lr": final["lr"], "samples_per_s": rate}
+                            | ({"grad_norm": final["grad_norm"]} if grad_norm is not None else {}), step=self.step)
+            if cfg.validation.every and self.step % cfg.validation.every == 0:
+                self.validate()
+            every = cfg.checkpoint.every
+            if (every and self.step % every == 0) or self.step == cfg.train.max_steps:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        if self.skips.total:
+            log.warning("data: skipped %d bad records in all: %s", self.skips.total, self.skips.summary())
+        acc.end_training()
+        return final
+
+    # -- validation ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self):
+        from PIL import Image
+
+        from unialign_core import caption, text_to_image
+
+        cfg, acc = self.cfg.validation, self.accelerator
+        if self.sharded and self.accelerator.distributed_type == DistributedType.FSDP:
+            log.warning("validation: skipped under FSDP (sharded weights); export a checkpoint and run the modes")
+            return
+        if self.main:
+            folder = os.path.join(self.run_dir, "validation", f"step_{self.step:08d}")
+            os.makedirs(folder, exist_ok=True)
+            transformer = self.transformer
+            view = UniAlignModel(transformer, self.bundle.vae, self.bundle.text_encoder, self.bundle.tokenizer,
+                                 self.bundle.scheduler_config, self.bundle.mask_id, "training")
+            transformer.eval()
+            lines = []
+            with acc.autocast():
+                for i, prompt in enumerate(cfg.prompts):
+                    res = text_to_image(view, prompt, width=cfg.width, height=cfg.height, steps=cfg.steps,
+                                        guidance=cfg.guidance, seed=cfg.seed, max_sequence_length=self.cfg.data.text_length)
+                    img = (res.images[0].permute(1, 2, 0).float().numpy() * 255).round().clip(0, 255).astype("uint8")
+                    Image.fromarray(img).save(os.path.join(folder, f"t2i_{i:02d}.png"))
+                    if self.tb is not None:
+                        self.tb.add_image(f"val/t2i_{i:02d}", res.images[0], self.step)
+                for path in cfg.images:
+                    pil = D.load_image(path)
+                    m = self.bundle.pixel_multiple
+                    pil = D.resize_to_bucket(pil, (max(m, pil.width // m * m), max(m, pil.height // m * m)))
+                    text = caption(view, D.image_to_tensor(pil)[None], length=cfg.caption_length, steps=16,
+                                   seed=cfg.seed)[0]
+                    lines.append(f"{os.path.basename(path)}\t{text}")
+                    if self.tb is not None:
+                        self.tb.add_text(f"val/caption/{os.path.basename(path)}", text, self.step)
+            with open(os.path.join(folder, "captions.txt"), "w", encoding="utf-8") as f:
+                f.write("\n".join(lines) + ("\n" if lines else ""))
+            transformer.train()
+            log.info("validation written to %s", folder)
+        acc.wait_for_everyone()
+
+
+def run(cfg: Config, resume: str = None) -> dict:
+    """Train with `cfg`; returns the last step's metrics."""
+    return Trainer(cfg, resume).train()

@@ -1,0 +1,266 @@
+"""The four UniAlignment losses: L = w_img L_img + l1 L_txt + l2 L_cross + l3 L_align (defaults 1, 0.2, 0.05, 0.1).
+
+Per micro-batch there are two forward passes of the transformer, as published:
+  * the image pass: noisy target latents (+ condition latents for edit / perception / compose) with the prompt's
+    T5 states at sigma -> velocity, final image states, block-k image states;
+  * the text pass: the clean image at timestep 0 with T5 re-encoding the partly masked caption ids -> text logits,
+    final text states, block-k text states (and image states, used when a batch has no target image).
+
+Every random draw is made per sample from a generator seeded by (seed, micro-batch number, position in the global
+batch, purpose) -- see `SampleRNG` -- so two processes with half the batch each draw exactly what one process with
+the whole batch draws, and a resumed run draws what the uninterrupted run drew.
+
+Sums over the batch are divided by *global* counts (see `Reducer`), so the mean of the per-process losses, which is
+what DDP's gradient averaging optimises, equals the loss of the whole global batch.
+"""
+
+import zlib
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from unialign_core.text_sampler import subs_log_probs
+
+NUM_TRAIN_TIMESTEPS = 1000  # unshifted FlowMatchEulerDiscreteScheduler grid, as upstream samples it
+MDLM_EPS = 1e-3  # MDLM sampling_eps (antithetic t) and the log-linear noise eps
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Randomness
+
+
+class SampleRNG:
+    """Per-sample random draws keyed by (seed, micro-batch number, global position, purpose).
+
+    `positions` are the samples' positions in the global batch (rank * batch_size + i).
+    """
+
+    def __init__(self, seed: int, batch_no: int, positions: List[int], global_size: int):
+        self.seed, self.batch_no = int(seed), int(batch_no)
+        self.positions, self.global_size = [int(p) for p in positions], int(global_size)
+
+    def _generator(self, position: int, purpose: str) -> torch.Generator:
+        state = np.random.SeedSequence([self.seed, self.batch_no, position, zlib.crc32(purpose.encode())])
+        hi, lo = state.generate_state(2, dtype=np.uint32)
+        return torch.Generator("cpu").manual_seed((int(hi) << 32 | int(lo)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+    def generators(self, purpose: str) -> List[torch.Generator]:
+        return [self._generator(p, purpose) for p in self.positions]
+
+    def randn(self, purpose: str, shape) -> torch.Tensor:
+        """[B, *shape] standard normal draws."""
+        return torch.stack([torch.randn(shape, generator=g) for g in self.generators(purpose)])
+
+    def rand(self, purpose: str, shape=()) -> torch.Tensor:
+        """[B, *shape] uniform [0, 1) draws."""
+        return torch.stack([torch.rand(shape, generator=g) for g in self.generators(purpose)])
+
+
+def sample_sigmas(rng: SampleRNG, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """Logit-normal sigmas on the unshifted 1000-step flow-matching grid: sigma = (1000 - floor(1000 u)) / 1000."""
+    u = torch.sigmoid(rng.randn("sigma", ()) * std + mean)
+    index = (u * NUM_TRAIN_TIMESTEPS).long().clamp(0, NUM_TRAIN_TIMESTEPS - 1)
+    return (NUM_TRAIN_TIMESTEPS - index).float() / NUM_TRAIN_TIMESTEPS
+
+
+def antithetic_t(rng: SampleRNG) -> torch.Tensor:
+    """MDLM's stratified t over the *global* batch: t_i = (1 - eps) ((u_i / n + i / n) mod 1) + eps."""
+    n = rng.global_size
+    offset = torch.tensor(rng.positions, dtype=torch.float32) / n
+    u = rng.rand("mdlm_t")
+    return (1 - MDLM_EPS) * ((u / n + offset) % 1) + MDLM_EPS
+
+
+def mask_ids(ids: torch.Tensor, t: torch.Tensor, maskable: torch.Tensor, mask_id: int, rng: SampleRNG):
+    """Mask each maskable position with probability (1 - eps) t (the log-linear schedule's move chance)."""
+    move = (1 - MDLM_EPS) * t
+    u = rng.rand("mdlm_mask", (ids.shape[1],)).to(ids.device)
+    moved = (u < move.to(ids.device)[:, None]) & maskable
+    return torch.where(moved, torch.full_like(ids, mask_id), ids), moved
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reductions across processes
+
+
+class Reducer:
+    """Global counts and gathers for the losses; the default is one process.
+
+    `all_sum(x)` sums a tensor over processes (no gradient); `gather(x)` concatenates a tensor's first dimension
+    over processes (no gradient; same size on every process, use `pad` for ragged ones); `rank` and `world`.
+    """
+
+    def __init__(self, all_sum: Optional[Callable] = None, gather: Optional[Callable] = None, rank=0, world=1):
+        self.all_sum = all_sum or (lambda x: x)
+        self._gather = gather or (lambda x: x)
+        self.rank, self.world = rank, world
+
+    def mean_divisor(self, local_count: torch.Tensor) -> torch.Tensor:
+        """Global count / world: dividing a local sum by it makes the mean over processes the global mean."""
+        return (self.all_sum(local_count.detach().float()) / self.world).clamp_min(1e-12)
+
+    def gather_with_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """All processes' rows; this process's rows keep their gradient."""
+        if self.world == 1:
+            return x
+        parts = list(self._gather(x.detach().contiguous()).chunk(self.world))
+        parts[self.rank] = x
+        return torch.cat(parts)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The losses
+
+
+def image_flow_loss(velocity, x0, noise, sigmas, weight, reducer: Reducer):
+    """Rectified flow: MSE between the predicted x0 (x_t - sigma v) and x0, per sample, averaged over valid samples."""
+    s = sigmas.view(-1, *[1] * (x0.ndim - 1)).to(velocity.dtype)
+    x_t = (1 - s) * x0 + s * noise
+    pred_x0 = velocity * (-s) + x_t
+    per_sample = ((pred_x0.float() - x0.float()) ** 2).flatten(1).mean(1)
+    return (per_sample * weight).sum() / reducer.mean_divisor(weight.sum())
+
+
+def text_mdlm_loss(logits, ids, xt, t, count_mask, mask_id: int, reducer: Reducer):
+    """MDLM with SUBS: -log p(x0 | x_t) / t at masked positions, summed and divided by the (global) count of
+    positions in `count_mask` (all positions of valid captions as upstream, or only non-padding ones)."""
+    logp = subs_log_probs(logits.float(), xt, mask_id)
+    nll = -logp.gather(-1, ids[..., None]).squeeze(-1) * (1.0 / t.to(logp.device))[:, None]
+    nll = nll * (xt == mask_id) * count_mask
+    return nll.sum() / reducer.mean_divisor(count_mask.sum())
+
+
+def contrastive_loss(image_states, text_states, valid, temperature: float, reducer: Reducer):
+    """Symmetric InfoNCE between mean-pooled final image and text states of matching pairs over the whole global
+    batch (features gathered from all processes).
+
+    Returns the loss of the whole batch, multiplied by the number of processes: each process back-propagates into
+    its own rows only, and DDP averages the gradients, so the factor makes the update that of the whole batch.
+    """
+    img = F.normalize(image_states.float().mean(1), dim=-1)
+    txt = F.normalize(text_states.float().mean(1), dim=-1)
+    img, txt = reducer.gather_with_grad(img), reducer.gather_with_grad(txt)
+    keep = reducer.gather_with_grad(valid.float()).bool() if reducer.world > 1 else valid.bool()
+    img, txt = img[keep], txt[keep]
+    if img.shape[0] < 2:
+        return (image_states.sum() + text_states.sum()) * 0.0  # nothing to contrast
+    logits = img @ txt.T / temperature
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    return loss * reducer.world
+
+
+def align_loss(projected, teacher, valid, reducer: Reducer):
+    """1 - cos between projected block states and teacher embeddings, averaged over valid samples."""
+    cos = F.cosine_similarity(projected.float(), teacher.float().to(projected.device), dim=-1)
+    return ((1 - cos) * valid).sum() / reducer.mean_divisor(valid.sum())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The module DDP / FSDP / DeepSpeed wrap: both passes and the alignment projections in one forward
+
+
+class TrainModule(nn.Module):
+    """Wraps the transformer so one `forward` runs everything that needs gradients."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, image_pass: Optional[dict], text_pass: Optional[dict], block: Optional[int], align: bool):
+        out = {}
+        img_block = txt_block = None
+        if image_pass is not None:
+            o = self.transformer(image_pass["x_t"], image_pass["context"], image_pass["timestep"],
+                                 image_pass["conditions"], return_block=block, compute_text=False)
+            out["velocity"], out["image_states"] = o.velocity, o.image_states
+            img_block = o.block_image_states
+        if text_pass is not None:
+            o = self.transformer(text_pass["latents"], text_pass["context"], text_pass["timestep"],
+                                 return_block=block, compute_image=image_pass is None)
+            out["text_logits"], out["text_states"] = o.text_logits, o.text_states
+            txt_block = o.block_text_states
+            if image_pass is None:  # caption / vqa batches: the clean image's states stand in
+                out["image_states"], img_block = o.image_states, o.block_image_states
+        if align and img_block is not None and txt_block is not None:
+            out["align_image"], out["align_text"] = self.transformer.project_for_alignment(img_block, txt_block)
+        return out
+
+
+@dataclass
+class Prepared:
+    """One micro-batch with everything the frozen encoders produce (see `loop.prepare_batch`)."""
+
+    target: Optional[torch.Tensor]  # [B, C, h, w] clean target latents, or None (caption / vqa)
+    conditions: List[torch.Tensor]  # condition latents (edit source, perception source, compose references)
+    prompt_context: Optional[torch.Tensor]  # [B, L, D] T5 states of the prompt / instruction
+    null_context: torch.Tensor  # [1, L, D] T5 states of " " (text dropout)
+    understand: torch.Tensor  # [B, C, h, w] the clean image the caption describes (target, else source 0)
+    ids: torch.Tensor  # [B, L] caption / answer ids, padded with EOS
+    maskable: torch.Tensor  # [B, L] bool: positions that may be masked (VQA questions stay visible)
+    not_pad: torch.Tensor  # [B, L] bool: non-padding positions (the first EOS counts)
+    caption_valid: torch.Tensor  # [B] bool: the sample has a caption (and is real)
+    sample_valid: torch.Tensor  # [B] bool: False for padding samples that only even out ragged batches
+    teacher_image: Optional[torch.Tensor] = None  # [B, D_teacher]
+    teacher_text: Optional[torch.Tensor] = None  # [B, D_teacher]
+
+
+def compute_losses(module, batch: Prepared, rng: SampleRNG, cfg, encode_ids: Callable, mask_id: int,
+                   reducer: Reducer = None, block: Optional[int] = None):
+    """All loss terms of one micro-batch. Returns (total for backward, {term: detached value for logging}).
+
+    `cfg` is the `loss` section (weights, temperature, text_dropout, logit_mean/std, ignore_padding);
+    `encode_ids` maps token ids to T5 states (no gradient); `module` is a (wrapped) `TrainModule`.
+    """
+    reducer = reducer or Reducer()
+    device = batch.ids.device
+    need_text = cfg.text > 0 or cfg.cross > 0 or cfg.align > 0
+    align = cfg.align > 0 and batch.teacher_image is not None
+
+    image_pass = noise = sigmas = None
+    if batch.target is not None and (cfg.image > 0 or cfg.cross > 0 or align):
+        x0 = batch.target
+        sigmas = sample_sigmas(rng, cfg.logit_mean, cfg.logit_std).to(device)
+        noise = rng.randn("noise", x0.shape[1:]).to(device, x0.dtype)
+        s = sigmas.view(-1, 1, 1, 1).to(x0.dtype)
+        drop = (rng.rand("text_dropout") < cfg.text_dropout).to(device)
+        context = torch.where(drop[:, None, None], batch.null_context.to(batch.prompt_context), batch.prompt_context)
+        image_pass = {"x_t": (1 - s) * x0 + s * noise, "context": context, "timestep": (sigmas * NUM_TRAIN_TIMESTEPS).round(),
+                      "conditions": batch.conditions}
+
+    text_pass = xt = t = None
+    if need_text:
+        t = antithetic_t(rng)
+        xt, _ = mask_ids(batch.ids, t, batch.maskable & batch.caption_valid[:, None], mask_id, rng)
+        with torch.no_grad():
+            context = encode_ids(xt)
+        text_pass = {"latents": batch.understand, "context": context,
+                     "timestep": torch.zeros(batch.ids.shape[0], device=device)}
+
+    out = module(image_pass, text_pass, block if align else None, align)
+    zero = torch.zeros((), device=device)
+    terms = {"img": zero, "txt": zero, "cross": zero, "align": zero}
+    valid = batch.caption_valid.float().to(device)
+    present = batch.sample_valid.float().to(device)
+    if image_pass is not None:
+        terms["img"] = image_flow_loss(out["velocity"], batch.target, noise, sigmas, present, reducer)
+    if text_pass is not None:
+        count = (batch.not_pad if cfg.ignore_padding else torch.ones_like(batch.not_pad)) & batch.maskable
+        count = count & batch.caption_valid[:, None]
+        terms["txt"] = text_mdlm_loss(out["text_logits"], batch.ids, xt, t, count.float(), mask_id, reducer)
+        if cfg.cross > 0 and "image_states" in out:
+            terms["cross"] = contrastive_loss(out["image_states"], out["text_states"], valid, cfg.temperature,
+                                              reducer)
+    if align and "align_image" in out:
+        terms["align"] = (align_loss(out["align_image"], batch.teacher_image, present, reducer)
+                          + align_loss(out["align_text"], batch.teacher_text, valid, reducer))
+    weights = {"img": cfg.image, "txt": cfg.text, "cross": cfg.cross, "align": cfg.align}
+    total = sum(weights[k] * v for k, v in terms.items())
+    logged = {k: v.detach().float() for k, v in terms.items()}
+    logged["cross"] = logged["cross"] / reducer.world  # the logged value without the gradient factor
+    logged["loss"] = sum(weights[k] * v for k, v in logged.items())
+    return total, logged
