@@ -1,0 +1,131 @@
+"""UniAlignLoader and UniAlignLoRA."""
+
+import folder_paths
+
+from ..unialign_core import CheckpointError
+from . import services
+from .image_types import InputError
+
+CATEGORY = "UniAlignment"
+
+
+class UniAlignLoader:
+    DESCRIPTION = (
+        "Loads a UniAlignment (or DualDiffusion) model: the transformer, the T5 text encoder, the SD3 VAE and "
+        "the tokenizer. ComfyUI's model management moves it to the GPU when a UniAlign node runs and "
+        "offloads it when another workflow needs the memory. A loaded model is reused while the files "
+        "and the dtype stay the same, so changing a prompt never reloads it."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("UNIALIGN_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The loaded model, for the UniAlign LoRA and mode nodes.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (services.list_models(), {
+                    "tooltip": "A file or folder in models/unialignment: our single .safetensors file (made with "
+                    "`python -m unialign_core.convert` or by the trainer), or the upstream folder of "
+                    "glimmer16/UniAlignment or a DualDiffusion model, as downloaded."}),
+                "text_encoder": ([services.FROM_MODEL] + services.list_text_encoders(), {
+                    "default": services.FROM_MODEL,
+                    "tooltip": "The T5-XXL encoder. '(from model)' uses the one bundled in the single file or "
+                    "the model folder's text_encoder/. Pick your existing t5xxl_fp16 (or fp8) file from "
+                    "models/text_encoders to share it with SD3/Flux workflows."}),
+                "vae": ([services.FROM_MODEL] + services.list_files("vae"), {
+                    "default": services.FROM_MODEL,
+                    "tooltip": "The SD3 VAE. '(from model)' uses the one bundled in the single file or the "
+                    "model folder's vae/. Otherwise pick an SD3 VAE file from models/vae."}),
+                "dtype": (services.DTYPE_CHOICES, {
+                    "default": "auto",
+                    "tooltip": "Weight precision. auto picks what ComfyUI picks for SD3 on this device (bf16 "
+                    "on recent GPUs, fp32 on the CPU). fp16 keeps the VAE in fp32. fp32 needs ~2x the memory."}),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model):
+        if services.resolve_model(model) is None:
+            return services.model_missing_message(model)
+        return True
+
+    @classmethod
+    def IS_CHANGED(cls, model, text_encoder=services.FROM_MODEL, vae=services.FROM_MODEL, dtype="auto", **_):
+        paths = cls._paths(model, text_encoder, vae, strict=False)
+        return "|".join(services.file_signature(p) for p in paths) + "|" + dtype
+
+    @staticmethod
+    def _paths(model, text_encoder, vae, strict=True):
+        model_path = services.resolve_model(model)
+        if model_path is None and strict:
+            raise InputError("model", services.model_missing_message(model)[len("model: ") :])
+        te_path = None
+        if text_encoder != services.FROM_MODEL:
+            te_path = services.resolve_file(services.text_encoder_folders(), text_encoder)
+            if te_path is None and strict:
+                raise InputError("text_encoder", f"{text_encoder!r} is not in models/text_encoders or models/clip")
+        vae_path = None
+        if vae != services.FROM_MODEL:
+            vae_path = services.resolve_file(["vae"], vae)
+            if vae_path is None and strict:
+                raise InputError("vae", f"{vae!r} is not in models/vae")
+        return model_path, te_path, vae_path
+
+    def load(self, model, text_encoder, vae, dtype):
+        model_path, te_path, vae_path = self._paths(model, text_encoder, vae)
+        torch_dtype = services.choose_dtype(dtype, services.mm.get_torch_device())
+        try:
+            handle = services.load_handle(model, model_path, te_path, vae_path, torch_dtype)
+        except CheckpointError as e:
+            raise _loader_error(e, model, text_encoder, vae, te_path, vae_path) from None
+        return (handle,)
+
+
+def _loader_error(e, model, text_encoder, vae, te_path, vae_path) -> InputError:
+    """Name the input whose file is wrong."""
+    problem = e.problem.lower()
+    if (te_path and (e.path == te_path or "text encoder" in problem)) or problem.startswith("no text encoder"):
+        return InputError("text_encoder", f"{text_encoder!r} cannot be used with model {model!r}: {e}")
+    if (vae_path and e.path == vae_path) or problem.startswith("no vae"):
+        return InputError("vae", f"{vae!r} cannot be used with model {model!r}: {e}")
+    return InputError("model", f"{model!r} is not a usable UniAlignment model: {e}")
+
+
+class UniAlignLoRA:
+    DESCRIPTION = (
+        "Applies a LoRA to a UniAlignment model: our trainer's output, or any diffusers-format SD3 LoRA "
+        "(transformer.*.lora_A/lora_B, alpha keys honoured) whose layers exist in UniAlignment. The base "
+        "model is not changed: removing this node gives the base outputs exactly. Chain nodes to stack LoRAs."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("UNIALIGN_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with the LoRA applied (the input model stays as it was).",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("UNIALIGN_MODEL", {"tooltip": "The model from UniAlign Loader (or another LoRA node)."}),
+                "lora_name": (services.list_files("loras"), {
+                    "tooltip": "A LoRA .safetensors file in models/loras."}),
+                "strength": ("FLOAT", {
+                    "default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05,
+                    "tooltip": "How strongly the LoRA applies: 1.0 as trained, 0 = off, 0.5-1.0 to tone it "
+                    "down; negative values invert it."}),
+            }
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, lora_name="", strength=1.0, **_):
+        return services.file_signature(services.resolve_file(["loras"], lora_name)) + f"|{strength}"
+
+    def apply(self, model, lora_name, strength):
+        path = folder_paths.get_full_path("loras", lora_name)
+        if not path:
+            raise InputError("lora_name", f"{lora_name!r} is not in models/loras")
+        return (services.with_lora(model, lora_name, path, strength),)

@@ -1,0 +1,337 @@
+"""The ComfyUI services the nodes use: model folders, model management, dtype, progress, previews, cancel.
+
+Works on ComfyUI from March 2024 to today: every newer feature is detected, never assumed.
+"""
+
+import logging
+import os
+import time
+import weakref
+
+import torch
+
+import comfy.latent_formats
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+
+from ..unialign_core import CheckpointError, load_lora, load_model, lora_deltas
+from .image_types import InputError
+from .preview import fit_latent_rgb, latent_to_rgb_image
+
+log = logging.getLogger("UniAlignment")
+
+FOLDER = "unialignment"
+FROM_MODEL = "(from model)"
+WEIGHT_EXTENSIONS = (".safetensors", ".sft")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
+MAX_DEPTH = 3  # how deep the model folder is searched
+
+
+# ---- folders ------------------------------------------------------------------------------
+
+
+def register_folder(name: str) -> None:
+    """Register models/<name> with folder_paths, keeping paths that extra_model_paths.yaml added."""
+    paths, _ = folder_paths.folder_names_and_paths.get(name, ([], None))
+    paths = list(paths)
+    default = os.path.join(folder_paths.models_dir, name)
+    if default not in paths:
+        paths.append(default)
+    folder_paths.folder_names_and_paths[name] = (paths, set(folder_paths.supported_pt_extensions))
+
+
+def register_folders() -> None:
+    register_folder(FOLDER)
+    # ComfyUI before mid 2024 knows only models/clip; the README points T5 files at models/text_encoders.
+    if "text_encoders" not in folder_paths.folder_names_and_paths:
+        register_folder("text_encoders")
+
+
+def _folder_paths(name: str):
+    try:
+        return list(folder_paths.get_folder_paths(name))
+    except KeyError:
+        return []
+
+
+def is_upstream_folder(path: str) -> bool:
+    """A diffusers pipeline folder as published (UniAlignment, DualDiffusion)."""
+    return os.path.isfile(os.path.join(path, "transformer", "config.json")) or os.path.isfile(
+        os.path.join(path, "model_index.json")
+    )
+
+
+def list_models():
+    """Single files and upstream-layout folders under every models/unialignment path."""
+    names = set()
+    for base in _folder_paths(FOLDER):
+        if not os.path.isdir(base):
+            continue
+        for root, dirs, files in os.walk(base, followlinks=True):
+            rel = os.path.relpath(root, base)
+            depth = 0 if rel == "." else rel.count(os.sep) + 1
+            if depth and is_upstream_folder(root):
+                names.add(rel.replace(os.sep, "/"))
+                dirs[:] = []
+                continue
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if depth < MAX_DEPTH else []
+            for f in files:
+                if f.lower().endswith(WEIGHT_EXTENSIONS):
+                    names.add(f if depth == 0 else f"{rel.replace(os.sep, '/')}/{f}")
+    return sorted(names, key=str.lower)
+
+
+def _safe_relative(name: str) -> str:
+    return os.path.relpath(os.path.join(os.sep, name), os.sep)
+
+
+def resolve_model(name: str):
+    """The full path of a model file or folder, or None."""
+    rel = _safe_relative(name)
+    for base in _folder_paths(FOLDER):
+        path = os.path.join(base, rel)
+        if os.path.isfile(path) or (os.path.isdir(path) and is_upstream_folder(path)):
+            return path
+    return None
+
+
+def _weight_files(folder: str):
+    try:
+        names = folder_paths.get_filename_list(folder)
+    except KeyError:
+        return []
+    return [n for n in names if n.lower().endswith(WEIGHT_EXTENSIONS)]
+
+
+def text_encoder_folders():
+    return [f for f in ("text_encoders", "clip") if f in folder_paths.folder_names_and_paths]
+
+
+def list_text_encoders():
+    names = []
+    for folder in text_encoder_folders():
+        names += [n for n in _weight_files(folder) if n not in names]
+    return sorted(names, key=str.lower)
+
+
+def list_files(folder: str):
+    return sorted(_weight_files(folder), key=str.lower)
+
+
+def resolve_file(folders, name: str):
+    for folder in folders:
+        if folder in folder_paths.folder_names_and_paths:
+            path = folder_paths.get_full_path(folder, name)
+            if path:
+                return path
+    return None
+
+
+def searched(folder: str) -> str:
+    return ", ".join(_folder_paths(folder)) or f"models/{folder} (not registered)"
+
+
+def model_missing_message(name: str) -> str:
+    return (
+        f"model: {name!r} is not in models/{FOLDER} (searched: {searched(FOLDER)}). Put our single "
+        f".safetensors file (python -m unialign_core.convert) or the upstream folder there, then refresh."
+    )
+
+
+def file_signature(path) -> str:
+    """Changes when a file or any file in a folder changes (for IS_CHANGED and the model cache)."""
+    if not path:
+        return ""
+    try:
+        if os.path.isfile(path):
+            st = os.stat(path)
+            return f"{st.st_mtime_ns}:{st.st_size}"
+        stamps = []
+        for root, _, files in os.walk(path, followlinks=True):
+            for f in files:
+                stamps.append(os.stat(os.path.join(root, f)).st_mtime_ns)
+        return f"{max(stamps, default=0)}:{len(stamps)}"
+    except OSError:
+        return ""
+
+
+# ---- dtype and devices --------------------------------------------------------------------
+
+
+def choose_dtype(choice: str, device) -> torch.dtype:
+    """auto: what ComfyUI would pick for an SD3-class model on this device (fp32 on the CPU)."""
+    if choice in DTYPES:
+        return DTYPES[choice]
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    supported = [torch.bfloat16, torch.float16, torch.float32]
+    try:
+        return mm.unet_dtype(device=device, supported_dtypes=supported)
+    except TypeError:  # a ComfyUI whose unet_dtype takes fewer arguments
+        return mm.unet_dtype()
+
+
+def output_device():
+    return mm.intermediate_device()
+
+
+# ---- the model on the wire ----------------------------------------------------------------
+
+
+class UniAlignWeights(torch.nn.Module):
+    """All weights of one model in one module, so that ComfyUI's ModelPatcher manages them together.
+
+    Keys: transformer.*, vae.*, text_encoder.* (LoRA patches use transformer.<parameter name>)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.transformer = model.transformer
+        self.vae = model.vae
+        self.text_encoder = model.text_encoder
+
+    def get_dtype(self):
+        return self.transformer.pos_embed.proj.weight.dtype
+
+
+class UniAlignHandle:
+    """What a UNIALIGN_MODEL wire carries: the model, its ModelPatcher, and the LoRAs applied."""
+
+    def __init__(self, model, patcher, key, name, loras=()):
+        self.model = model
+        self.patcher = patcher
+        self.key = key
+        self.name = name
+        self.loras = tuple(loras)
+        self._preview_factors = None
+
+    def activate(self):
+        """Load the weights (with this handle's patches) onto the compute device; return the model."""
+        mm.load_models_gpu([self.patcher])
+        return self.model
+
+    @property
+    def pixel_multiple(self) -> int:
+        return self.model.pixel_multiple
+
+    def preview_factors(self):
+        if self._preview_factors is None:
+            self._preview_factors = fit_latent_rgb(self.model)
+        return self._preview_factors
+
+    def __repr__(self):
+        loras = "".join(f" + {n}@{s:g}" for n, s in self.loras)
+        return f"UniAlignHandle({self.name}{loras})"
+
+
+_cache = weakref.WeakValueDictionary()  # every handle still alive somewhere (ComfyUI's node cache)
+_last = {}  # and the last one loaded, kept alive
+
+
+def load_handle(name, model_path, text_encoder_path, vae_path, dtype) -> UniAlignHandle:
+    """Load (or reuse) a model. The cache key covers the paths, their contents' stamps and the dtype."""
+    load_device = mm.get_torch_device()
+    offload_device = mm.unet_offload_device()
+    key = (
+        model_path, file_signature(model_path), text_encoder_path, file_signature(text_encoder_path),
+        vae_path, file_signature(vae_path), str(dtype), str(load_device),
+    )  # fmt: skip
+    handle = _cache.get(key)
+    if handle is not None:
+        log.info("[UniAlign] reusing the loaded model %s (%s)", name, dtype)
+        _last["handle"] = handle
+        return handle
+    _last.clear()  # let a model nobody uses any more go before loading the next
+    started = time.monotonic()
+    model = load_model(
+        model_path, text_encoder=text_encoder_path, vae=vae_path, device=offload_device, dtype=dtype
+    )
+    weights = UniAlignWeights(model)
+    patcher = comfy.model_patcher.ModelPatcher(weights, load_device=load_device, offload_device=offload_device)
+    handle = UniAlignHandle(model, patcher, key, name)
+    _cache[key] = handle
+    _last["handle"] = handle
+    log.info("[UniAlign] loaded model %s (%s) in %.1f s", name, dtype, time.monotonic() - started)
+    return handle
+
+
+_lora_cache = {}
+
+
+def with_lora(handle: UniAlignHandle, lora_name: str, lora_path: str, strength: float) -> UniAlignHandle:
+    """A new handle whose patcher is a clone of the input's plus the LoRA's weight deltas.
+
+    The base weights are never changed: ComfyUI patches them when this clone is loaded and
+    restores them when another clone (e.g. the base) is loaded next. The patch value `(delta,)`
+    is the plain weight difference every ComfyUI version understands."""
+    key = (lora_path, file_signature(lora_path), handle.key, handle.loras)
+    deltas = _lora_cache.get(key)
+    if deltas is None:
+        try:
+            layers = load_lora(lora_path)
+            deltas = lora_deltas(handle.model.transformer, layers, 1.0, lora_path)
+        except CheckpointError as e:
+            raise InputError("lora_name", f"{lora_name!r} does not fit this model: {e.problem} ({e.path})") from None
+        deltas = {f"transformer.{k}": v.to(handle.patcher.offload_device) for k, v in deltas.items()}
+        _lora_cache.clear()
+        _lora_cache[key] = deltas
+    patcher = handle.patcher.clone()
+    patched = patcher.add_patches({k: (v,) for k, v in deltas.items()}, strength)
+    if len(patched) != len(deltas):
+        missing = sorted(set(deltas) - {k if isinstance(k, str) else k[0] for k in patched})
+        raise InputError("lora_name", f"{lora_name!r}: ComfyUI could not patch {missing[:5]}")
+    clone = UniAlignHandle(handle.model, patcher, handle.key, handle.name, handle.loras + ((lora_name, strength),))
+    clone._preview_factors = handle._preview_factors
+    return clone
+
+
+# ---- progress, previews, cancel -----------------------------------------------------------
+
+
+def cancel():
+    """Raises ComfyUI's interrupt exception when the user pressed Cancel (or /interrupt was posted)."""
+    mm.throw_exception_if_processing_interrupted()
+    return False
+
+
+def _make_previewer(handle):
+    """A function latents -> ComfyUI preview tuple, or None when previews are off."""
+    import latent_preview  # ComfyUI's module
+    from comfy.cli_args import LatentPreviewMethod, args
+
+    sd3 = getattr(comfy.latent_formats, "SD3", None)  # ComfyUI has SD3 support since June 2024
+    if sd3 is not None:
+        previewer = latent_preview.get_previewer(handle.patcher.load_device, sd3())
+        if previewer is None:
+            return None
+        return lambda x0: previewer.decode_latent_to_preview_image("JPEG", x0.float())
+    # ComfyUI without SD3 support: our own linear latent -> RGB fit.
+    if args.preview_method == LatentPreviewMethod.NoPreviews:
+        return None
+    factors = handle.preview_factors()
+    size = getattr(latent_preview, "MAX_PREVIEW_RESOLUTION", 512)
+    return lambda x0: ("JPEG", latent_to_rgb_image(x0, factors), size)
+
+
+class Progress:
+    """The `callback(step, total, state)` for unialign_core: a ComfyUI progress bar with previews."""
+
+    def __init__(self, handle=None, previews=True):
+        self.bar = None
+        self.total = None
+        self.previewer = _make_previewer(handle) if (previews and handle is not None) else None
+
+    def __call__(self, step, total, state=None):
+        if self.bar is None or total != self.total:
+            self.bar = comfy.utils.ProgressBar(total)
+            self.total = total
+        preview = None
+        if self.previewer is not None and isinstance(state, torch.Tensor) and state.is_floating_point():
+            try:
+                preview = self.previewer(state)
+            except Exception as e:  # a preview must never stop sampling
+                log.warning("[UniAlign] preview failed, previews off for this run: %s", e)
+                self.previewer = None
+        self.bar.update_absolute(step, total, preview)
