@@ -150,3 +150,7 @@ def train_in_process(cfg_dict: dict, tmp: Path, resume=None, name="config.yaml")
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
         PartialState._reset_state()
+
+
+DEFAULT_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                   "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]

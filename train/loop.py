@@ -261,6 +261,8 @@ class Trainer:
         self.cfg = cfg = absolute_paths(cfg)
         self.accelerator = acc = self._accelerator()
         self.main = acc.is_main_process
+        log.info("%d process(es), %s, device %s, mixed precision %s", acc.num_processes, acc.distributed_type,
+                 acc.device, acc.mixed_precision)
         self.run_dir = cfg.run_dir
         self.resume_from = self._find_resume(resume)
         if self.main:
@@ -311,10 +313,12 @@ class Trainer:
         acc.register_save_state_pre_hook(self._save_hook)
         acc.register_load_state_pre_hook(self._load_hook)
         self.sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        self.params_sharded = acc.distributed_type == DistributedType.FSDP or (
+            acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3)
         self.ema = None
         if cfg.train.ema:
-            if acc.distributed_type == DistributedType.FSDP:
-                raise ConfigError("train.ema: not supported with FSDP (parameters are sharded); use DDP or ZeRO-2")
+            if self.params_sharded:
+                raise ConfigError("train.ema: not supported with sharded parameters (FSDP, ZeRO-3); use DDP or ZeRO-2")
             self.ema = EMA(self.trainable, cfg.train.ema_decay)
 
         self._data()
@@ -330,6 +334,10 @@ class Trainer:
         kwargs = dict(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
                       step_scheduler_with_optimizer=False)
+        if not torch.cuda.is_available():
+            # CPU-only machine: under torchrun / `accelerate launch --multi_gpu` this makes accelerate pick
+            # MULTI_CPU with gloo instead of running each process alone
+            kwargs["cpu"] = True
         if cfg.log.tensorboard:
             try:
                 import tensorboard  # noqa: F401
@@ -431,6 +439,7 @@ class Trainer:
         acc.wait_for_everyone()
         state = self._trainable_state()
         acc.save_state(tmp)
+        acc.wait_for_everyone()  # every process has written its part (RNG states, shards)
         if self.main:
             lora = self.cfg.train.lora
             meta = {"mode": self.cfg.train.mode, "step": str(step), "lora_rank": str(lora.rank),
@@ -570,8 +579,9 @@ class Trainer:
         from unialign_core import caption, text_to_image
 
         cfg, acc = self.cfg.validation, self.accelerator
-        if self.sharded and self.accelerator.distributed_type == DistributedType.FSDP:
-            log.warning("validation: skipped under FSDP (sharded weights); export a checkpoint and run the modes")
+        if self.params_sharded:
+            log.warning("validation: skipped with sharded parameters (FSDP, ZeRO-3); export a checkpoint and run "
+                        "the modes on it")
             return
         if self.main:
             folder = os.path.join(self.run_dir, "validation", f"step_{self.step:08d}")
