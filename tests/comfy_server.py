@@ -96,13 +96,15 @@ def has_cli_flag(comfyui_dir, flag):
 
 
 class ComfyServer:
-    def __init__(self, comfyui_dir, pack_dir, models_dir, tmp_dir, *, startup_timeout=120.0):
-        """models_dir may be None: then the models folder is tmp_dir/models."""
+    def __init__(self, comfyui_dir, pack_dir, models_dir, tmp_dir, *, startup_timeout=120.0, extra_args=()):
+        """models_dir may be None: then the models folder is tmp_dir/models. extra_args are appended
+        to the ComfyUI command line (e.g. ["--preview-method", "latent2rgb"])."""
         self.comfyui_dir = Path(comfyui_dir).resolve()
         self.pack_dir = Path(pack_dir).resolve()
         self.base_dir = Path(tmp_dir).resolve()
         self.models_dir = Path(models_dir).resolve() if models_dir is not None else self.base_dir / "models"
         self.startup_timeout = startup_timeout
+        self.extra_args = list(extra_args)
         self.log_path = self.base_dir / "server.log"
         self.client_id = uuid.uuid4().hex
         self.port = None
@@ -131,7 +133,7 @@ class ComfyServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--disable-auto-launch", *args]
+               "--disable-auto-launch", *args, *self.extra_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         started = time.monotonic()
         with open(self.log_path, "wb") as log:  # the server writes to its own copy of the handle

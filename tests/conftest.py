@@ -29,13 +29,15 @@ def comfyui_dir():
 
 @pytest.fixture(scope="session")
 def start_comfy_server(comfyui_dir, tmp_path_factory):
-    """Factory: `start_comfy_server(models_dir=None)` starts a ComfyServer with this pack installed
-    and returns it once /object_info answers. Every server it started is stopped at session end.
-    `models_dir` None means an empty models folder in the server's temporary base directory."""
+    """Factory: `start_comfy_server(models_dir=None, extra_args=())` starts a ComfyServer with this pack
+    installed and returns it once /object_info answers. Every server it started is stopped at session end.
+    `models_dir` None means an empty models folder in the server's temporary base directory;
+    `extra_args` are appended to the ComfyUI command line."""
     servers = []
 
-    def start(models_dir=None):
-        server = ComfyServer(comfyui_dir, PACK_DIR, models_dir, tmp_path_factory.mktemp("comfy"))
+    def start(models_dir=None, extra_args=()):
+        server = ComfyServer(comfyui_dir, PACK_DIR, models_dir, tmp_path_factory.mktemp("comfy"),
+                             extra_args=extra_args)
         servers.append(server)
         return server.start()
 

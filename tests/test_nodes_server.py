@@ -1,0 +1,348 @@
+"""The node pack on a real ComfyUI server (COMFYUI_DIR), with the tiny model.
+
+One server for the whole module, started with latent previews on so that every sampling run also
+exercises the preview path (ComfyUI's SD3 previewer, or our own fit on ComfyUI before SD3 support).
+"""
+
+import itertools
+import json
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from comfy_server import PACK_NAME, PromptError
+from nodes_support import (
+    SIDE,
+    TINY_FOLDER,
+    TINY_LORA,
+    TINY_MODEL,
+    TINY_MULTIPLE,
+    WORKFLOW_NAMES,
+    WRONG_MODEL,
+    cached_nodes,
+    image_source,
+    load_api,
+    make_input_images,
+    make_models_dir,
+    message,
+    output_files,
+    read_pixels,
+    renumber,
+    run,
+    save_image_nodes,
+    tiny_settings,
+    understand_nodes,
+)
+
+sys.path.insert(0, str(__import__("nodes_support").WORKFLOWS))
+import make_api  # noqa: E402
+
+NODE_IDS = ["UniAlignLoader", "UniAlignLoRA", "UniAlignTextToImage", "UniAlignEdit", "UniAlignPerceive",
+            "UniAlignCompose", "UniAlignUnderstand"]
+SAMPLING = {"model": "UNIALIGN_MODEL", "steps": "INT", "guidance": "FLOAT", "seed": "INT"}
+EXPECTED = {
+    "UniAlignLoader": ({"model": "COMBO", "text_encoder": "COMBO", "vae": "COMBO", "dtype": "COMBO"},
+                       ["UNIALIGN_MODEL"]),
+    "UniAlignLoRA": ({"model": "UNIALIGN_MODEL", "lora_name": "COMBO", "strength": "FLOAT"}, ["UNIALIGN_MODEL"]),
+    "UniAlignTextToImage": (dict(SAMPLING, prompt="STRING", negative_prompt="STRING", width="INT", height="INT",
+                                 batch_size="INT"), ["IMAGE", "LATENT"]),
+    "UniAlignEdit": (dict(SAMPLING, image="IMAGE", instruction="STRING", negative_prompt="STRING",
+                          image_guidance="FLOAT", batch_size="INT"), ["IMAGE", "LATENT"]),
+    "UniAlignPerceive": (dict(SAMPLING, image="IMAGE", task="COMBO", instruction="STRING"), ["IMAGE", "LATENT"]),
+    "UniAlignCompose": (dict(SAMPLING, reference_1="IMAGE", reference_2="IMAGE", reference_3="IMAGE",
+                             prompt="STRING", negative_prompt="STRING", width="INT", height="INT",
+                             batch_size="INT"), ["IMAGE", "LATENT"]),
+    "UniAlignUnderstand": ({"model": "UNIALIGN_MODEL", "image": "IMAGE", "question": "STRING", "sampler": "COMBO",
+                            "length": "INT", "steps": "INT", "sampler_seed": "INT", "short_answer": "BOOLEAN"},
+                           ["STRING"]),
+}
+_ids = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def server(start_comfy_server, tmp_path_factory):
+    started = time.monotonic()
+    models = make_models_dir(tmp_path_factory.mktemp("models"))
+    server = start_comfy_server(models, extra_args=["--preview-method", "latent2rgb"])
+    make_input_images(server.base_dir / "input")
+    print(f"\nmodels written and ComfyUI up in {time.monotonic() - started:.1f} s")
+    yield server
+    assert "preview failed" not in server.log_text()
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.object_info()
+
+
+def fresh(api):
+    """The same graph under new node ids, so that no ComfyUI version can answer it from its cache."""
+    return renumber(api, f"r{next(_ids)}_")
+
+
+def t2i_prompt(prompt="a red cube on a table", model=TINY_MODEL, steps=4, width=SIDE, height=SIDE, dtype="auto",
+               lora=None, batch_size=1):
+    api = {
+        "1": {"class_type": "UniAlignLoader", "inputs": {"model": model, "text_encoder": "(from model)",
+                                                         "vae": "(from model)", "dtype": dtype}},
+        "2": {"class_type": "UniAlignTextToImage", "inputs": {
+            "model": ["1", 0], "prompt": prompt, "negative_prompt": "", "width": width, "height": height,
+            "steps": steps, "guidance": 5.0, "seed": 7, "batch_size": batch_size}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "t2i"}},
+    }
+    if lora is not None:
+        api["4"] = {"class_type": "UniAlignLoRA", "inputs": {"model": ["1", 0], "lora_name": TINY_LORA,
+                                                             "strength": lora}}
+        api["2"]["inputs"]["model"] = ["4", 0]
+    return fresh(api)
+
+
+def run_t2i(server, **kwargs):
+    """Run a text-to-image prompt; return its pixels and history entry (asserting it really ran)."""
+    api = t2i_prompt(**kwargs)
+    entry = run(server, api)
+    sampler = next(k for k, n in api.items() if n["class_type"] == "UniAlignTextToImage")
+    assert sampler not in cached_nodes(entry)
+    save = save_image_nodes(api)[0]
+    return np.stack([read_pixels(p) for p in output_files(server, entry, save)]), entry
+
+
+# ---- the node definitions ---------------------------------------------------------------------
+
+
+def test_object_info_lists_every_node(object_info):
+    for node_id in NODE_IDS:
+        assert node_id in object_info, f"{node_id} missing from /object_info"
+        info = object_info[node_id]
+        schema = make_api.node_schema(info)
+        inputs, outputs = EXPECTED[node_id]
+        assert schema["inputs"] == inputs, node_id
+        assert info["output"] == outputs, node_id
+        assert info["category"] == "UniAlignment"
+        assert info["display_name"].startswith("UniAlign ")
+        assert len(info["description"]) > 40, f"{node_id} has no DESCRIPTION"
+        for section in ("required", "optional"):
+            for name, spec in info["input"].get(section, {}).items():
+                assert len(spec) > 1 and len(spec[1].get("tooltip", "")) > 15, f"{node_id}.{name} has no tooltip"
+        if "seed" in inputs:
+            assert info["input"]["required"]["seed"][1]["control_after_generate"] is True
+    understand = object_info["UniAlignUnderstand"]
+    assert understand["output_node"] is True and understand["output_is_list"] == [True]
+
+
+def test_loader_lists_files_and_upstream_folders(object_info):
+    required = object_info["UniAlignLoader"]["input"]["required"]
+    models = required["model"][0]
+    assert {TINY_MODEL, TINY_FOLDER, WRONG_MODEL} <= set(models)
+    assert not any(name.startswith(TINY_FOLDER + "/") for name in models), "files inside a model folder are listed"
+    assert required["text_encoder"][0][0] == "(from model)" and required["vae"][0][0] == "(from model)"
+    assert required["dtype"][0] == ["auto", "bf16", "fp16", "fp32"]
+    assert TINY_LORA in object_info["UniAlignLoRA"]["input"]["required"]["lora_name"][0]
+
+
+def test_workflow_schema_and_api_twins_match_the_server(object_info):
+    """The stored widget schema is this server's, and converting the UI files with it gives the stored twins."""
+    live = make_api.schema_from_object_info(object_info, make_api.used_classes())
+    assert live == make_api.load_schema()
+    for path in make_api.ui_workflows():
+        ui = json.loads(path.read_text(encoding="utf-8"))
+        make_api.check_ui(ui, live, path.name)
+        assert make_api.ui_to_api(ui, live, path.name) == json.loads(make_api.twin_path(path).read_text())
+
+
+def test_web_extension_is_served(server):
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(server.url + "/extensions", timeout=30) as reply:
+        scripts = json.loads(reply.read())
+    ours = [s for s in scripts if PACK_NAME in s]
+    assert ours and ours[0].endswith("show_text.js")
+    with opener.open(server.url + ours[0], timeout=30) as reply:
+        assert b"UniAlignUnderstand" in reply.read()
+
+
+# ---- the example workflows ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_workflow_runs(server, name):
+    api = fresh(tiny_settings(load_api(name)))
+    entry = run(server, api)
+    saves = save_image_nodes(api)
+    texts = understand_nodes(api)
+    assert saves or texts
+    for save in saves:
+        files = output_files(server, entry, save)
+        assert len(files) == 1
+        assert read_pixels(files[0]).shape == (SIDE, SIDE, 3), f"{files[0]} has the wrong size"
+    for node in texts:
+        text = entry["outputs"][node]["text"]
+        assert len(text) == 1 and isinstance(text[0], str) and text[0].strip(), text
+    if name == "edit_caption_loop":
+        # edited image, caption, generated image: all three shown
+        assert len(saves) == 2 and len(texts) == 1
+        assert image_source(api, texts[0]) == image_source(api, saves[0])
+
+
+def test_batched_images_give_one_text_each(server):
+    api = t2i_prompt(batch_size=3)
+    sampler = next(k for k, n in api.items() if n["class_type"] == "UniAlignTextToImage")
+    loader = api[sampler]["inputs"]["model"][0]
+    api["u"] = {"class_type": "UniAlignUnderstand", "inputs": {
+        "model": [loader, 0], "image": [sampler, 0], "sampler": "ddpm_cache", "length": 24, "steps": 6,
+        "sampler_seed": 0, "question": "What is this?", "short_answer": True}}
+    entry = run(server, api)
+    assert len(entry["outputs"]["u"]["text"]) == 3
+    assert len(output_files(server, entry, save_image_nodes(api)[0])) == 3
+
+
+def test_latent_output_is_sd3_format(server):
+    """LATENT holds raw VAE latents: ComfyUI's SD3 format (process_in = (z - 0.0609) * 1.5305 gives ours)."""
+    import torch
+
+    from tiny_models import golden_model
+    from unialign_core import text_to_image
+
+    api = t2i_prompt(prompt="latent test: a red cube")
+    sampler = next(k for k, n in api.items() if n["class_type"] == "UniAlignTextToImage")
+    api["l"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler, 1], "filename_prefix": "latent"}}
+    entry = run(server, api)
+    files = sorted((server.base_dir / "output").glob("latent_*.latent"))
+    assert files, entry["outputs"]
+    samples = load_file(str(files[-1]))["latent_tensor"]
+    expected = text_to_image(golden_model(), "latent test: a red cube", width=SIDE, height=SIDE, steps=4,
+                             guidance=5.0, seed=7).latents
+    assert samples.shape == (1, 16, SIDE // 2, SIDE // 2)
+    torch.testing.assert_close((samples - 0.0609) * 1.5305, expected, atol=1e-4, rtol=1e-4)
+
+
+# ---- model management ---------------------------------------------------------------------------
+
+
+# Each test uses its own prompt, and a repeated run spells the dtype differently ("auto" and "fp32"
+# are the same on the CPU), so that no ComfyUI version answers a run from its node cache.
+
+
+def test_lora_leaves_the_base_model_unchanged(server):
+    prompt = "lora test: a red cube"
+    base, _ = run_t2i(server, prompt=prompt, dtype="auto")
+    with_lora, _ = run_t2i(server, prompt=prompt, lora=1.0)
+    assert np.abs(with_lora.astype(int) - base.astype(int)).mean() > 1.0, "the LoRA changed nothing"
+    half, _ = run_t2i(server, prompt=prompt, lora=0.5)
+    assert not np.array_equal(half, with_lora)
+    again, _ = run_t2i(server, prompt=prompt, dtype="fp32")
+    np.testing.assert_array_equal(again, base)
+
+
+def test_upstream_folder_gives_the_same_image_as_the_single_file(server):
+    prompt = "folder test: a red cube"
+    from_file, _ = run_t2i(server, prompt=prompt)
+    from_folder, _ = run_t2i(server, prompt=prompt, model=TINY_FOLDER)
+    np.testing.assert_array_equal(from_folder, from_file)
+
+
+def test_prompt_change_does_not_reload_the_model(server):
+    run_t2i(server, prompt="a blue ball")
+    loads = server.log_text().count(f"[UniAlign] loaded model {TINY_MODEL}")
+    run_t2i(server, prompt="a green pyramid")
+    run_t2i(server, prompt="a yellow cube", dtype="fp32")  # fp32 is what auto picks on the CPU
+    assert server.log_text().count(f"[UniAlign] loaded model {TINY_MODEL}") == loads
+
+
+# ---- bad inputs: a clear error naming the input, and the server carries on ------------------------
+
+
+GOOD_PROMPT = "bad input test: a red cube"
+_good = {"dtype": "auto"}
+
+
+def good_run(server):
+    """The good prompt, spelled differently from the last good run, so that it is computed again."""
+    pixels, _ = run_t2i(server, prompt=GOOD_PROMPT, dtype=_good["dtype"])
+    _good["dtype"] = "fp32" if _good["dtype"] == "auto" else "auto"
+    return pixels
+
+
+@pytest.fixture(scope="module")
+def baseline(server):
+    return good_run(server)
+
+
+def error_of(entry):
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    payload = message(entry, "execution_error")
+    assert payload is not None, entry["status"]["messages"]
+    return payload
+
+
+def bad_missing_model(server):
+    with pytest.raises(PromptError) as excinfo:
+        server.queue_prompt(t2i_prompt(model="no_such_model.safetensors"))
+    assert excinfo.value.status == 400
+    (node_id, errors), = excinfo.value.body["node_errors"].items()
+    assert errors["class_type"] == "UniAlignLoader"
+    text = json.dumps(errors["errors"])
+    assert "model" in text and "no_such_model.safetensors" in text and "models/unialignment" in text
+    return text
+
+
+def bad_wrong_architecture(server):
+    entry = server.wait(server.queue_prompt(t2i_prompt(model=WRONG_MODEL)))
+    error = error_of(entry)
+    assert error["node_type"] == "UniAlignLoader"
+    assert error["exception_message"].startswith("model: ")
+    assert WRONG_MODEL in error["exception_message"] and "not a UniAlignment" in error["exception_message"]
+    return error["exception_message"]
+
+
+def bad_image_size(server):
+    api = fresh(tiny_settings(load_api("edit")))
+    scale = next(n for n in api.values() if n["class_type"] == "ImageScale")
+    scale["inputs"].update(width=30, height=30)
+    error = error_of(server.wait(server.queue_prompt(api)))
+    assert error["node_type"] == "UniAlignEdit"
+    assert error["exception_message"].startswith("image: ")
+    assert "30x30" in error["exception_message"] and f"multiple of {TINY_MULTIPLE}" in error["exception_message"]
+    return error["exception_message"]
+
+
+def bad_width(server):
+    error = error_of(server.wait(server.queue_prompt(t2i_prompt(width=30))))
+    assert error["node_type"] == "UniAlignTextToImage"
+    assert error["exception_message"].startswith("width: ") and f"multiple of {TINY_MULTIPLE}" in error["exception_message"]
+    return error["exception_message"]
+
+
+def bad_empty_prompt(server):
+    error = error_of(server.wait(server.queue_prompt(t2i_prompt(prompt="   "))))
+    assert error["node_type"] == "UniAlignTextToImage"
+    assert error["exception_message"].startswith("prompt: ") and "empty" in error["exception_message"]
+    return error["exception_message"]
+
+
+def bad_interrupt(server):
+    steps = 3000  # about 0.05 s each at 64x64 on the tiny model: minutes if not interrupted
+    prompt_id = server.queue_prompt(t2i_prompt(steps=steps))
+    started = time.monotonic()
+    while not server.get_json("/queue")["queue_running"]:
+        assert time.monotonic() - started < 30
+        time.sleep(0.05)
+    time.sleep(1.5)  # the model is cached: this is well into sampling
+    server.interrupt()
+    entry = server.wait(prompt_id, timeout=60)
+    elapsed = time.monotonic() - started
+    assert entry["status"]["status_str"] == "error"
+    payload = message(entry, "execution_interrupted")
+    assert payload is not None and payload["node_type"] == "UniAlignTextToImage", entry["status"]["messages"]
+    assert elapsed < 20, f"the interrupt took {elapsed:.1f} s"
+    return f"interrupted after {elapsed:.1f} s"
+
+
+@pytest.mark.parametrize("case", [bad_missing_model, bad_wrong_architecture, bad_image_size, bad_width,
+                                  bad_empty_prompt, bad_interrupt], ids=lambda f: f.__name__[4:])
+def test_bad_input_then_same_good_output(server, baseline, case):
+    print(f"\n{case.__name__}: {case(server)}")
+    np.testing.assert_array_equal(good_run(server), baseline)
