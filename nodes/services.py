@@ -3,6 +3,7 @@
 Works on ComfyUI from March 2024 to today: every newer feature is detected, never assumed.
 """
 
+import inspect
 import logging
 import os
 import time
@@ -196,6 +197,18 @@ class UniAlignWeights(torch.nn.Module):
         return self.transformer.pos_embed.proj.weight.dtype
 
 
+_LOAD_TAKES_FULL = "force_full_load" in inspect.signature(mm.load_models_gpu).parameters
+
+
+def _tensors(module):
+    yield from module.parameters()
+    yield from module.buffers()
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
 class UniAlignHandle:
     """What a UNIALIGN_MODEL wire carries: the model, its ModelPatcher, and the LoRAs applied."""
 
@@ -208,8 +221,17 @@ class UniAlignHandle:
         self._preview_factors = None
 
     def activate(self):
-        """Load the weights (with this handle's patches) onto the compute device; return the model."""
-        mm.load_models_gpu([self.patcher])
+        """Load the weights (with this handle's patches) onto the compute device; return the model.
+
+        The layers are plain torch modules, which ComfyUI can only load whole (partial "lowvram"
+        loading needs comfy.ops layers), so ask for a full load: ComfyUI then frees other models
+        first. A ComfyUI without `force_full_load` may still load part of it; then move the rest."""
+        kwargs = {"force_full_load": True} if _LOAD_TAKES_FULL else {}
+        mm.load_models_gpu([self.patcher], **kwargs)
+        device = torch.device(self.patcher.load_device)
+        if any(not _same_device(t.device, device) for t in _tensors(self.patcher.model)):
+            log.warning("[UniAlign] ComfyUI loaded only part of the model; moving all of it to %s", device)
+            self.patcher.model.to(device)
         return self.model
 
     @property
