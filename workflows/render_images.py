@@ -1,12 +1,18 @@
-"""Render one PNG per example workflow for the README: run it through a real ComfyUI server on the
-tiny test model and lay its inputs and outputs side by side.
+"""Render one PNG per example workflow for the README: run it through a real ComfyUI server and lay its
+inputs and outputs side by side.
 
     COMFYUI_DIR=/path/to/ComfyUI python workflows/render_images.py [name ...]
+    COMFYUI_DIR=/path/to/ComfyUI python workflows/render_images.py --shapes runs/shapes/shapes.safetensors
 
-The tiny model has random weights, so the pictures show what each workflow produces and how it
-is wired, not image quality. Writes workflows/images/<name>.png.
+By default the workflows run on the tiny random-weight test model, so the pictures show what each workflow
+produces and how it is wired, not image quality (workflows/images/<name>.png). With ``--shapes`` they run on the
+model that ``python -m train.shapes`` trained and exported: the same graphs with 32 px images and texts of the
+shapes world, on held-out scenes (workflows/images/shapes_<name>.png).
 """
 
+import argparse
+import json
+import shutil
 import sys
 import tempfile
 import textwrap
@@ -56,10 +62,10 @@ def text_panel(title, text):
     return canvas
 
 
-def contact_sheet(name, panels):
+def contact_sheet(name, panels, note="tiny random-weight test model: wiring, not quality"):
     width = sum(p.width for p in panels) + PAD * (len(panels) + 1)
     sheet = Image.new("RGB", (width, TILE + LABEL + 2 * PAD + 20), BACKGROUND)
-    ImageDraw.Draw(sheet).text((PAD, 4), f"{name}  (tiny random-weight test model: wiring, not quality)", fill=INK)
+    ImageDraw.Draw(sheet).text((PAD, 4), f"{name}  ({note})", fill=INK)
     x = PAD
     for panel in panels:
         sheet.paste(panel, (x, 20 + PAD))
@@ -67,8 +73,54 @@ def contact_sheet(name, panels):
     return sheet
 
 
-def render(server, name):
-    api = tiny_settings(load_api(name))
+# The shapes world's version of each workflow's texts (the graphs stay the same).
+SHAPES_TEXTS = {
+    "UniAlignTextToImage": {"prompt": "a green circle on the left and a magenta square on the right on a gray background"},
+    "UniAlignEdit": {"instruction": "change the colour of the red square to green"},
+    "UniAlignCompose": {"prompt": "draw this shape on the right, gray background"},
+    "UniAlignUnderstand": {"question": "what colour is the square?"},
+}
+SHAPES_SIDE = 32
+
+
+def shapes_settings(api, model_name):
+    """An example workflow for the shapes model: its file, 32 px images, world texts, world-sized steps."""
+    api = json.loads(json.dumps(api))
+    questions = iter(["", SHAPES_TEXTS["UniAlignUnderstand"]["question"]])
+    for node in (api[k] for k in sorted(api, key=int)):
+        inputs, cls = node["inputs"], node["class_type"]
+        if cls == "UniAlignLoader":
+            inputs.update(model=model_name, text_encoder="(from model)", vae="(from model)", dtype="fp32")
+        elif cls == "ImageScale":
+            inputs.update(width=SHAPES_SIDE, height=SHAPES_SIDE, upscale_method="nearest-exact")
+        elif cls in ("UniAlignTextToImage", "UniAlignCompose"):
+            inputs.update(width=SHAPES_SIDE, height=SHAPES_SIDE, steps=20, guidance=3.0)
+        elif cls in ("UniAlignEdit", "UniAlignPerceive"):
+            inputs.update(steps=20, guidance=3.0)
+        elif cls == "UniAlignUnderstand":
+            inputs.update(length=24, steps=16)
+            if not isinstance(inputs.get("question"), str) or inputs["question"]:
+                inputs["question"] = next(questions, "") or SHAPES_TEXTS["UniAlignUnderstand"]["question"]
+            continue
+        for key, value in SHAPES_TEXTS.get(cls, {}).items():
+            if isinstance(inputs.get(key), str):  # linked inputs (the loop's caption) stay linked
+                inputs[key] = value
+    return api
+
+
+def shapes_input_images(folder: Path):
+    """example.png: a held-out scene (a red square and a white cross); example_2.png: a reference shape."""
+    from train.shapes.world import Scene, Shape, render, render_reference
+
+    folder.mkdir(parents=True, exist_ok=True)
+    scene = Scene("black", (Shape("square", "red", "left"), Shape("cross", "white", "right")))
+    render(scene, SHAPES_SIDE).save(folder / INPUT_IMAGES[0])
+    render_reference(Shape("triangle", "magenta", "center"), SHAPES_SIDE).save(folder / INPUT_IMAGES[1])
+    return folder
+
+
+def render(server, name, shapes_model=None):
+    api = shapes_settings(load_api(name), shapes_model) if shapes_model else tiny_settings(load_api(name))
     entry = run(server, api)
     panels = []
     for node_id in sorted(api, key=int):
@@ -87,20 +139,36 @@ def render(server, name):
             heading = f"Q: {question}" if question else "caption:"
             panels.append(text_panel(heading, " / ".join(entry["outputs"][node_id]["text"])))
     OUT.mkdir(exist_ok=True)
-    path = OUT / f"{name}.png"
-    contact_sheet(name, panels).save(path, optimize=True)
+    if shapes_model:
+        path = OUT / f"shapes_{name}.png"
+        sheet = contact_sheet(name, panels, "the shapes-world model of python -m train.shapes")
+    else:
+        path, sheet = OUT / f"{name}.png", contact_sheet(name, panels)
+    sheet.save(path, optimize=True)
     return path
 
 
 def main(argv):
-    names = argv or list(WORKFLOW_NAMES)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help=f"workflows (default: all of {', '.join(WORKFLOW_NAMES)})")
+    parser.add_argument("--shapes", metavar="MODEL", help="the shapes model file (python -m train.shapes)")
+    args = parser.parse_args(argv)
     comfyui = comfyui_dir_from_env()
     with tempfile.TemporaryDirectory() as tmp:
-        models = make_models_dir(Path(tmp) / "models")
+        if args.shapes:
+            models = Path(tmp) / "models"
+            (models / "unialignment").mkdir(parents=True)
+            shutil.copy(args.shapes, models / "unialignment" / Path(args.shapes).name)
+        else:
+            models = make_models_dir(Path(tmp) / "models")
         with ComfyServer(comfyui, REPO, models, Path(tmp) / "base") as server:
-            make_input_images(server.base_dir / "input")
-            for name in names:
-                print("wrote", render(server, name))
+            if args.shapes:
+                shapes_input_images(server.base_dir / "input")
+            else:
+                make_input_images(server.base_dir / "input")
+            for name in args.names or WORKFLOW_NAMES:
+                shapes_model = Path(args.shapes).name if args.shapes else None
+                print("wrote", render(server, name, shapes_model))
     return 0
 
 

@@ -31,6 +31,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
+from unialign_core.modes import PERCEPTION_PRESETS
+
 COLOURS = {
     "red": (230, 30, 30),
     "green": (30, 200, 40),
@@ -259,13 +261,14 @@ EDIT_TEMPLATES = {
     "background": ("change the background to {new}", "make the background {new}", "use a {new} background"),
 }
 EDGE_INSTRUCTIONS = (
+    PERCEPTION_PRESETS["canny"],  # the library's preset (what `perceive(model, image, "canny")` sends)
     "Generate the canny edge map of this image.",
     "edge map",
     "Draw the outlines of the shapes.",
     "Show the edges in this image.",
 )
 DEPTH_INSTRUCTIONS = (
-    "Provide a detailed depth map of the entire scene.",
+    PERCEPTION_PRESETS["depth"],  # the published instruction, the library's preset
     "depth map",
     "Estimate the depth of this image.",
     "Generate the depth map of this image.",

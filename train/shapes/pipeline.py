@@ -1,0 +1,280 @@
+"""``python -m train.shapes``: the whole system learning on the shapes world, on a CPU, with nothing downloaded.
+
+Stages (each with a progress bar; outputs under ``--out``):
+  1. data/       the world's records: train split, plus the held-out split for reference
+  2. vae/        a small AutoencoderKL trained on the images
+  3. tokenizer/, text_encoder/   a word-level tokenizer of the world's vocabulary, and a small T5 pretrained
+                 on the world's texts (masked tokens), frozen from then on as T5-XXL is
+  4. teacher/    a small CLIP trained on (image, caption) pairs: the alignment loss's teacher
+  5. run/        UniAlignment trained by the bundled trainer (all four losses, all six tasks), from start/
+  6. shapes.safetensors   the single-file export the ComfyUI Loader reads (T5, VAE and tokenizer bundled)
+  7. every mode on held-out scenes, scored from pixels and text
+  8. contact_sheet.png, report.md, report.json
+With ``--ablation``, stages 5-7 run a second time on the same budget without L_cross and
+L_align (run_ablation/), and the report puts both side by side.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from . import autoencoder, report, scorecard, start, teacher, text_encoder, vocab, world
+
+log = logging.getLogger("train.shapes")
+
+
+@dataclass(frozen=True)
+class Profile:
+    records: int  # training records (all six tasks round-robin)
+    vae_steps: int
+    t5_steps: int
+    teacher_steps: int
+    train_steps: int
+    batch_size: int
+    eval_per_task: int
+    width: int = 128  # transformer width (4 heads) and depth
+    layers: int = 4
+    lr: float = 2e-3
+
+
+TEXT_LENGTH = 24  # T5 tokens: the longest text of the world is 21
+PROFILES = {
+    # about 14 minutes on 2 CPU cores; the trainer sees ~90k samples (about 170 samples/s)
+    "full": Profile(records=6000, vae_steps=1200, t5_steps=400, teacher_steps=400, train_steps=1400, batch_size=64,
+                    eval_per_task=50),
+    # the CI variant: under 3 minutes, checked against QUICK_FLOORS
+    "quick": Profile(records=3000, vae_steps=400, t5_steps=200, teacher_steps=100, train_steps=500, batch_size=32,
+                     eval_per_task=16, width=96, lr=3e-3),
+}
+
+
+def _bar(total: int, desc: str):
+    # in a log file (not a terminal) one line every 10 s is enough
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=True, mininterval=0.1 if sys.stderr.isatty() else 10)
+
+
+class Stages:
+    """The stages, each reusing its output when it is already complete (a rerun continues where it stopped)."""
+
+    def __init__(self, out: str, profile: Profile, seed: int):
+        self.out, self.profile, self.seed = os.path.abspath(out), profile, seed
+        self.timings: dict[str, float] = {}
+        os.makedirs(self.out, exist_ok=True)
+        settings = {"profile": dataclasses.asdict(profile), "seed": seed}
+        marker = self.path("settings.json")
+        if os.path.isfile(marker):
+            with open(marker, encoding="utf-8") as f:
+                saved = json.load(f)
+            if saved != settings:
+                raise SystemExit(f"--out {self.out} holds a run with other settings ({saved}); "
+                                 "give another --out, or delete that folder to start over")
+        else:
+            with open(marker, "w", encoding="utf-8") as f:
+                json.dump(settings, f)
+
+    def path(self, *parts) -> str:
+        return os.path.join(self.out, *parts)
+
+    def build(self, name: str, write) -> str:
+        """Write folder ``name`` through ``write(tmp_folder)`` and move it into place whole (an interrupted
+        stage leaves no half-written folder that a rerun would take for finished)."""
+        final, tmp = self.path(name), self.path(f".{name}.partial")
+        if not os.path.isdir(final):
+            shutil.rmtree(tmp, ignore_errors=True)
+            write(tmp)
+            os.replace(tmp, final)
+        return final
+
+    def timed(self, name, fn, *args, **kwargs):
+        started = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.timings[name] = round(time.perf_counter() - started, 1)
+        return result
+
+    # 1
+    def data(self) -> str:
+        folder = self.build("data", lambda tmp: world.make_dataset(tmp, self.profile.records, seed=self.seed,
+                                                                  split="train"))
+        return os.path.join(folder, "train.jsonl")
+
+    # 2
+    def vae(self, jsonl: str):
+        from diffusers import AutoencoderKL
+
+        def write(tmp):
+            images = autoencoder.dataset_images([jsonl])
+            bar = _bar(self.profile.vae_steps, "2/8 vae")
+
+            def progress(step, parts):
+                bar.update(1)
+                bar.set_postfix(l1=f"{parts['l1']:.4f}", kl=f"{parts['kl']:.3f}")
+
+            vae, stats = autoencoder.train_vae(images, steps=self.profile.vae_steps, seed=self.seed,
+                                               progress=progress)
+            bar.close()
+            vae.save_pretrained(tmp)
+            log.info("vae: %s", stats)
+
+        return AutoencoderKL.from_pretrained(self.build("vae", write)).eval()
+
+    # 4
+    def teacher(self, jsonl: str, tokenizer) -> str:
+        def write(tmp):
+            images, captions = teacher_pairs(jsonl)
+            bar = _bar(self.profile.teacher_steps, "4/8 teacher (CLIP)")
+
+            def progress(step, parts):
+                bar.update(1)
+                bar.set_postfix(loss=f"{parts['loss']:.3f}", acc=f"{parts['acc']:.2f}")
+
+            model, stats = teacher.train_clip(images, captions, tokenizer, steps=self.profile.teacher_steps,
+                                              seed=self.seed, progress=progress)
+            bar.close()
+            log.info("teacher: %s", stats)
+            teacher.save_teacher(model, tokenizer, tmp)
+
+        return self.build("teacher", write)
+
+    # 3
+    def tokenizer(self):
+        folder = self.path("tokenizer")
+        tok = vocab.build_tokenizer()
+        vocab.save_tokenizer(tok, folder)
+        return tok
+
+    # 3b
+    def text_encoder(self, jsonl: str, tokenizer):
+        from transformers import T5EncoderModel
+
+        def write(tmp):
+            texts = []
+            with open(jsonl, encoding="utf-8") as f:
+                for line in f:
+                    texts += text_encoder.record_texts(json.loads(line))
+            bar = _bar(self.profile.t5_steps, "3/8 text encoder (T5)")
+
+            def progress(step, parts):
+                bar.update(1)
+                bar.set_postfix(loss=f"{parts['loss']:.3f}", acc=f"{parts['acc']:.2f}")
+
+            model, stats = text_encoder.pretrain_t5(tokenizer, texts, length=TEXT_LENGTH, steps=self.profile.t5_steps,
+                                                    seed=self.seed, progress=progress)
+            bar.close()
+            log.info("text encoder: %s", stats)
+            model.save_pretrained(tmp)
+
+        return T5EncoderModel.from_pretrained(self.build("text_encoder", write)).eval()
+
+    # 5
+    def train(self, name: str, tokenizer, vae, t5, jsonl: str, teacher_dir: str, ablation: bool) -> str:
+        from ..config import load_config
+        from ..loop import run
+        from .. import runs
+
+        start_dir = self.build("start", lambda tmp: start.write_start(
+            tmp, tokenizer, vae, t5, seed=self.seed, transformer_overrides=dict(
+                num_layers=self.profile.layers, attention_head_dim=self.profile.width // 4,
+                caption_projection_dim=self.profile.width)))
+        run_dir = self.path(name)
+        cfg = load_config(None, training_overrides(self.profile, self.seed, start_dir, jsonl, teacher_dir, run_dir,
+                                                   self.path("cache"), ablation))
+        done = [s for s, _ in runs.list_checkpoints(run_dir)]
+        if not done or done[-1] < self.profile.train_steps:
+            run(cfg, "latest")
+        return run_dir
+
+    # 6
+    def export(self, run_dir: str, name: str) -> str:
+        from ..export import export_single_file
+
+        out = self.path(name)
+        export_single_file(run_dir, out, bundle_parts=True)
+        return out
+
+    # 7
+    def score(self, model_file: str, desc: str):
+        from unialign_core import load_model
+
+        model = load_model(model_file)
+        n = self.profile.eval_per_task
+        bar = _bar(6 * n, desc)
+        card = scorecard.run_scorecard(model, n, self.seed, progress=lambda task, i, total: (
+            bar.update(1), bar.set_postfix(mode=task)))
+        bar.close()
+        return card
+
+
+def teacher_pairs(jsonl: str):
+    """(uint8 images [N, 3, H, W], captions) of the records whose caption describes a whole image."""
+    import numpy as np
+    from PIL import Image
+
+    base = os.path.dirname(jsonl)
+    arrays, captions = [], []
+    with open(jsonl, encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            image = rec.get("target") if rec["task"] in ("t2i", "edit", "compose") else (
+                rec["sources"][0] if rec["task"] == "caption" else None)
+            if image is None:
+                continue
+            with Image.open(os.path.join(base, image)) as img:
+                arrays.append(np.asarray(img.convert("RGB")))
+            captions.append(rec["caption"])
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), captions
+
+
+def training_overrides(profile: Profile, seed: int, start_dir: str, jsonl: str, teacher_dir: str, run_dir: str,
+                       cache_dir: str, ablation: bool) -> list:
+    """The trainer's config for the shapes model (as `--set` pairs of ``python -m train``)."""
+    pairs = [
+        ("run_dir", run_dir), ("seed", seed),
+        ("init.path", start_dir),
+        ("data.files", [jsonl]), ("data.resolution", 32), ("data.bucket_step", 16), ("data.max_aspect", 1.0),
+        ("data.text_length", TEXT_LENGTH), ("data.num_workers", 0), ("data.cache_dir", cache_dir),
+        ("teacher.path", teacher_dir), ("teacher.block", 2),
+        ("loss.text", 0.5), ("loss.ignore_padding", True),
+        ("train.mode", "full"), ("train.batch_size", profile.batch_size), ("train.max_steps", profile.train_steps),
+        ("train.lr", profile.lr), ("train.warmup_steps", min(100, profile.train_steps // 10)),
+        ("train.schedule", "cosine"), ("train.weight_decay", 0.0),
+        ("checkpoint.every", 250), ("checkpoint.keep", 2), ("log.every", 25),
+    ]
+    if ablation:
+        pairs += [("loss.cross", 0.0), ("loss.align", 0.0), ("teacher.path", None)]
+    return pairs
+
+
+def main_job(out: str, profile_name: str, seed: int, ablation: bool = False) -> dict:
+    """Run every stage (reusing finished ones in ``out``); returns the report dict (also in ``out/report.json``)."""
+    profile = PROFILES[profile_name]
+    st = Stages(out, profile, seed)
+    started = time.perf_counter()
+    print(f"1/8 data: {profile.records} records", flush=True)
+    jsonl = st.timed("data", st.data)
+    vae = st.timed("vae", st.vae, jsonl)
+    tok = st.timed("tokenizer", st.tokenizer)
+    t5 = st.timed("text_encoder", st.text_encoder, jsonl, tok)
+    teacher_dir = st.timed("teacher", st.teacher, jsonl, tok)
+    print("5/8 train UniAlignment (all four losses)", flush=True)
+    run_dir = st.timed("train", st.train, "run", tok, vae, t5, jsonl, teacher_dir, False)
+    print("6/8 export", flush=True)
+    model_file = st.timed("export", st.export, run_dir, "shapes.safetensors")
+    card = st.timed("evaluate", st.score, model_file, "7/8 every mode on held-out scenes")
+    ablation_card = None
+    if ablation:
+        print("5/8 (ablation) train without L_cross and L_align", flush=True)
+        abl_dir = st.timed("train_ablation", st.train, "run_ablation", tok, vae, t5, jsonl, teacher_dir, True)
+        abl_file = st.timed("export_ablation", st.export, abl_dir, "shapes_ablation.safetensors")
+        ablation_card = st.timed("evaluate_ablation", st.score, abl_file, "7/8 (ablation) every mode")
+    print("8/8 contact sheet and report", flush=True)
+    wall = time.perf_counter() - started
+    return report.write(st.out, profile_name, profile, seed, card, ablation_card, st.timings, wall, model_file)

@@ -1,0 +1,77 @@
+"""The contact sheet and the report of ``python -m train.shapes`` (stage 8)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+
+import torch
+from PIL import Image, ImageDraw
+
+from .scorecard import QUICK_FLOORS, TARGETS
+
+CELL = 96  # pixels per image in the contact sheet (32 px images scaled x3, nearest)
+TEXT_WIDTH = 420
+
+
+def contact_sheet(examples, path: str) -> str:
+    """One row per example: its images (sources, output, truth) and its text."""
+    rows = len(examples)
+    sheet = Image.new("RGB", (3 * (CELL + 4) + TEXT_WIDTH, rows * (CELL + 4) + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for r, (task, images, text) in enumerate(examples):
+        y = 4 + r * (CELL + 4)
+        for c, img in enumerate(images[:3]):
+            sheet.paste(img.convert("RGB").resize((CELL, CELL), Image.NEAREST), (4 + c * (CELL + 4), y))
+        x = 4 + 3 * (CELL + 4)
+        draw.text((x, y + 4), task, fill=(0, 0, 160))
+        words, line, lines = text.split(), "", []
+        for word in words:  # wrap at ~64 characters
+            if len(line) + len(word) > 64:
+                lines.append(line)
+                line = ""
+            line = f"{line} {word}".strip()
+        lines.append(line)
+        for k, part in enumerate(lines[:5]):
+            draw.text((x, y + 20 + 14 * k), part, fill=(0, 0, 0))
+    sheet.save(path)
+    return path
+
+
+def _row(name, value, target, other=None):
+    ok = "" if target is None else ("yes" if value >= target else "**no**")
+    cells = [name, f"{value:.3f}", "" if target is None else f"{target:.2f}", ok]
+    if other is not None:
+        cells.append("" if name not in other else f"{other[name]:.3f}")
+    return "| " + " | ".join(cells) + " |"
+
+
+def write(out: str, profile_name: str, profile, seed: int, card, ablation_card, timings: dict, wall: float,
+          model_file: str) -> dict:
+    sheet = contact_sheet(card.examples, os.path.join(out, "contact_sheet.png"))
+    failures = [k for k, floor in QUICK_FLOORS.items() if card.figures.get(k, 0.0) < floor]
+    result = {
+        "profile": profile_name, "settings": dataclasses.asdict(profile), "seed": seed, "wall_s": round(wall, 1),
+        "stage_s": timings, "figures": card.figures, "counts": card.counts, "targets": TARGETS,
+        "quick_floors": QUICK_FLOORS, "below_quick_floors": failures,
+        "ablation_figures": ablation_card.figures if ablation_card else None,
+        "model": model_file, "contact_sheet": sheet,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+    }
+    with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    other = ablation_card.figures if ablation_card else None
+    head = "| metric | value | target | met |" + (" without L_cross, L_align |" if other else "")
+    rule = "|---|---|---|---|" + ("---|" if other else "")
+    lines = [f"# Shapes world report ({profile_name})", "",
+             f"seed {seed}; wall time {wall:.0f} s; {result['machine']}", "",
+             f"Held-out scenes: {profile.eval_per_task} records per mode. Model: `{model_file}`.", "",
+             head, rule]
+    lines += [_row(k, card.figures.get(k, 0.0), TARGETS[k], other) for k in TARGETS]
+    lines += [_row(k, v, None, other) for k, v in sorted(card.figures.items()) if k not in TARGETS]
+    lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()), "",
+              "![contact sheet](contact_sheet.png)", ""]
+    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    return result
