@@ -1,6 +1,7 @@
 """Every checkpoint format loads to the same model, and every bad file gets one clear error."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -242,6 +243,16 @@ def test_save_single_file_is_atomic(tmp_path, monkeypatch):
         save_single_file(str(path), golden_model().transformer, scheduler_config={}, mask_id=MASK_ID)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    """safetensors creates owner-only files; an exported model must be readable like any file the user makes."""
+    old = os.umask(0o022)
+    try:
+        path = write_single_file(tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_converter_cli_writes_header(tmp_path):

@@ -14,8 +14,18 @@ from train.shapes.scorecard import QUICK_FLOORS
 
 
 def test_every_world_text_is_in_the_vocabulary():
+    from unialign_core.modes import PERCEPTION_PRESETS, VQA_TEMPLATE
+
     tok = vocab.build_tokenizer()
-    assert vocab.unknown_words(tok, vocab.world_texts()) == set()
+    texts = list(PERCEPTION_PRESETS.values())
+    for split in ("train", "test"):
+        for task in world.TASKS:
+            for i in range(40):
+                rec = world.make_record(0, i, task, split)[0]
+                texts += [rec.get(k) for k in ("prompt", "instruction", "caption") if rec.get(k)]
+                if task == "vqa":
+                    texts.append(VQA_TEMPLATE.format(question=rec["prompt"]) + rec["caption"])
+    assert vocab.unknown_words(tok, texts) == set()
     rng = __import__("numpy").random.default_rng(0)
     for _ in range(50):
         scene = world.sample_scene(rng)

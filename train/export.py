@@ -49,11 +49,13 @@ def merged_transformer(source: str, ema: bool = False):
 def export_single_file(source: str, out: str, ema: bool = False, dtype: str = "fp32", bundle_parts: bool = False):
     bundle, transformer, checkpoint = merged_transformer(source, ema)
     meta = runs.read_trainable(checkpoint)[1]
+    text_length = runs.read_run_config(runs.run_dir_of(checkpoint)).data.text_length
     return save_single_file(
         out, transformer, scheduler_config=bundle.scheduler_config, mask_id=bundle.mask_id,
         mask_embedding=bundle.mask_embedding, tokenizer=bundle.tokenizer,
         text_encoder=bundle.text_encoder if bundle_parts else None, vae=bundle.vae if bundle_parts else None,
-        dtype=DTYPES[dtype], extra_metadata={"trained_from": checkpoint, "training_mode": meta.get("mode", "")},
+        dtype=DTYPES[dtype], extra_metadata={"trained_from": checkpoint, "training_mode": meta.get("mode", ""),
+                        "text_length": str(text_length)},  # the prompt length the modes then default to
     )
 
 

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from collections import defaultdict
 
@@ -498,7 +499,8 @@ class Trainer:
         if self.main and cfg.log.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+            bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                       mininterval=0.1 if sys.stderr.isatty() else 10)  # a log file gets a line every 10 s
         last_good, speed, final = None, None, {}
         metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
         self.module.train()
@@ -553,8 +555,9 @@ class Trainer:
                 with open(metrics_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(dict(final, micro=seen)) + "\n")
                 if bar is not None:
+                    bar.set_postfix({k: f"{final[k]:.4f}" for k in TERMS} | {"samples/s": f"{speed:.2f}"},
+                                    refresh=False)
                     bar.update(1)
-                    bar.set_postfix({k: f"{final[k]:.4f}" for k in TERMS} | {"samples/s": f"{speed:.2f}"})
                 if self.tb is not None and (self.step % cfg.log.every == 0 or self.step == 1):
                     acc.log({f"loss/{k}": final[k] for k in TERMS} | {"lr": final["lr"], "samples_per_s": rate}
                             | ({"grad_norm": final["grad_norm"]} if grad_norm is not None else {}), step=self.step)

@@ -128,13 +128,24 @@ def load_into(
     return module
 
 
+def _new_file_mode() -> int:
+    """The permissions a plain new file gets here (0o666 less the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save_safetensors_atomic(tensors: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> str:
-    """Write a .safetensors file via a temp file and a rename: readers never see half a file."""
+    """Write a .safetensors file via a temp file and a rename: readers never see half a file.
+
+    The file gets ordinary permissions (safetensors itself creates owner-only files), so a ComfyUI running as
+    another user can read an exported model."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, _new_file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -40,6 +40,7 @@ from .vae import decode, encode, load_vae, vae_from_state_dict
 log = logging.getLogger("unialign_core")
 
 T5_MASK_TOKEN = "<extra_id_0>"
+DEFAULT_TEXT_LENGTH = 256  # T5 tokens per prompt in the published training
 # The scheduler SD3 ships, used when a checkpoint carries none.
 DEFAULT_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
 UPSTREAM_IGNORED = ("_class_name", "_diffusers_version", "_name_or_path")
@@ -104,7 +105,7 @@ class UniAlignModel:
 
     def __init__(
         self, transformer, vae, text_encoder, tokenizer, scheduler_config: dict, mask_id: int, source: str,
-        mask_embedding: Optional[torch.Tensor] = None,
+        mask_embedding: Optional[torch.Tensor] = None, text_length: int = DEFAULT_TEXT_LENGTH,
     ):  # fmt: skip
         self.transformer = transformer
         self.vae = vae
@@ -114,6 +115,7 @@ class UniAlignModel:
         self.mask_id = int(mask_id)
         self.source = source
         self.mask_embedding = mask_embedding  # what was written into T5's mask row, or None
+        self.text_length = int(text_length)  # T5 tokens per prompt the model was trained with
         self.check_vocabulary()
 
     def check_vocabulary(self):
@@ -179,8 +181,9 @@ class UniAlignModel:
         ids = ids.to(self.text_encoder.shared.weight.device)
         return self.text_encoder(input_ids=ids)[0].to(self.dtype)
 
-    def encode_prompts(self, prompts: List[str], max_length: int = 256) -> torch.Tensor:
-        return self.encode_ids(self.tokenize(prompts, max_length))
+    def encode_prompts(self, prompts: List[str], max_length: Optional[int] = None) -> torch.Tensor:
+        """T5 states of prompts padded to `max_length` tokens (default: the length the model was trained with)."""
+        return self.encode_ids(self.tokenize(prompts, max_length or self.text_length))
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -258,6 +261,10 @@ def _load_file(path, dtype, fp16_time_projection):
         config["fp16_time_projection"] = fp16_time_projection
     transformer = build_transformer(config, tensors, path, dtype)
     parts = {"text_encoder": None, "vae": None, "tokenizer": None, "mask_embedding": None}
+    if "text_length" in meta:  # written by the trainer's export: its prompt length
+        if not meta["text_length"].isdigit() or int(meta["text_length"]) < 1:
+            raise CheckpointError(path, f"damaged metadata header: text_length {meta['text_length']!r}")
+        parts["text_length"] = int(meta["text_length"])
     if "text_encoder_config" in meta:
         t5_state = {k[len("text_encoder.") :]: v for k, v in tensors.items() if k.startswith("text_encoder.")}
         t5_config = T5Config(**json.loads(meta["text_encoder_config"]))
@@ -331,5 +338,6 @@ def load_model(
     mask_vector = load_mask_embedding(mask_source) if isinstance(mask_source, str) else mask_source
     if mask_vector is not None:
         set_mask_embedding(t5, mask_vector, mask_id, mask_source if isinstance(mask_source, str) else path)
-    model = UniAlignModel(transformer, autoencoder, t5, tok, scheduler, mask_id, path, mask_vector)
+    model = UniAlignModel(transformer, autoencoder, t5, tok, scheduler, mask_id, path, mask_vector,
+                          parts.get("text_length", DEFAULT_TEXT_LENGTH))
     return model.to(device)

@@ -60,7 +60,7 @@ def _generate(
     guidance: float,
     image_guidance: Optional[float],
     generator: torch.Generator,
-    max_sequence_length: int,
+    max_sequence_length: Optional[int],
     callback,
     cancel,
     noise: Optional[torch.Tensor] = None,
@@ -119,14 +119,16 @@ def text_to_image(
     guidance: float = 7.0,
     seed: int = 0,
     num_images: int = 1,
-    max_sequence_length: int = 256,
+    max_sequence_length: Optional[int] = None,
     noise: Optional[torch.Tensor] = None,
     callback: Optional[Callable] = None,
     cancel: Optional[Callable[[], bool]] = None,
 ) -> ImageResult:
     """Generate `num_images` images for a prompt (trained at 512x512; sides a multiple of 16).
 
-    `noise` replaces the seeded initial latents ([num_images, C, height/8, width/8]).
+    `noise` replaces the seeded initial latents ([num_images, C, height/8, width/8]). `max_sequence_length` is the
+    number of T5 tokens per prompt (default: what the model was trained with, `model.text_length`: 256 for the
+    released weights, the trainer's `data.text_length` for its exports); the other image modes take it too.
     """
     _check_prompt(prompt)
     return _generate(
@@ -146,7 +148,7 @@ def edit(
     image_guidance: Optional[float] = None,
     seed: int = 0,
     num_images: int = 1,
-    max_sequence_length: int = 256,
+    max_sequence_length: Optional[int] = None,
     callback: Optional[Callable] = None,
     cancel: Optional[Callable[[], bool]] = None,
 ) -> ImageResult:
@@ -199,7 +201,7 @@ def compose(
     guidance: float = 7.0,
     seed: int = 0,
     num_images: int = 1,
-    max_sequence_length: int = 256,
+    max_sequence_length: Optional[int] = None,
     callback: Optional[Callable] = None,
     cancel: Optional[Callable[[], bool]] = None,
 ) -> ImageResult:

@@ -15,6 +15,8 @@ Metadata (all strings, JSON where structured):
     tokenizer         optional: tokenizer.json text
     tokenizer_special optional: JSON {eos_token, pad_token, unk_token}
     text_encoder_config / vae_config   configs of bundled components
+    text_length       optional: T5 tokens per prompt the model was trained with (the trainer's export writes
+                      it; absent means 256, the published length); the modes default to it
 """
 
 import json

@@ -115,8 +115,8 @@ class Stages:
             bar = _bar(self.profile.vae_steps, "2/8 vae")
 
             def progress(step, parts):
+                bar.set_postfix(l1=f"{parts['l1']:.4f}", kl=f"{parts['kl']:.3f}", refresh=False)
                 bar.update(1)
-                bar.set_postfix(l1=f"{parts['l1']:.4f}", kl=f"{parts['kl']:.3f}")
 
             vae, stats = autoencoder.train_vae(images, steps=self.profile.vae_steps, seed=self.seed,
                                                progress=progress)
@@ -133,8 +133,8 @@ class Stages:
             bar = _bar(self.profile.teacher_steps, "4/8 teacher (CLIP)")
 
             def progress(step, parts):
+                bar.set_postfix(loss=f"{parts['loss']:.3f}", acc=f"{parts['acc']:.2f}", refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{parts['loss']:.3f}", acc=f"{parts['acc']:.2f}")
 
             model, stats = teacher.train_clip(images, captions, tokenizer, steps=self.profile.teacher_steps,
                                               seed=self.seed, progress=progress)
@@ -163,8 +163,8 @@ class Stages:
             bar = _bar(self.profile.t5_steps, "3/8 text encoder (T5)")
 
             def progress(step, parts):
+                bar.set_postfix(loss=f"{parts['loss']:.3f}", acc=f"{parts['acc']:.2f}", refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{parts['loss']:.3f}", acc=f"{parts['acc']:.2f}")
 
             model, stats = text_encoder.pretrain_t5(tokenizer, texts, length=TEXT_LENGTH, steps=self.profile.t5_steps,
                                                     seed=self.seed, progress=progress)
@@ -208,7 +208,7 @@ class Stages:
         n = self.profile.eval_per_task
         bar = _bar(6 * n, desc)
         card = scorecard.run_scorecard(model, n, self.seed, progress=lambda task, i, total: (
-            bar.update(1), bar.set_postfix(mode=task)))
+            bar.set_postfix(mode=task, refresh=False), bar.update(1)))
         bar.close()
         return card
 

@@ -28,7 +28,7 @@ TARGETS = {
 }
 QUICK_FLOORS = {"vqa_exact": 0.25, "t2i_background": 0.75, "compose_background": 0.75}
 EVAL_SEED_OFFSET = 1000  # evaluation records use seed + this: disjoint from the training records' streams
-SAMPLING = dict(steps=20, guidance=3.0)
+SAMPLING = dict(steps=20, guidance=3.0)  # prompts use the exported model's own text length (model.text_length)
 TEXT = dict(length=24, steps=16, sampler="confidence")
 
 

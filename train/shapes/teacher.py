@@ -63,7 +63,7 @@ def train_clip(images: torch.Tensor, captions: list[str], tokenizer, *, steps: i
         loss.backward()
         opt.step()
         schedule.step()
-        parts = {"loss": float(loss), "acc": float((out.logits_per_image.argmax(1) == target).float().mean())}
+        parts = {"loss": loss.item(), "acc": (out.logits_per_image.argmax(1) == target).float().mean().item()}
         if progress is not None:
             progress(step + 1, parts)
     return model.eval().requires_grad_(False), dict(parts, steps=steps, pairs=len(captions))
