@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from comfy_server import ComfyServer  # noqa: E402
 from nodes_support import (  # noqa: E402
+    INPUT_IMAGES,
     WORKFLOW_NAMES,
     comfyui_dir_from_env,
     load_api,
