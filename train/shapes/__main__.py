@@ -1,6 +1,6 @@
 """python -m train.shapes [--quick] [--out runs/shapes] [--seed 0] [--ablation]
 
-The embedded default: generate the shapes world, train its VAE, teacher and tokenizer, train a small
+The embedded default: generate the shapes world, train its VAE, tokenizer, T5 and CLIP teacher, train a small
 UniAlignment with the bundled trainer, export it, run every mode on held-out scenes and write a report.
 """
 import argparse

@@ -152,7 +152,7 @@ class Stages:
         return tok
 
     # 3b
-    def text_encoder(self, jsonl: str, tokenizer):
+    def t5(self, jsonl: str, tokenizer):
         from transformers import T5EncoderModel
 
         def write(tmp):
@@ -262,7 +262,7 @@ def main_job(out: str, profile_name: str, seed: int, ablation: bool = False) -> 
     jsonl = st.timed("data", st.data)
     vae = st.timed("vae", st.vae, jsonl)
     tok = st.timed("tokenizer", st.tokenizer)
-    t5 = st.timed("text_encoder", st.text_encoder, jsonl, tok)
+    t5 = st.timed("text_encoder", st.t5, jsonl, tok)
     teacher_dir = st.timed("teacher", st.teacher, jsonl, tok)
     print("5/8 train UniAlignment (all four losses)", flush=True)
     run_dir = st.timed("train", st.train, "run", tok, vae, t5, jsonl, teacher_dir, False)
