@@ -62,6 +62,17 @@ def _bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=True, mininterval=0.1 if sys.stderr.isatty() else 10)
 
 
+def _stepper(total: int, desc: str):
+    """(bar, progress): ``progress(step, parts)`` shows the numbers in ``parts`` and advances the bar."""
+    bar = _bar(total, desc)
+
+    def progress(step, parts):
+        bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items()}, refresh=False)
+        bar.update(1)
+
+    return bar, progress
+
+
 class Stages:
     """The stages, each reusing its output when it is already complete (a rerun continues where it stopped)."""
 
@@ -112,11 +123,7 @@ class Stages:
 
         def write(tmp):
             images = autoencoder.dataset_images([jsonl])
-            bar = _bar(self.profile.vae_steps, "2/8 vae")
-
-            def progress(step, parts):
-                bar.set_postfix(l1=f"{parts['l1']:.4f}", kl=f"{parts['kl']:.3f}", refresh=False)
-                bar.update(1)
+            bar, progress = _stepper(self.profile.vae_steps, "2/8 vae")
 
             vae, stats = autoencoder.train_vae(images, steps=self.profile.vae_steps, seed=self.seed,
                                                progress=progress)
@@ -130,11 +137,7 @@ class Stages:
     def teacher(self, jsonl: str, tokenizer) -> str:
         def write(tmp):
             images, captions = teacher_pairs(jsonl)
-            bar = _bar(self.profile.teacher_steps, "4/8 teacher (CLIP)")
-
-            def progress(step, parts):
-                bar.set_postfix(loss=f"{parts['loss']:.3f}", acc=f"{parts['acc']:.2f}", refresh=False)
-                bar.update(1)
+            bar, progress = _stepper(self.profile.teacher_steps, "4/8 teacher (CLIP)")
 
             model, stats = teacher.train_clip(images, captions, tokenizer, steps=self.profile.teacher_steps,
                                               seed=self.seed, progress=progress)
@@ -160,11 +163,7 @@ class Stages:
             with open(jsonl, encoding="utf-8") as f:
                 for line in f:
                     texts += text_encoder.record_texts(json.loads(line))
-            bar = _bar(self.profile.t5_steps, "3/8 text encoder (T5)")
-
-            def progress(step, parts):
-                bar.set_postfix(loss=f"{parts['loss']:.3f}", acc=f"{parts['acc']:.2f}", refresh=False)
-                bar.update(1)
+            bar, progress = _stepper(self.profile.t5_steps, "3/8 text encoder (T5)")
 
             model, stats = text_encoder.pretrain_t5(tokenizer, texts, length=TEXT_LENGTH, steps=self.profile.t5_steps,
                                                     seed=self.seed, progress=progress)
