@@ -1,8 +1,9 @@
 """Tiny models for the tests, in every format users have.
 
-The base is the golden checkpoint in `../shared/golden/tiny_unialignment` (upstream folder layout,
-tiny T5 with the real T5 tokenizer, tiny VAE). `../shared` is read-only: anything that changes
-files works on a copy.
+The base is the golden checkpoint in `tests/data/golden/tiny_unialignment` (upstream folder layout,
+tiny T5 with the real T5 tokenizer, tiny VAE), a copy of CI's `../shared/golden` kept in the repository so
+that a fresh clone runs its tests (`tests/test_data_copies.py` checks the copies where `../shared` exists).
+Treat `tests/data` as read-only: anything that changes files works on a copy.
 """
 
 import functools
@@ -16,9 +17,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data"
+GOLDEN = DATA / "golden" / "tiny_unialignment"
+REFERENCE = DATA / "reference"
+# Where the copies in tests/data came from (CI's read-only folder beside the repository), if present.
 SHARED = Path(os.environ.get("UNIALIGN_SHARED", REPO.parent / "shared"))
-GOLDEN = SHARED / "golden" / "tiny_unialignment"
-REFERENCE = SHARED / "reference"
 
 
 def copy_tree(src: Path, dst: Path) -> Path:
