@@ -73,3 +73,29 @@ def to_pil(images: torch.Tensor) -> List[Image.Image]:
     """[B, 3, H, W] in [0, 1] to PIL images."""
     arrays = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arrays]
+
+
+def check_fits(width: int, height: int, limit: int, multiple: int, name: str = "image") -> None:
+    """Raise a clear error when a side is longer than `limit` pixels, the most the model's learned
+    position table covers (`pos_embed_max_size` patches; 3072 px for the released model)."""
+    if width <= limit and height <= limit:
+        return
+    scale = limit / max(width, height)
+    fit = lambda v: max(multiple, int(v * scale) // multiple * multiple)  # noqa: E731
+    raise ValueError(
+        f"{name}: size {width}x{height} is larger than this model allows (its position table covers at most "
+        f"{limit}x{limit} pixels); scale it down, e.g. to {fit(width)}x{fit(height)}"
+    )
+
+
+def resize_and_crop(images: torch.Tensor, side: int, multiple: int) -> torch.Tensor:
+    """The official understanding preprocessing: scale the shorter side to `side` (rounded to a multiple),
+    then crop the centre to side x side (antialiased bilinear)."""
+    side = max(multiple, round(side / multiple) * multiple)
+    h, w = images.shape[-2:]
+    scale = side / min(h, w)
+    new_h, new_w = max(side, round(h * scale)), max(side, round(w * scale))
+    if (new_h, new_w) != (h, w):
+        images = torch.nn.functional.interpolate(images, size=(new_h, new_w), mode="bilinear", antialias=True)
+    top, left = (new_h - side) // 2, (new_w - side) // 2
+    return images[..., top : top + side, left : left + side].clamp(0, 1)

@@ -5,14 +5,15 @@ Latents are `z = (encode(x) - shift_factor) * scaling_factor` with pixels in [-1
 
 import json
 import os
-from typing import Optional
+from contextlib import contextmanager
+from typing import Callable, Optional
 
 import torch
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from .checkpoint import load_into, read_safetensors, read_weights_folder
-from .errors import CheckpointError
+from .errors import Cancelled, CheckpointError
 
 # The SD3 VAE (stable-diffusion-3-medium `vae/config.json`), used for single files without a config.
 SD3_VAE_CONFIG = {
@@ -84,3 +85,28 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents to pixels [B, 3, H, W] in [0, 1]."""
     z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
     return ((vae.decode(z).sample.float() + 1) / 2).clamp(0, 1)
+
+
+# The VAE's blocks before each of which `cancellable` checks for a cancel (encode and decode alike).
+CANCEL_POINTS = ("ResnetBlock2D", "Attention", "Downsample2D", "Upsample2D")
+
+
+@contextmanager
+def cancellable(vae: torch.nn.Module, cancel: Optional[Callable[[], bool]]):
+    """While inside, the caller's `cancel()` is checked before every ResNet, attention, down- and upsampling
+    block of the VAE, so that Cancel reaches a long encode or decode within one block. It returns True to stop
+    (raises `Cancelled`) or raises its own exception. The numbers are unchanged: nothing is tiled."""
+    if cancel is None:
+        yield
+        return
+
+    def check(module, args):
+        if cancel():
+            raise Cancelled("VAE cancelled")
+
+    handles = [m.register_forward_pre_hook(check) for m in vae.modules() if type(m).__name__ in CANCEL_POINTS]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
