@@ -23,7 +23,8 @@ TINY_MULTIPLE = 4  # the tiny VAE downsamples x2, patch size 2
 SIDE = 64  # image sides for the tiny model (its position table allows up to 128)
 INPUT_IMAGES = ("example.png", "example_2.png")
 
-WORKFLOW_NAMES = ("text_to_image", "edit", "perception", "personalisation", "understanding", "edit_caption_loop")
+WORKFLOW_NAMES = ("text_to_image", "edit", "perception", "personalisation", "understanding", "edit_caption_loop",
+                  "multi_edit")
 
 
 def make_models_dir(models: Path) -> Path:
