@@ -149,9 +149,15 @@ def test_corrupt_images_skipped_at_load_without_raising(tmp_path, caplog):
     ds2 = D.UniDataset(recs, resolution=64, t2i_as_caption=False)
     assert ds2.skips.summary() == {"corrupt_image": 1}  # garbage.png: no header
     assert [ds2[i]["text"] for i in range(len(ds2))] == ["p0", "p1", "p1", "p2"]
-    # a group with nothing decodable gives None and collate drops it
+    # a group with nothing decodable gives a stub that keeps its task and skips; collate makes an empty batch
     only_bad = D.UniDataset([recs[1]], buckets=[(32, 32)], t2i_as_caption=False)
-    assert only_bad[0] is None and D.collate([None]) is None
+    stub = only_bad[0]
+    assert stub["undecodable"] and stub["task"] == "t2i" and stub["skipped"] == [(f"{f}:2", "corrupt_image")]
+    assert D.collate([stub, stub]) == {"task": "t2i", "empty": True, "skipped": [(f"{f}:2", "corrupt_image")] * 2}
+    assert D.collate([None]) is None
+    # in a batch with a good sample the stub is left out and its skips are kept
+    mixed = D.collate([stub, ds[0]])
+    assert mixed["text"] == ["p0"] and mixed["skipped"] == [(f"{f}:2", "corrupt_image")]
 
 
 # ---------------------------------------------------------------------------------------------------------------

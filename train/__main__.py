@@ -27,20 +27,29 @@ def train_main(argv) -> int:
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "PIL", "urllib3"):
+    for noisy in ("httpx", "PIL", "urllib3", "accelerate.checkpointing"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from unialign_core.errors import CheckpointError
+
     from .loop import run
+    from .runs import TrainingError
 
     try:
         metrics = run(cfg, args.resume)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     logging.getLogger("train").info("done: %s", {k: v for k, v in metrics.items() if k != "micro"})
     return 0
 

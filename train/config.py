@@ -262,6 +262,34 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def check_paths(cfg: Config) -> Config:
+    """Check that the files and folders a run reads exist (the trainer calls this before loading anything;
+    `load_config` does not, so configs with placeholder paths still load)."""
+    import os
+
+    def need(key, path, what):
+        if path and not os.path.exists(path):
+            raise ConfigError(f"{key}: {path} does not exist ({what})")
+
+    need("init.path", cfg.init.path, "give an upstream folder, our single .safetensors file, a previous run or "
+                                     "an SD3-medium folder")
+    for name in ("text_encoder", "vae", "tokenizer", "mask_embedding"):
+        need(f"init.{name}", getattr(cfg.init, name), "fix the path or set it to null")
+    for i, entry in enumerate(cfg.data.files):
+        path = entry.get("path") if isinstance(entry, dict) else entry
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"data.files[{i}]: give a JSONL path (or {{path: ..., root: ...}}), got {entry!r}")
+        if not os.path.isfile(path):
+            raise ConfigError(f"data.files[{i}]: {path} does not exist (a JSONL file, one record per line)")
+        if isinstance(entry, dict) and entry.get("root"):
+            need(f"data.files[{i}].root", entry["root"], "the folder relative image paths start from")
+    if cfg.loss.align > 0:
+        need("teacher.path", cfg.teacher.path, "a local CLIP, SigLIP or Qwen2.5-VL folder; or set loss.align=0")
+    for i, path in enumerate(cfg.validation.images if cfg.validation.every else []):
+        need(f"validation.images[{i}]", path, "an image to caption at each validation")
+    return cfg
+
+
 def parse_override(text: str):
     """'a.b=value' -> ('a.b', parsed value)."""
     if "=" not in text:

@@ -414,7 +414,8 @@ class UniDataset(torch.utils.data.Dataset):
                 "sources": images[:len(r.sources)], "target": images[-1] if r.target is not None else None}
 
     def __getitem__(self, i):
-        """Sample dict for item i, or for the next decodable item of its group; None if none decodes nearby."""
+        """Sample dict for item i, or for the next decodable item of its group. If none decodes nearby: a stub
+        {"task", "index", "undecodable": True, "skipped"} that keeps the task and the skips for the batch."""
         key, pos = self._slot[i]
         group = self.groups[key]
         skipped = []
@@ -434,7 +435,7 @@ class UniDataset(torch.utils.data.Dataset):
             sample["skipped"] = skipped
             return sample
         log.warning("data: no decodable item among %d tried from item %d of group %s", self.max_tries, i, key)
-        return None
+        return {"task": key[0], "index": i, "undecodable": True, "skipped": skipped}
 
 
 def collate(samples):
@@ -442,10 +443,14 @@ def collate(samples):
 
     Keys: task (str), target [B,3,H,W] or None, sources (list of [B,3,H,W], one per source slot), text and
     caption (list[str]), index (list[int]), skipped (list of (where, reason) for SkipLog.merge).
+    If no sample decoded (only undecodable stubs): {"task", "empty": True, "skipped"}, so that the trainer counts
+    the micro-batch as skipped under its own task.
     """
-    samples = [s for s in samples if s is not None]
+    given = [s for s in samples if s is not None]
+    skipped_all = [x for s in given for x in s["skipped"]]
+    samples = [s for s in given if not s.get("undecodable")]
     if not samples:
-        return None
+        return {"task": given[0]["task"], "empty": True, "skipped": skipped_all} if given else None
     task, n_src = samples[0]["task"], len(samples[0]["sources"])
     if any(s["task"] != task or len(s["sources"]) != n_src for s in samples):
         raise ValueError("collate: samples mix tasks or source counts; use HybridBatchSampler")
@@ -457,7 +462,7 @@ def collate(samples):
         "text": [s["text"] for s in samples],
         "caption": [s["caption"] for s in samples],
         "index": [s["index"] for s in samples],
-        "skipped": [x for s in samples for x in s["skipped"]],
+        "skipped": skipped_all,
     }
 
 
@@ -554,6 +559,10 @@ class HybridBatchSampler:
         task, j = self.schedule[i]
         cycle, pos = divmod(epoch * self.per_epoch[task] + j, self.task_len[task])
         return self._task_batches(task, cycle)[pos]
+
+    def task_at(self, step):
+        """The task of global batch number `step`."""
+        return self.schedule[step % self.epoch_batches][0]
 
     def batch_at(self, step):
         """This rank's indices of global batch number `step`."""

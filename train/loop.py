@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -28,7 +28,7 @@ from unialign_core.modes import VQA_TEMPLATE
 
 from . import data as D
 from . import runs
-from .config import Config, ConfigError, dump_config, to_dict
+from .config import Config, ConfigError, check_paths, dump_config, to_dict
 from .init import load_start
 from .losses import Prepared, Reducer, SampleRNG, TrainModule, compute_losses
 from .teacher import CachedTeacher, Teacher
@@ -259,7 +259,7 @@ def absolute_paths(cfg: Config) -> Config:
 
 class Trainer:
     def __init__(self, cfg: Config, resume: str = None):
-        self.cfg = cfg = absolute_paths(cfg)
+        self.cfg = cfg = check_paths(absolute_paths(cfg))
         self.accelerator = acc = self._accelerator()
         self.main = acc.is_main_process
         log.info("%d process(es), %s, device %s, mixed precision %s", acc.num_processes, acc.distributed_type,
@@ -310,9 +310,6 @@ class Trainer:
             if ds.get("gradient_clipping", "auto") == "auto":
                 ds["gradient_clipping"] = cfg.train.grad_clip
         self.module, self.optimizer = acc.prepare(TrainModule(transformer), self.optimizer)
-        acc.register_for_checkpointing(self.scheduler)
-        acc.register_save_state_pre_hook(self._save_hook)
-        acc.register_load_state_pre_hook(self._load_hook)
         self.sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         self.params_sharded = acc.distributed_type == DistributedType.FSDP or (
             acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3)
@@ -324,6 +321,7 @@ class Trainer:
 
         self._data()
         self.step, self.batch_no = 0, 0
+        self.empty_batches = Counter()  # micro-batches per task in which no image could be decoded
         if self.resume_from:
             self._resume(self.resume_from)
         self._trackers()
@@ -356,8 +354,14 @@ class Trainer:
             if not found:
                 log.info("--resume latest: no checkpoint in %s yet; starting fresh", self.run_dir)
                 return None
-            return found[-1][1]
-        return runs.resolve_checkpoint(resume)
+            checkpoint = found[-1][1]
+        else:
+            try:
+                checkpoint = runs.resolve_checkpoint(resume)
+            except FileNotFoundError as e:
+                raise ConfigError(f"--resume {e}") from None
+        runs.refuse_pickles(checkpoint)  # before anything loads
+        return checkpoint
 
     def _check_config_against_saved(self):
         saved = os.path.join(self.run_dir, "config.yaml")
@@ -398,17 +402,6 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
 
-    def _save_hook(self, models, weights, output_dir):
-        if not self.sharded:
-            weights.clear()  # trainable.safetensors holds the weights; no second full copy
-
-    def _load_hook(self, models, input_dir):
-        if self.sharded:
-            return
-        models.clear()
-        state = load_file(os.path.join(input_dir, runs.TRAINABLE), device="cpu")
-        self._load_trainable(state, input_dir)
-
     def _trainable_keys(self):
         if self.cfg.train.mode == "full":
             return list(self.transformer.state_dict())
@@ -431,18 +424,28 @@ class Trainer:
         state = {k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")}
         return {k: state[k] for k in self._trainable_keys()}
 
-    def save_checkpoint(self):
-        acc, step = self.accelerator, self.step
-        tmp, final = runs.temporary_dir(self.run_dir, step), runs.checkpoint_dir(self.run_dir, step)
+    def _save_resume_state(self, tmp):
+        """Optimizer, LR schedule, grad scaler and RNG states, as safetensors and JSON (never a pickle).
+        Sharded runs (FSDP, DeepSpeed) keep no optimizer state: their engines only write pickles."""
+        acc = self.accelerator
+        runs.save_rng(tmp, acc.process_index)
+        if self.main:
+            if not self.sharded:
+                runs.save_optimizer(os.path.join(tmp, runs.OPTIMIZER), self.optimizer)
+            scaler = getattr(acc, "scaler", None)
+            runs.write_json(os.path.join(tmp, runs.RESUME), {
+                "scheduler": runs._jsonable(self.scheduler.state_dict()),
+                "scaler": runs._jsonable(scaler.state_dict()) if scaler is not None else None,
+                "optimizer": None if self.sharded else runs.OPTIMIZER})
+
+    def _write_checkpoint(self, tmp, state):
         if self.main:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-        acc.wait_for_everyone()
-        state = self._trainable_state()
-        acc.save_state(tmp)
-        acc.wait_for_everyone()  # every process has written its part (RNG states, shards)
+        self.accelerator.wait_for_everyone()
+        self._save_resume_state(tmp)
         if self.main:
-            lora = self.cfg.train.lora
+            lora, step = self.cfg.train.lora, self.step
             meta = {"mode": self.cfg.train.mode, "step": str(step), "lora_rank": str(lora.rank),
                     "lora_alpha": str(lora.alpha), "format": "unialign-train"}
             runs.save_tensors(os.path.join(tmp, runs.TRAINABLE), state, meta)
@@ -450,8 +453,33 @@ class Trainer:
                 runs.save_tensors(os.path.join(tmp, runs.EMA), self.ema.state_dict(), meta)
             runs.write_json(os.path.join(tmp, runs.STATE), {
                 "step": step, "batch_no": self.batch_no, "sampler": self.sampler.state_dict(step=self.batch_no),
-                "world_size": acc.num_processes, "global_batch": self.global_batch,
-                "skipped": self.skips.summary()})
+                "world_size": self.accelerator.num_processes, "global_batch": self.global_batch,
+                "skipped": self.skips.summary(), "empty_batches": dict(sorted(self.empty_batches.items())),
+                "resumable": not self.sharded})
+
+    def save_checkpoint(self):
+        acc, step = self.accelerator, self.step
+        tmp, final = runs.temporary_dir(self.run_dir, step), runs.checkpoint_dir(self.run_dir, step)
+        state = self._trainable_state()  # collective under FSDP / ZeRO-3
+        failed = None
+        try:
+            self._write_checkpoint(tmp, state)
+        except Exception as e:  # noqa: BLE001 - a full disk surfaces as OSError or as the writer's own error
+            if not runs.is_no_space(e):
+                raise
+            failed = e
+        # every process has written its part (RNG states); all learn whether one of them ran out of space
+        flag = torch.tensor([1.0 if failed else 0.0], device=self.device)
+        if acc.num_processes > 1:
+            flag = acc.reduce(flag, "sum")
+        if float(flag) > 0:
+            if self.main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            previous = runs.list_checkpoints(self.run_dir)
+            kept = f"the previous checkpoint {previous[-1][1]} is intact" if previous else "no earlier checkpoint"
+            raise runs.TrainingError(f"no space left on {os.path.dirname(tmp)} while writing the checkpoint of "
+                                     f"step {step}; {kept}. Free some space and continue with --resume latest")
+        if self.main:
             runs.commit(tmp, final)
             runs.prune(self.run_dir, self.cfg.checkpoint.keep)
             log.info("checkpoint %s", final)
@@ -459,11 +487,26 @@ class Trainer:
 
     def _resume(self, checkpoint):
         acc = self.accelerator
+        runs.refuse_pickles(checkpoint)
         state = runs.read_state(checkpoint)
         if state["global_batch"] != self.global_batch:
             raise ConfigError(f"--resume {checkpoint}: saved with a global batch of {state['global_batch']}, this run "
                               f"has {self.global_batch} (train.batch_size x processes); keep it the same")
-        acc.load_state(checkpoint)
+        if not state.get("resumable", True) or self.sharded:
+            raise ConfigError(f"--resume {checkpoint}: exact resume of sharded runs (FSDP, DeepSpeed) is not "
+                              f"supported (their optimizer state exists only as pickles); start a new run from "
+                              f"its weights with init.path={checkpoint}")
+        self._load_trainable(load_file(os.path.join(checkpoint, runs.TRAINABLE), device="cpu"), checkpoint)
+        resume = runs.read_json(os.path.join(checkpoint, runs.RESUME))
+        runs.load_optimizer(os.path.join(checkpoint, runs.OPTIMIZER), self.optimizer)
+        self.scheduler.load_state_dict(resume["scheduler"])
+        scaler = getattr(acc, "scaler", None)
+        if scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        if not runs.load_rng(checkpoint, acc.process_index):
+            log.warning("%s has no random state for process %d; it continues from the current one",
+                        checkpoint, acc.process_index)
+        self.empty_batches.update(state.get("empty_batches", {}))
         if self.ema is not None:
             path = os.path.join(checkpoint, runs.EMA)
             if os.path.isfile(path):
@@ -506,13 +549,20 @@ class Trainer:
         self.module.train()
         while self.step < cfg.train.max_steps:
             started = time.perf_counter()
-            sums, seen, grad_norm = defaultdict(float), [], None
+            sums, seen, grad_norm, good = defaultdict(float), [], None, 0
             for _ in range(cfg.train.grad_accum):
                 batch = next(batches)
-                if batch is None:
+                empty = batch is None or batch.get("empty", False)
+                if empty:
+                    # no image of this micro-batch decoded: counted as skipped under its own task; the step runs
+                    # it with zero weight on the last good batch so that every process makes the same calls
+                    task = batch["task"] if batch is not None else self.sampler.task_at(self.batch_no)
+                    self.skips.merge(batch.get("skipped", []) if batch is not None else [])
+                    self.empty_batches[task] += 1
                     if last_good is None:
-                        raise RuntimeError("the first batch could not be decoded at all; check the data")
-                    log.warning("micro-batch %d: nothing decodable; it counts with zero weight", self.batch_no)
+                        raise runs.TrainingError(f"data: no image of the first micro-batch ({task}) could be "
+                                                 f"decoded ({self.skips.summary()}); check that task's image files")
+                    log.warning("micro-batch %d (%s): no image could be decoded; skipped", self.batch_no, task)
                     batch = dict(last_good, index=last_good["index"][:1], text=last_good["text"][:1],
                                  caption=last_good["caption"][:1], skipped=[])
                     batch["target"] = batch["target"][:1] if batch["target"] is not None else None
@@ -525,7 +575,9 @@ class Trainer:
                     last_good = batch
                 rng = SampleRNG(cfg.seed, self.batch_no, self.positions, self.global_batch)
                 if self.main:
-                    seen.append({"task": batch["task"], "batch": self.sampler.global_batch_at(self.batch_no)})
+                    seen.append({"task": task if empty else batch["task"],
+                                 "batch": self.sampler.global_batch_at(self.batch_no),
+                                 **({"skipped": True} if empty else {})})
                 prepared = prepare_batch(batch, self.encoders, rng, need_teacher)
                 with acc.accumulate(self.module):
                     total, logged = compute_losses(self.module, prepared, rng, cfg.loss, self.encoders.encode_ids,
@@ -535,31 +587,39 @@ class Trainer:
                         grad_norm = acc.clip_grad_norm_([p for _, p in self.trainable], cfg.train.grad_clip)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                for k, v in logged.items():
-                    sums[k] += float(v) / cfg.train.grad_accum
+                if not empty:
+                    good += 1
+                    for k, v in logged.items():
+                        sums[k] += float(v) / cfg.train.grad_accum
                 self.batch_no += 1
             self.scheduler.step()
             if self.ema is not None:
                 self.ema.update()
             self.step += 1
 
-            values = torch.tensor([sums[k] for k in TERMS], device=self.device)
-            values = acc.reduce(values, "mean") if acc.num_processes > 1 else values
+            values = torch.tensor([sums[k] for k in TERMS] + [good], device=self.device)
+            values = acc.reduce(values, "sum") if acc.num_processes > 1 else values
+            values, good = values[:-1], int(values[-1])
+            if good == acc.num_processes * cfg.train.grad_accum:
+                values = values / acc.num_processes  # every micro-batch had data: the mean over processes
+            elif good:
+                values = values * cfg.train.grad_accum / good  # the mean over micro-batches that had data
             elapsed = time.perf_counter() - started
             rate = self.global_batch * cfg.train.grad_accum / max(elapsed, 1e-9)
             speed = rate if speed is None else 0.9 * speed + 0.1 * rate
-            final = {k: float(v) for k, v in zip(TERMS, values)}
+            final = {k: float(v) if good else None for k, v in zip(TERMS, values)}  # None: nothing decoded
             final.update(step=self.step, lr=self.scheduler.get_last_lr()[0], samples_per_s=rate,
                          grad_norm=float(grad_norm) if grad_norm is not None else None)
             if self.main:
                 with open(metrics_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(dict(final, micro=seen)) + "\n")
                 if bar is not None:
-                    bar.set_postfix({k: f"{final[k]:.4f}" for k in TERMS} | {"samples/s": f"{speed:.2f}"},
+                    bar.set_postfix({k: f"{final[k]:.4f}" for k in TERMS if final[k] is not None}
+                                    | {"samples/s": f"{speed:.2f}"},
                                     refresh=False)
                     bar.update(1)
                 if self.tb is not None and (self.step % cfg.log.every == 0 or self.step == 1):
-                    acc.log({f"loss/{k}": final[k] for k in TERMS} | {"lr": final["lr"], "samples_per_s": rate}
+                    acc.log({f"loss/{k}": final[k] for k in TERMS if final[k] is not None} | {"lr": final["lr"], "samples_per_s": rate}
                             | ({"grad_norm": final["grad_norm"]} if grad_norm is not None else {}), step=self.step)
             if cfg.validation.every and self.step % cfg.validation.every == 0:
                 self.validate()
@@ -570,6 +630,9 @@ class Trainer:
             bar.close()
         if self.skips.total:
             log.warning("data: skipped %d bad records in all: %s", self.skips.total, self.skips.summary())
+        if self.empty_batches:
+            log.warning("data: %d micro-batches had no decodable image and were skipped: %s",
+                        sum(self.empty_batches.values()), dict(sorted(self.empty_batches.items())))
         acc.end_training()
         return final
 

@@ -5,9 +5,11 @@
     <run_dir>/metrics.jsonl          one line per optimizer step (losses, lr, grad norm, samples/s, batch indices)
     <run_dir>/logs/                  TensorBoard
     <run_dir>/validation/step_N/     validation images and captions
-    <run_dir>/checkpoints/step_N/    trainable.safetensors (+ ema.safetensors), train_state.json and accelerate's
-                                     optimizer / scheduler / RNG state. Written to a hidden temporary folder and
-                                     renamed into place, so a checkpoint folder is always complete.
+    <run_dir>/checkpoints/step_N/    trainable.safetensors (+ ema.safetensors), train_state.json, and the resume
+                                     state: optimizer.safetensors, resume_state.json (LR schedule, grad scaler)
+                                     and rng_<rank>.safetensors (random states, JSON in the metadata). No pickle:
+                                     `--resume` refuses a folder that holds one. Written to a hidden temporary
+                                     folder and renamed into place, so a checkpoint folder is always complete.
 
 `trainable.safetensors` holds the trained tensors under the transformer's parameter names: every tensor of the
 transformer for full fine-tuning, the LoRA matrices (peft names, `...lora_A.default.weight`) and the alignment
@@ -192,9 +194,13 @@ def apply_checkpoint(transformer, checkpoint: str, ema: bool = False, strict_pro
     return report
 
 
-def read_state(checkpoint: str) -> dict:
-    with open(os.path.join(checkpoint, STATE), encoding="utf-8") as f:
+def read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def read_state(checkpoint: str) -> dict:
+    return read_json(os.path.join(checkpoint, STATE))
 
 
 def read_run_config(run_dir: str, overrides=()):
@@ -220,3 +226,164 @@ def truncate_metrics(run_dir: str, step: int):
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(kept)
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Resume state without pickles: optimizer tensors in safetensors, everything else JSON.
+
+OPTIMIZER = "optimizer.safetensors"
+RESUME = "resume_state.json"
+RNG = "rng_{rank}.safetensors"
+# Files a checkpoint may hold are read only as safetensors or JSON; anything that looks like a pickle is refused.
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt", ".distcp")
+
+
+class TrainingError(RuntimeError):
+    """A run cannot go on (full disk, unsafe checkpoint); the message says why and what to do."""
+
+
+def _looks_like_pickle(path: str) -> bool:
+    if path.endswith(PICKLE_SUFFIXES):
+        return True
+    if path.endswith((".safetensors", ".json")):
+        return False  # read only by safetensors / json, which run no code
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    # pickle protocol 2-5 starts with 0x80 and the protocol; torch.save's zip format with "PK"
+    return (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or head.startswith(b"PK\x03\x04")
+
+
+def refuse_pickles(checkpoint: str):
+    """Raise TrainingError if a checkpoint folder holds a pickle (they are never loaded: they can run code)."""
+    found = []
+    for root, _, files in os.walk(checkpoint):
+        for name in files:
+            path = os.path.join(root, name)
+            if _looks_like_pickle(path):
+                found.append(os.path.relpath(path, checkpoint))
+    if found:
+        raise TrainingError(
+            f"--resume {checkpoint}: refused, it holds pickle files ({', '.join(sorted(found)[:4])}); loading a "
+            f"pickle can run any code, so the trainer never does. A checkpoint of this trainer is safetensors and "
+            f"JSON only. To keep its weights, start a new run from it with init.path={checkpoint}")
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        if obj.numel() != 1:
+            raise TypeError("tensor in a JSON part of the resume state")
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in the resume state")
+
+
+def optimizer_to_tensors(state: dict):
+    """torch optimizer state_dict -> ({name: tensor}, metadata of str) for safetensors."""
+    tensors, scalars = {}, {}
+    for index, per_param in state["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = value
+            else:
+                scalars.setdefault(str(index), {})[name] = _jsonable(value)
+    meta = {"format": "unialign-optimizer", "param_groups": json.dumps(_jsonable(state["param_groups"])),
+            "scalars": json.dumps(scalars)}
+    return tensors, meta
+
+
+def optimizer_from_tensors(tensors: Dict[str, torch.Tensor], meta: Dict[str, str]) -> dict:
+    state = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for index, values in json.loads(meta["scalars"]).items():
+        state.setdefault(int(index), {}).update(values)
+    groups = json.loads(meta["param_groups"])
+    for g in groups:
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+    return {"state": state, "param_groups": groups}
+
+
+def save_optimizer(path: str, optimizer):
+    tensors, meta = optimizer_to_tensors(optimizer.state_dict())
+    save_tensors(path, tensors, meta)
+
+
+def load_optimizer(path: str, optimizer):
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != "unialign-optimizer":
+        raise TrainingError(f"{path}: not an optimizer state written by this trainer")
+    optimizer.load_state_dict(optimizer_from_tensors(load_file(path), meta))
+
+
+def rng_state() -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """This process's random states (Python, NumPy, torch CPU and CUDA) as tensors + JSON metadata."""
+    import random
+
+    import numpy as np
+
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = {"python": json.dumps([version, list(internal), gauss]),
+            "numpy": json.dumps([kind, keys.tolist(), int(pos), int(has_gauss), float(cached)])}
+    return tensors, meta
+
+
+def set_rng_state(tensors: Dict[str, torch.Tensor], meta: Dict[str, str]):
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors)) if f"cuda.{i}" in tensors]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+    version, internal, gauss = json.loads(meta["python"])
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = json.loads(meta["numpy"])
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_rng(checkpoint: str, rank: int):
+    tensors, meta = rng_state()
+    save_tensors(os.path.join(checkpoint, RNG.format(rank=rank)), tensors, meta)
+
+
+def load_rng(checkpoint: str, rank: int) -> bool:
+    from safetensors import safe_open
+
+    path = os.path.join(checkpoint, RNG.format(rank=rank))
+    if not os.path.isfile(path):
+        return False
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    set_rng_state(load_file(path), meta)
+    return True
+
+
+def is_no_space(error: BaseException) -> bool:
+    import errno
+
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left" in str(error) or "os error 28" in str(error):
+            return True  # safetensors reports a full disk as a SafetensorError with the OS message
+        error = error.__cause__ or error.__context__
+    return False
