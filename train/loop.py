@@ -619,7 +619,8 @@ class Trainer:
                                     refresh=False)
                     bar.update(1)
                 if self.tb is not None and (self.step % cfg.log.every == 0 or self.step == 1):
-                    acc.log({f"loss/{k}": final[k] for k in TERMS if final[k] is not None} | {"lr": final["lr"], "samples_per_s": rate}
+                    acc.log({f"loss/{k}": final[k] for k in TERMS if final[k] is not None}
+                            | {"lr": final["lr"], "samples_per_s": rate}
                             | ({"grad_norm": final["grad_norm"]} if grad_norm is not None else {}), step=self.step)
             if cfg.validation.every and self.step % cfg.validation.every == 0:
                 self.validate()
