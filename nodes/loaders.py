@@ -47,9 +47,14 @@ class UniAlignLoader:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model):
-        if services.resolve_model(model) is None:
+    def VALIDATE_INPUTS(cls, model, text_encoder=services.FROM_MODEL, vae=services.FROM_MODEL):
+        """Checked before the prompt is queued, so an API client gets the message in its 400 reply."""
+        if services.resolve_model(model) is None or services.pickle_message("model", model, services.FOLDER):
             return services.model_missing_message(model)
+        try:
+            cls._paths(model, text_encoder, vae)
+        except InputError as e:
+            return str(e)
         return True
 
     @classmethod
@@ -62,16 +67,28 @@ class UniAlignLoader:
         model_path = services.resolve_model(model)
         if model_path is None and strict:
             raise InputError("model", services.model_missing_message(model)[len("model: ") :])
+        if strict and services.pickle_message("model", model, services.FOLDER):
+            raise InputError("model", services.pickle_message("model", model, services.FOLDER)[len("model: "):])
         te_path = None
         if text_encoder != services.FROM_MODEL:
-            te_path = services.resolve_file(services.text_encoder_folders(), text_encoder)
+            refused = services.pickle_message("text_encoder", text_encoder, "text_encoders")
+            if refused and strict:
+                raise InputError("text_encoder", refused[len("text_encoder: "):])
+            te_path = None if refused else services.resolve_file(services.text_encoder_folders(), text_encoder)
             if te_path is None and strict:
-                raise InputError("text_encoder", f"{text_encoder!r} is not in models/text_encoders or models/clip")
+                raise InputError("text_encoder", f"{text_encoder!r} is not in models/text_encoders or models/clip; "
+                                 "put the T5-XXL file you use for SD3/Flux there (t5xxl_fp16.safetensors or "
+                                 "t5xxl_fp8_e4m3fn.safetensors), or pick '(from model)'")
         vae_path = None
         if vae != services.FROM_MODEL:
-            vae_path = services.resolve_file(["vae"], vae)
+            refused = services.pickle_message("vae", vae, "vae")
+            if refused and strict:
+                raise InputError("vae", refused[len("vae: "):])
+            vae_path = None if refused else services.resolve_file(["vae"], vae)
             if vae_path is None and strict:
-                raise InputError("vae", f"{vae!r} is not in models/vae")
+                raise InputError("vae", f"{vae!r} is not in models/vae; download vae/diffusion_pytorch_model."
+                                 "safetensors of glimmer16/UniAlignment (SD3's VAE; any SD3 VAE file works) and save "
+                                 f"it as models/vae/{vae}, or pick '(from model)'")
         return model_path, te_path, vae_path
 
     def load(self, model, text_encoder, vae, dtype):
@@ -87,11 +104,12 @@ class UniAlignLoader:
 def _loader_error(e, model, text_encoder, vae, te_path, vae_path) -> InputError:
     """Name the input whose file is wrong."""
     problem = e.problem.lower()
+    shown = services.client_path(e)  # the file relative to its models folder, never the server's path
     if (te_path and (e.path == te_path or "text encoder" in problem)) or problem.startswith("no text encoder"):
-        return InputError("text_encoder", f"{text_encoder!r} cannot be used with model {model!r}: {e}")
+        return InputError("text_encoder", f"{text_encoder!r} cannot be used with model {model!r}: {shown}")
     if (vae_path and e.path == vae_path) or problem.startswith("no vae"):
-        return InputError("vae", f"{vae!r} cannot be used with model {model!r}: {e}")
-    return InputError("model", f"{model!r} is not a usable UniAlignment model: {e}")
+        return InputError("vae", f"{vae!r} cannot be used with model {model!r}: {shown}")
+    return InputError("model", f"{model!r} is not a usable UniAlignment model: {shown}")
 
 
 class UniAlignLoRA:

@@ -1,12 +1,13 @@
 """The image modes: UniAlignTextToImage, UniAlignEdit, UniAlignPerceive, UniAlignCompose."""
 
 from .. import unialign_core as core
+from ..unialign_core.modes import max_image_side, prompt_overflow
 from . import services
 from .image_types import InputError, check_multiple, check_side, check_text, image_from_core, image_to_core
 from .image_types import latent_to_comfy
 
 CATEGORY = "UniAlignment"
-MAX_SIDE = 4096
+MAX_SIDE = 3072  # the released model's position table: 192 patches x 16 px; smaller models are checked on run
 RETURN_TYPES = ("IMAGE", "LATENT")
 RETURN_NAMES = ("images", "latent")
 OUTPUT_TOOLTIPS = (
@@ -30,8 +31,9 @@ def negative_input():
 
 def side_input(name):
     return ("INT", {"default": 512, "min": 16, "max": MAX_SIDE, "step": 16,
-                    "tooltip": f"Output {name} in pixels, a multiple of 16. The model is trained at 512x512; "
-                    "512-768 works best."})
+                    "tooltip": f"Output {name} in pixels, a multiple of 16, at most {MAX_SIDE} (the released "
+                    "model's position table; a smaller model's own limit is checked when it runs). The model is "
+                    "trained at 512x512; 512-768 works best."})
 
 
 def steps_input(default, published):
@@ -40,9 +42,10 @@ def steps_input(default, published):
 
 
 def guidance_input(default=7.0):
-    return ("FLOAT", {"default": default, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
-                      "tooltip": "Classifier-free guidance on the text. 5-9 is good (published: 7); 1.0 turns it "
-                      "off (twice as fast, weaker prompt following)."})
+    return ("FLOAT", {"default": default, "min": 1.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                      "tooltip": "Classifier-free guidance on the text. 5-9 is good (published: 7). 1.0 (the "
+                      "minimum) turns CFG off: twice as fast, weaker prompt following; values below 1 would also "
+                      "mean off and give the same image, so they are not offered."})
 
 
 def seed_input():
@@ -54,19 +57,49 @@ def batch_input(what):
     return ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": f"How many images to make {what} (1-4 is typical)."})
 
 
-def _run(handle, mode, *args, **kwargs):
-    """Load the weights through ComfyUI, run a unialign_core mode with progress/preview/cancel, convert."""
+def _run(handle, mode, *args, texts=(), **kwargs):
+    """Load the weights through ComfyUI, run a unialign_core mode with progress/preview/cancel, convert.
+
+    `texts` are (input name, text) pairs fed to T5: any part past the model's token limit is named in the
+    node's UI output ("text", shown on the node by web/show_text.js, and in /history for API clients)."""
+    warnings = []
+    for name, text in texts:
+        cut = prompt_overflow(handle.model, text)
+        if cut:
+            warnings.append(f"{name}: longer than this model's {handle.model.text_length} T5 tokens; this end was "
+                            f"cut and not used: {cut!r}")
+    for warning in warnings:
+        services.log.warning("[UniAlign] %s", warning)
     model = handle.activate()
     progress = services.Progress(handle)
     result = mode(model, *args, callback=progress, cancel=services.cancel, **kwargs)
     device = services.output_device()
-    return image_from_core(result.images, device), latent_to_comfy(result.latents, model.vae.config, device)
+    images = image_from_core(result.images, device), latent_to_comfy(result.latents, model.vae.config, device)
+    return {"ui": {"text": warnings}, "result": images}
+
+
+def check_fits(handle, name, width, height=None):
+    """A side (or an image's sides) within the loaded model's position table, checked before any work."""
+    limit = max_image_side(handle.model)
+    sides = (width,) if height is None else (width, height)
+    if max(sides) <= limit:
+        return
+    what = f"{width}" if height is None else f"size {width}x{height}"
+    raise InputError(name, f"{what} is larger than this model allows: its position table covers at most "
+                     f"{limit}x{limit} pixels; use at most {limit} a side (scale the image down first)")
 
 
 def _source(handle, image, name):
     pixels = image_to_core(image, name)
     check_multiple(name, pixels.shape[-1], pixels.shape[-2], handle.pixel_multiple)
+    check_fits(handle, name, pixels.shape[-1], pixels.shape[-2])
     return pixels
+
+
+def _check_sides(handle, width, height):
+    for name, value in (("width", width), ("height", height)):
+        check_side(name, value, handle.pixel_multiple)
+        check_fits(handle, name, value)
 
 
 class UniAlignTextToImage:
@@ -97,10 +130,10 @@ class UniAlignTextToImage:
 
     def generate(self, model, prompt, negative_prompt, width, height, steps, guidance, seed, batch_size):
         check_text("prompt", prompt, "describe the image you want")
-        check_side("width", width, model.pixel_multiple)
-        check_side("height", height, model.pixel_multiple)
+        _check_sides(model, width, height)
         return _run(model, core.text_to_image, prompt, negative_prompt=negative_prompt, width=width, height=height,
-                    steps=steps, guidance=guidance, seed=seed, num_images=batch_size)
+                    steps=steps, guidance=guidance, seed=seed, num_images=batch_size,
+                    texts=(("prompt", prompt), ("negative_prompt", negative_prompt)))
 
 
 class UniAlignEdit:
@@ -139,7 +172,8 @@ class UniAlignEdit:
         pixels = _source(model, image, "image")
         return _run(model, core.edit, pixels, instruction, negative_prompt=negative_prompt, steps=steps,
                     guidance=guidance, image_guidance=None if image_guidance == 1.0 else image_guidance,
-                    seed=seed, num_images=batch_size)
+                    seed=seed, num_images=batch_size,
+                    texts=(("instruction", instruction), ("negative_prompt", negative_prompt)))
 
 
 class UniAlignPerceive:
@@ -179,7 +213,7 @@ class UniAlignPerceive:
             custom = check_text("instruction", instruction, "task 'custom' needs your own instruction")
         pixels = _source(model, image, "image")
         return _run(model, core.perceive, pixels, task if custom is None else "custom", instruction=custom,
-                    steps=steps, guidance=guidance, seed=seed)
+                    steps=steps, guidance=guidance, seed=seed, texts=(("instruction", custom),) if custom else ())
 
 
 class UniAlignCompose:
@@ -219,8 +253,7 @@ class UniAlignCompose:
     def compose(self, model, reference_1, prompt, negative_prompt, width, height, steps, guidance, seed,
                 batch_size, reference_2=None, reference_3=None):
         check_text("prompt", prompt, "describe what to make from the references")
-        check_side("width", width, model.pixel_multiple)
-        check_side("height", height, model.pixel_multiple)
+        _check_sides(model, width, height)
         references = []
         for name, image in zip(self.REFERENCES, (reference_1, reference_2, reference_3)):
             if image is None:
@@ -230,4 +263,5 @@ class UniAlignCompose:
                 raise InputError(name, f"give one image per reference, got a batch of {pixels.shape[0]}")
             references.append(pixels)
         return _run(model, core.compose, references, prompt, negative_prompt=negative_prompt, width=width,
-                    height=height, steps=steps, guidance=guidance, seed=seed, num_images=batch_size)
+                    height=height, steps=steps, guidance=guidance, seed=seed, num_images=batch_size,
+                    texts=(("prompt", prompt), ("negative_prompt", negative_prompt)))

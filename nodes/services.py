@@ -8,6 +8,7 @@ import logging
 import os
 import time
 import weakref
+from typing import Optional
 
 import torch
 
@@ -26,6 +27,7 @@ log = logging.getLogger("UniAlignment")
 FOLDER = "unialignment"
 FROM_MODEL = "(from model)"
 WEIGHT_EXTENSIONS = (".safetensors", ".sft")
+PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")  # never loaded: unpickling runs code
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
 MAX_DEPTH = 3  # how deep the model folder is searched
@@ -132,13 +134,53 @@ def resolve_file(folders, name: str):
 
 
 def searched(folder: str) -> str:
-    return ", ".join(_folder_paths(folder)) or f"models/{folder} (not registered)"
+    """The folders searched, as the client may see them (models/<folder>, never a server path)."""
+    count = len(_folder_paths(folder))
+    if not count:
+        return f"models/{folder} (not registered)"
+    return f"models/{folder}" + (f" and {count - 1} more folder(s) from extra_model_paths.yaml" if count > 1 else "")
+
+
+def client_path(text: str) -> str:
+    """`text` with every absolute model-folder path replaced by models/<folder>, so that a message sent to
+    a client names files relative to their models folder and never shows where the server keeps them."""
+    text = str(text)
+    bases = []
+    for name, entry in list(folder_paths.folder_names_and_paths.items()):
+        bases += [(os.path.normpath(p), f"models/{name}") for p in entry[0]]
+    bases.append((os.path.normpath(folder_paths.models_dir), "models"))
+    for base, shown in sorted(bases, key=lambda b: -len(b[0])):
+        if len(base) > 1:
+            text = text.replace(base + os.sep, shown + "/").replace(base, shown)
+    return text
+
+
+CONVERT_HINT = (
+    "convert it with `python -m unialign_core.convert /path/to/UniAlignment "
+    "models/unialignment/unialignment.safetensors` (the downloaded upstream folder), or use the .safetensors release"
+)
+
+
+def pickle_message(input_name: str, name: str, folder: str) -> Optional[str]:
+    """The refusal for a pickle file (.ckpt, .pt, ...) named as a model input, or None for other names."""
+    if not str(name).lower().endswith(PICKLE_EXTENSIONS):
+        return None
+    ext = os.path.splitext(str(name))[1]
+    hint = CONVERT_HINT if folder == FOLDER else (
+        f"use the .safetensors release of that file in models/{folder} (for T5: t5xxl_fp16.safetensors; for the "
+        "VAE: the SD3 VAE's diffusion_pytorch_model.safetensors, renamed)")
+    return (f"{input_name}: {name!r} is a pickle file ({ext}), which this pack never loads (unpickling a file "
+            f"can run code in it); {hint}")
 
 
 def model_missing_message(name: str) -> str:
+    refused = pickle_message("model", name, FOLDER)
+    if refused:
+        return refused
     return (
-        f"model: {name!r} is not in models/{FOLDER} (searched: {searched(FOLDER)}). Put our single "
-        f".safetensors file (python -m unialign_core.convert) or the upstream folder there, then refresh."
+        f"model: {name!r} is not in models/{FOLDER} (searched: {searched(FOLDER)}). Put our single .safetensors "
+        f"file there (made from the downloaded glimmer16/UniAlignment folder with `python -m unialign_core.convert "
+        f"/path/to/UniAlignment models/{FOLDER}/unialignment.safetensors`) or that folder itself, then refresh."
     )
 
 
@@ -295,7 +337,7 @@ def with_lora(handle: UniAlignHandle, lora_name: str, lora_path: str, strength: 
             layers = load_lora(lora_path)
             deltas = lora_deltas(handle.model.transformer, layers, 1.0, lora_path)
         except CheckpointError as e:
-            raise InputError("lora_name", f"{lora_name!r} does not fit this model: {e.problem} ({e.path})") from None
+            raise InputError("lora_name", client_path(f"{lora_name!r} does not fit this model: {e.problem}")) from None
         deltas = {f"transformer.{k}": v.to(handle.patcher.offload_device) for k, v in deltas.items()}
         _lora_cache.clear()
         _lora_cache[key] = deltas

@@ -2,9 +2,13 @@
 
 from .. import unialign_core as core
 from . import services
-from .image_types import InputError, image_to_core
+from .image_types import InputError, check_multiple, image_to_core
+from .sampling import check_fits
 
-SAMPLERS = ["confidence", "ddpm_cache"]
+SAMPLERS = ["fast", "confidence", "ddpm_cache"]
+# "fast" = the confidence sampler with threshold commits and the image-stream cache (README, "Understanding samplers")
+FAST = dict(sampler="confidence", threshold=0.9, refresh=4)
+RESIZE = list(core.modes.RESIZE_POLICIES)  # trained, crop, as_is
 
 
 class UniAlignUnderstand:
@@ -25,12 +29,14 @@ class UniAlignUnderstand:
             "required": {
                 "model": ("UNIALIGN_MODEL", {"tooltip": "The model from UniAlign Loader (optionally through "
                                                         "UniAlign LoRA)."}),
-                "image": ("IMAGE", {"tooltip": "The image(s) to describe, any size: larger images are scaled "
-                                               "down to about 512x512 (the trained size), odd sizes rounded."}),
-                "sampler": (SAMPLERS, {"default": "confidence",
-                                       "tooltip": "confidence: fills the most certain tokens first and stops at "
-                                       "the end of the text (fast, good default). ddpm_cache: the published "
-                                       "MDLM sampler (always runs all steps)."}),
+                "image": ("IMAGE", {"tooltip": "The image(s) to describe, any size: by default scaled up or "
+                                               "down to the size the model was trained at (see resize)."}),
+                "sampler": (SAMPLERS, {"default": "fast",
+                                       "tooltip": "fast: the confidence sampler that also commits every token it "
+                                       "is at least 90% sure of in one step and reuses the image's attention "
+                                       "for 4 steps at a time (fastest). confidence: fills the most certain "
+                                       "tokens first and stops at the end of the text (exact, no reuse). "
+                                       "ddpm_cache: the published MDLM sampler (always runs all steps)."}),
                 "length": ("INT", {"default": 128, "min": 8, "max": 512, "step": 8,
                                    "tooltip": "Tokens to generate, the question included. 128 fits most captions "
                                    "and answers; the published caption length is 256."}),
@@ -49,17 +55,31 @@ class UniAlignUnderstand:
                 "short_answer": ("BOOLEAN", {"default": False,
                                              "tooltip": "Ask for a one-word or one-phrase answer (the hint the "
                                              "model was fine-tuned with). Only used with a question."}),
+                "resize": (RESIZE, {"default": "trained",
+                                    "tooltip": "How the image is sized for reading. trained: scaled up or down to "
+                                    "about the model's training size in area (512x512 for the released model; 32x32 "
+                                    "for the shapes model), aspect kept, sides multiples of 16. crop: the official "
+                                    "pipeline's resize of the shorter side and centre crop to that square. as_is: "
+                                    "its own size (odd sides rounded), at most the model's position table."}),
             },
         }
 
-    def understand(self, model, image, sampler, length, steps, sampler_seed, question="", short_answer=False):
+    def understand(self, model, image, sampler, length, steps, sampler_seed, question="", short_answer=False,
+                   resize="trained"):
         if sampler not in SAMPLERS:
             raise InputError("sampler", f"{sampler!r} is not one of {SAMPLERS}")
-        pixels = image_to_core(image, "image")  # any size: the core rounds it and scales large images to ~512
+        if resize not in RESIZE:
+            raise InputError("resize", f"{resize!r} is not one of {RESIZE}")
+        pixels = image_to_core(image, "image")  # any size: sized by the core's resize policy
+        pixels = core.modes.understanding_input(model.model, pixels, resize)
+        check_multiple("image", pixels.shape[-1], pixels.shape[-2], model.pixel_multiple)
+        check_fits(model, "image", pixels.shape[-1], pixels.shape[-2])  # before any work
         weights = model.activate()
         progress = services.Progress(model, previews=False)
-        common = dict(length=length, steps=steps, sampler=sampler, seed=sampler_seed, callback=progress,
-                      cancel=services.cancel)
+        chosen = FAST if sampler == "fast" else dict(sampler=sampler)
+        common = dict(length=length, steps=steps, seed=sampler_seed, callback=progress, cancel=services.cancel,
+                      **chosen)
+        common["resize"] = "as_is"  # already sized by the policy above
         question = (question or "").strip()
         try:
             if question:

@@ -188,6 +188,88 @@ def test_understanding_scales_large_images_down(model, monkeypatch):
     real = modes._source_latents
     monkeypatch.setattr(modes, "_source_latents", lambda m, px, *a: sizes.append(px.shape[-2:]) or real(m, px, *a))
     caption(model, image(64, 32), length=8, steps=1, resolution=16)
-    caption(model, image(8, 12), length=8, steps=1, resolution=16)  # smaller: used as given
-    caption(model, image(10, 14), length=8, steps=1)  # odd sizes: rounded to multiples of 4
-    assert sizes == [(24, 12), (8, 12), (8, 16)]  # ~16x16 in area, aspect kept, multiples of 4
+    caption(model, image(8, 12), length=8, steps=1, resolution=16)  # smaller: scaled up too
+    caption(model, image(10, 14), length=8, steps=1, resize="as_is")  # odd sizes: rounded to multiples of 4
+    caption(model, image(8, 12), length=8, steps=1, resolution=None)  # None: as is (the old spelling)
+    assert sizes == [(24, 12), (12, 20), (8, 16), (8, 12)]  # ~16x16 in area, aspect kept, multiples of 4
+
+
+def test_understanding_default_reads_at_the_trained_size(model, monkeypatch):
+    """The tiny model is trained at 32x32 (sample_size 16 latents x 2): a 16x16 image is scaled up by default,
+    the official resize-and-crop gives 32x32 from any aspect, and "as_is" keeps 16x16."""
+    import unialign_core.modes as modes
+
+    assert modes.trained_side(model) == 32
+    sizes = []
+    real = modes._source_latents
+    monkeypatch.setattr(modes, "_source_latents", lambda m, px, *a: sizes.append(tuple(px.shape[-2:])) or real(m, px, *a))
+    caption(model, image(16, 16), length=8, steps=1)
+    answer(model, image(16, 16), "what colour?", length=16, steps=1)
+    caption(model, image(24, 40), length=8, steps=1, resize="crop")
+    caption(model, image(16, 16), length=8, steps=1, resize="as_is")
+    assert sizes == [(32, 32), (32, 32), (32, 32), (16, 16)]
+    small = image(16, 16)
+    cropped = modes.understanding_input(model, image(16, 32), "crop")
+    assert cropped.shape[-2:] == (32, 32)
+    assert modes.understanding_input(model, small, "trained").shape[-2:] == (32, 32)
+    with pytest.raises(ValueError, match="resize 'bigger' is not one of"):
+        caption(model, small, length=8, steps=1, resize="bigger")
+
+
+def test_oversized_images_are_refused_before_any_vae_or_t5_work(model, monkeypatch):
+    """The tiny position table is 32 patches: at most 128 px a side. Nothing is encoded before the error."""
+    import unialign_core.modes as modes
+
+    assert modes.max_image_side(model) == 128
+    for name in ("encode_images", "encode_prompts", "decode_latents"):
+        monkeypatch.setattr(model, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} ran before the size check"))
+    with pytest.raises(ValueError, match=r"image: size 160x144 is larger than this model allows.*128x128.*128x112"):
+        edit(model, image(144, 160), "make it blue", **FAST)
+    with pytest.raises(ValueError, match=r"image: size 132x16 .*128x128"):
+        perceive(model, image(16, 132), "depth", **FAST)
+    with pytest.raises(ValueError, match=r"width/height: size 256x64 .*128x128"):
+        text_to_image(model, "a cube", width=256, height=64, **FAST)
+    with pytest.raises(ValueError, match=r"width/height: size 16x256"):
+        compose(model, [image(16, 16)], "a cube", width=16, height=256, **FAST)
+    with pytest.raises(ValueError, match=r"reference 2: size 160x16"):
+        compose(model, [image(16, 16), image(16, 160)], "a cube", width=16, height=16, **FAST)
+    with pytest.raises(ValueError, match=r"image: size 160x160"):
+        caption(model, image(160, 160), length=8, steps=1, resize="as_is")
+
+
+def test_cancel_reaches_the_vae_encode_and_decode(model):
+    from unialign_core.vae import CANCEL_POINTS
+
+    calls = []
+    with pytest.raises(Cancelled, match="VAE"):  # cancel is first asked inside the VAE encode
+        edit(model, image(16, 16), "make it blue", cancel=lambda: calls.append(1) or True, **FAST)
+    assert len(calls) == 1
+    done = {}
+    steps = []
+
+    def callback(step, total, state):
+        steps.append(step)
+        done["sampled"] = step == total
+
+    with pytest.raises(Cancelled, match="VAE"):  # sampling finishes; Cancel is pressed during the decode
+        text_to_image(model, "a cube", width=16, height=16, callback=callback, cancel=lambda: done.get("sampled", False), **FAST)
+    assert steps == [1, 2]
+    hooked = [m for m in model.vae.modules() if m._forward_pre_hooks]
+    assert hooked == [], "the cancel hooks stay on the VAE"
+    assert any(type(m).__name__ in CANCEL_POINTS for m in model.vae.decoder.modules())
+    # no cancel: the same pixels as before (the hooks change nothing)
+    plain = text_to_image(model, "a cube", width=16, height=16, **FAST).images
+    hooked_run = text_to_image(model, "a cube", width=16, height=16, cancel=lambda: False, **FAST).images
+    assert torch.equal(plain, hooked_run)
+
+
+def test_prompt_overflow_names_what_is_cut(model):
+    from unialign_core.modes import prompt_overflow
+
+    assert prompt_overflow(model, "a red cube", 8) is None
+    cut = prompt_overflow(model, "a red cube on a wooden table next to a blue ball", 8)
+    ids = model.tokenizer("a red cube on a wooden table next to a blue ball")["input_ids"]
+    assert len(ids) > 8 and cut and cut.endswith("blue ball")
+    assert model.tokenizer.decode(ids[:7], skip_special_tokens=True).strip() + " " + cut == \
+        "a red cube on a wooden table next to a blue ball"
+    assert prompt_overflow(model, "word " * 300) is not None  # the model's own limit (256 tokens)

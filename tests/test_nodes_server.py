@@ -57,7 +57,8 @@ EXPECTED = {
                              prompt="STRING", negative_prompt="STRING", width="INT", height="INT",
                              batch_size="INT"), ["IMAGE", "LATENT"]),
     "UniAlignUnderstand": ({"model": "UNIALIGN_MODEL", "image": "IMAGE", "question": "STRING", "sampler": "COMBO",
-                            "length": "INT", "steps": "INT", "sampler_seed": "INT", "short_answer": "BOOLEAN"},
+                            "length": "INT", "steps": "INT", "sampler_seed": "INT", "short_answer": "BOOLEAN",
+                            "resize": "COMBO"},
                            ["STRING"]),
 }
 _ids = itertools.count(1)
@@ -66,7 +67,8 @@ _ids = itertools.count(1)
 @pytest.fixture(scope="module")
 def server(start_comfy_server, tmp_path_factory):
     started = time.monotonic()
-    models = make_models_dir(tmp_path_factory.mktemp("models"))
+    global server_models
+    models = server_models = make_models_dir(tmp_path_factory.mktemp("models"))
     server = start_comfy_server(models, extra_args=["--preview-method", "latent2rgb"])
     make_input_images(server.base_dir / "input")
     print(f"\nmodels written and ComfyUI up in {time.monotonic() - started:.1f} s")
@@ -132,6 +134,20 @@ def test_object_info_lists_every_node(object_info):
             assert info["input"]["required"]["seed"][1]["control_after_generate"] is True
     understand = object_info["UniAlignUnderstand"]
     assert understand["output_node"] is True and understand["output_is_list"] == [True]
+    resize = understand["input"]["optional"]["resize"]
+    assert resize[0] == ["trained", "crop", "as_is"] and resize[1]["default"] == "trained"
+
+
+def test_widget_limits_match_the_released_model(object_info):
+    """Sides stop at the released model's position table (192 x 16 = 3072 px); guidance below 1 (CFG off, the
+    same image as 1.0) is not offered, and the tooltip says what 1.0 does."""
+    for node_id in ("UniAlignTextToImage", "UniAlignCompose"):
+        required = object_info[node_id]["input"]["required"]
+        for side in ("width", "height"):
+            assert required[side][1]["max"] == 3072 and "3072" in required[side][1]["tooltip"]
+    for node_id in ("UniAlignTextToImage", "UniAlignEdit", "UniAlignPerceive", "UniAlignCompose"):
+        guidance = object_info[node_id]["input"]["required"]["guidance"][1]
+        assert guidance["min"] == 1.0 and "off" in guidance["tooltip"] and "1.0" in guidance["tooltip"]
 
 
 def test_loader_lists_files_and_upstream_folders(object_info):
@@ -197,6 +213,41 @@ def test_batched_images_give_one_text_each(server):
     entry = run(server, api)
     assert len(entry["outputs"]["u"]["text"]) == 3
     assert len(output_files(server, entry, save_image_nodes(api)[0])) == 3
+
+
+def test_prompt_over_the_token_limit_is_named_on_the_node(server):
+    """The cut part is in the node's UI output (shown on the node, and in /history for API clients)."""
+    long_prompt = "token limit test: " + " ".join(f"word{i}" for i in range(400)) + " the very end"
+    api = t2i_prompt(prompt=long_prompt)
+    sampler = next(k for k, n in api.items() if n["class_type"] == "UniAlignTextToImage")
+    entry = run(server, api)
+    (warning,) = entry["outputs"][sampler]["text"]
+    assert warning.startswith("prompt: longer than this model's 256 T5 tokens") and "the very end" in warning
+    short = run(server, t2i_prompt(prompt="token limit test: short"))
+    assert all(not out.get("text") for out in short["outputs"].values())
+
+
+def test_understand_resize_options_run(server):
+    """Each resize policy runs on a 40x56 input (trained: ~32x32 for the tiny model, crop: 32x32, as_is: 40x56)."""
+    api = fresh(tiny_settings(load_api("understanding")))
+    scale = next(n for n in api.values() if n["class_type"] == "ImageScale")
+    scale["inputs"].update(width=40, height=56)
+    texts = {}
+    for resize in ("trained", "crop", "as_is"):
+        for node in api.values():
+            if node["class_type"] == "UniAlignUnderstand":
+                node["inputs"]["resize"] = resize
+        entry = run(server, fresh(api))
+        texts[resize] = [t for out in entry["outputs"].values() for t in out.get("text", [])]
+        assert texts[resize] and all(isinstance(t, str) for t in texts[resize])
+    huge = fresh(api)
+    for node in huge.values():
+        if node["class_type"] == "ImageScale":
+            node["inputs"].update(width=160, height=160)
+        if node["class_type"] == "UniAlignUnderstand":
+            node["inputs"]["resize"] = "as_is"
+    error = error_of(server.wait(server.queue_prompt(huge)))
+    assert error["node_type"] == "UniAlignUnderstand" and "128x128" in error["exception_message"]
 
 
 def test_latent_output_is_sd3_format(server):
@@ -286,7 +337,7 @@ def bad_missing_model(server):
     assert errors["class_type"] == "UniAlignLoader"
     text = json.dumps(errors["errors"])
     assert "model" in text and "no_such_model.safetensors" in text and "models/unialignment" in text
-    return text
+    return no_server_path(text)
 
 
 def bad_wrong_architecture(server):
@@ -295,7 +346,8 @@ def bad_wrong_architecture(server):
     assert error["node_type"] == "UniAlignLoader"
     assert error["exception_message"].startswith("model: ")
     assert WRONG_MODEL in error["exception_message"] and "not a UniAlignment" in error["exception_message"]
-    return error["exception_message"]
+    assert f"models/unialignment/{WRONG_MODEL}" in error["exception_message"]
+    return no_server_path(error["exception_message"])
 
 
 def bad_image_size(server):
@@ -323,6 +375,50 @@ def bad_empty_prompt(server):
     return error["exception_message"]
 
 
+def no_server_path(text):
+    """Messages sent to clients name files relative to their models folder, never where the server keeps them."""
+    for path in {str(server_models), str(server_models.resolve())}:
+        assert path not in text, text
+    return text
+
+
+server_models = None
+
+
+def bad_pickle_by_name(server):
+    """A .ckpt named through the API is refused before it is queued, with what to do instead."""
+    with pytest.raises(PromptError) as excinfo:
+        server.queue_prompt(t2i_prompt(model="old_release.ckpt"))
+    assert excinfo.value.status == 400
+    text = json.dumps(excinfo.value.body["node_errors"])
+    assert "pickle" in text and "python -m unialign_core.convert" in text and ".safetensors release" in text
+    return no_server_path(text)
+
+
+def bad_oversized_source(server):
+    """An edit source past the tiny model's position table (32 patches x 4 px = 128 px) is refused before the
+    VAE runs (the encode at this size would take far longer than the check)."""
+    api = fresh(tiny_settings(load_api("edit")))
+    scale = next(n for n in api.values() if n["class_type"] == "ImageScale")
+    scale["inputs"].update(width=512, height=512)
+    started = time.monotonic()
+    error = error_of(server.wait(server.queue_prompt(api)))
+    elapsed = time.monotonic() - started
+    assert error["node_type"] == "UniAlignEdit"
+    message_text = error["exception_message"]
+    assert message_text.startswith("image: size 512x512 is larger than this model allows") and "128x128" in message_text
+    assert elapsed < 20, f"the size error took {elapsed:.1f} s"
+    return f"{message_text} ({elapsed:.1f} s)"
+
+
+def bad_width_past_the_model(server):
+    error = error_of(server.wait(server.queue_prompt(t2i_prompt(width=256))))
+    assert error["node_type"] == "UniAlignTextToImage"
+    assert error["exception_message"].startswith("width: 256 is larger than this model allows")
+    assert "128x128" in error["exception_message"]
+    return error["exception_message"]
+
+
 def bad_interrupt(server):
     steps = 3000  # about 0.05 s each at 64x64 on the tiny model: minutes if not interrupted
     prompt_id = server.queue_prompt(t2i_prompt(steps=steps))
@@ -342,7 +438,8 @@ def bad_interrupt(server):
 
 
 @pytest.mark.parametrize("case", [bad_missing_model, bad_wrong_architecture, bad_image_size, bad_width,
-                                  bad_empty_prompt, bad_interrupt], ids=lambda f: f.__name__[4:])
+                                  bad_empty_prompt, bad_pickle_by_name, bad_oversized_source,
+                                  bad_width_past_the_model, bad_interrupt], ids=lambda f: f.__name__[4:])
 def test_bad_input_then_same_good_output(server, baseline, case):
     print(f"\n{case.__name__}: {case(server)}")
     np.testing.assert_array_equal(good_run(server), baseline)

@@ -142,7 +142,89 @@ def test_workflows_name_their_model_files():
         named = {(m["directory"], m["name"]) for m in models}
         model, text_encoder, vae, _ = loaders[0]["widgets_values"]
         assert {("unialignment", model), ("text_encoders", text_encoder), ("vae", vae)} == named, path.name
-        assert all(m["url"].startswith("https://") for m in models)
+        for m in models:  # a link is a direct file link with the name the workflow uses, or there is none
+            if "url" in m:
+                assert m["url"].startswith("https://") and "/resolve/" in m["url"], (path.name, m)
+                assert m["url"].rsplit("/", 1)[1] == m["name"], (path.name, m)
+        urls = {m["directory"]: m.get("url") for m in models}
+        assert urls["unialignment"] is None  # our converted file: the loader's message says how to convert
+        assert urls["text_encoders"] is not None
+
+
+def test_only_workflows_at_the_top_of_workflows_with_a_thumbnail_each():
+    """ComfyUI offers every top-level workflows/*.json as a template, with <name>.jpg as its thumbnail."""
+    from PIL import Image
+
+    assert make_api.SCHEMA_PATH == WORKFLOWS / "schema" / "node_schema.json" and make_api.SCHEMA_PATH.is_file()
+    tops = sorted(WORKFLOWS.glob("*.json"))
+    assert tops == make_api.ui_workflows() and {p.stem for p in tops} >= set(WORKFLOW_NAMES) - {"multi_edit"}
+    for path in tops:
+        ui = json.loads(path.read_text(encoding="utf-8"))
+        assert isinstance(ui.get("nodes"), list) and "links" in ui, f"{path.name} is not a workflow"
+    for name in set(WORKFLOW_NAMES) - {"multi_edit"}:  # multi_edit: its author's (rendered with the others)
+        thumb = WORKFLOWS / f"{name}.jpg"
+        assert thumb.is_file(), f"{name}.json has no thumbnail {thumb.name}"
+        with Image.open(thumb) as im:
+            assert im.format == "JPEG" and im.width >= 256 and im.height >= 192
+
+
+@pytest.mark.parametrize("name", ["perception", "understanding", "edit_caption_loop", "edit", "text_to_image",
+                                  "personalisation"])
+def test_stacked_nodes_leave_room_for_the_title_and_badge(name):
+    """A node's title bar (30 px) and badge sit above its pos: the node above must end 50 px higher."""
+    nodes = json.loads((WORKFLOWS / f"{name}.json").read_text())["nodes"]
+    for a in nodes:
+        for b in nodes:
+            overlap_x = a["pos"][0] < b["pos"][0] + b["size"][0] and b["pos"][0] < a["pos"][0] + a["size"][0]
+            if a is b or not overlap_x or b["pos"][1] < a["pos"][1]:
+                continue
+            gap = b["pos"][1] - (a["pos"][1] + a["size"][1])
+            assert gap >= 50, f"{name}: node {b['id']} starts {gap} px below node {a['id']}"
+
+
+def test_understand_text_is_shown_but_never_saved_in_the_workflow(tmp_path):
+    """web/show_text.js in node, with stand-ins for the frontend: the text shows after a run, and the saved
+    node's widgets_values are exactly the input widgets' values; image nodes show a cut-prompt warning."""
+    import shutil
+    import subprocess
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node (JavaScript) is not installed")
+    source = (REPO / "web" / "show_text.js").read_text()
+    source = re.sub(r"^import .*$", "", source, flags=re.M).replace("export function", "function")
+    stubs = r"""
+const app = { registerExtension: (e) => { globalThis.ext = e; } };
+const ComfyWidgets = { STRING: (node, name) => {
+  const w = { name, value: "", options: {} }; node.widgets.push(w); return { widget: w }; } };
+globalThis.requestAnimationFrame = (f) => 0;
+"""
+    run = r"""
+function serialize(node) { const o = { widgets_values: node.widgets.map((w) => w.value) }; node.onSerialize?.(o); return o; }
+const out = {};
+for (const name of ["UniAlignUnderstand", "UniAlignTextToImage"]) {
+  function NodeType() { this.widgets = [{ name: "sampler", value: "confidence" }, { name: "length", value: 32 }]; this.size = [400, 300]; }
+  NodeType.prototype.computeSize = function () { return [400, 320]; };
+  ext.beforeRegisterNodeDef(NodeType, { name });
+  const n = new NodeType();
+  out[name] = { before: serialize(n).widgets_values };
+  n.onExecuted({ text: name === "UniAlignUnderstand" ? ["a red cube"] : ["prompt: ... cut and not used: 'x'"] });
+  out[name].shown = n.widgets.map((w) => [w.name, w.value]);
+  out[name].after = serialize(n).widgets_values;
+}
+console.log(JSON.stringify(out));
+"""
+    script = stubs + source + run
+    path = tmp_path / "harness.js"
+    path.write_text(script)
+    result = subprocess.run([node, str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    understand, t2i = out["UniAlignUnderstand"], out["UniAlignTextToImage"]
+    assert understand["shown"][-1] == ["result_text", "a red cube"]
+    assert understand["after"] == understand["before"] == ["confidence", 32]
+    assert t2i["shown"][-1][0] == "warnings" and "cut" in t2i["shown"][-1][1]
+    assert t2i["after"] == ["confidence", 32]
 
 
 def test_edit_caption_loop_feeds_the_caption_into_a_new_generation():

@@ -14,8 +14,9 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from .flow_sampler import flow_sigmas, sample_flow
-from .images import ImageInput, check_size, resize_to_area, to_tensor
+from .images import ImageInput, check_fits, check_size, resize_and_crop, resize_to_area, to_tensor
 from .text_sampler import TextDenoiser, sample_confidence, sample_ddpm_cache
+from .vae import cancellable
 
 PERCEPTION_PRESETS = {
     "depth": "Provide a detailed depth map of the entire scene.",  # the published instruction
@@ -25,6 +26,8 @@ PERCEPTION_PRESETS = {
 VQA_TEMPLATE = "Q: {question} A: "
 SHORT_ANSWER_SUFFIX = " Answer the question using a single word or phrase."
 SAMPLERS = ("confidence", "ddpm_cache")
+RESIZE_POLICIES = ("trained", "crop", "as_is")
+PUBLISHED_SIDE = 512  # UniAlignment's training size; its transformer config keeps SD3-medium's 1024 px default
 
 
 @dataclass
@@ -43,10 +46,41 @@ def _check_prompt(prompt: str, name: str = "prompt") -> str:
     return prompt
 
 
-def _source_latents(model, images: ImageInput, name: str, generator: torch.Generator) -> torch.Tensor:
+def max_image_side(model) -> int:
+    """The longest image side (pixels) the model's learned position table covers: 3072 for the released model."""
+    return model.transformer.config.pos_embed_max_size * model.pixel_multiple
+
+
+def trained_side(model) -> int:
+    """The image side the model was trained at (about side x side pixels): a `resolution` the model declares,
+    else its transformer's `sample_size` in pixels, at most the published 512 (32 px for the shapes model)."""
+    side = getattr(model, "resolution", None) or min(
+        model.transformer.config.sample_size * model.vae_scale, PUBLISHED_SIDE
+    )
+    return max(model.pixel_multiple, round(side / model.pixel_multiple) * model.pixel_multiple)
+
+
+def check_image_size(model, width: int, height: int, name: str = "image") -> None:
+    """Sides multiples of `model.pixel_multiple` and within the position table; checked before any work."""
+    check_size(width, height, model.pixel_multiple, name)
+    check_fits(width, height, max_image_side(model), model.pixel_multiple, name)
+
+
+def prompt_overflow(model, prompt: str, max_sequence_length: Optional[int] = None) -> Optional[str]:
+    """The end of a prompt that does not fit the model's T5 length (`model.text_length` tokens, 256 for the
+    released model) and is dropped, as text; None when it fits."""
+    limit = max_sequence_length or model.text_length
+    ids = model.tokenizer(prompt or "", add_special_tokens=True)["input_ids"]
+    if len(ids) <= limit:
+        return None
+    return model.tokenizer.decode(ids[limit - 1 : -1], skip_special_tokens=True).strip()
+
+
+def _source_latents(model, images: ImageInput, name: str, generator: torch.Generator, cancel=None) -> torch.Tensor:
     pixels = to_tensor(images, name)
-    check_size(pixels.shape[-1], pixels.shape[-2], model.pixel_multiple, name)
-    return model.encode_images(pixels.to(model.device), generator)
+    check_image_size(model, pixels.shape[-1], pixels.shape[-2], name)
+    with cancellable(model.vae, cancel):
+        return model.encode_images(pixels.to(model.device), generator)
 
 
 def _generate(
@@ -66,7 +100,7 @@ def _generate(
     noise: Optional[torch.Tensor] = None,
 ) -> ImageResult:
     """The shared flow-matching loop with batched cond/uncond CFG (and optional image CFG)."""
-    check_size(width, height, model.pixel_multiple, "width/height")
+    check_image_size(model, width, height, "width/height")
     batch = len(prompts)
     scale = model.vae_scale
     channels = model.transformer.config.in_channels
@@ -104,7 +138,8 @@ def _generate(
     sigmas = flow_sigmas(model.scheduler_config, steps, seq_len)
     with torch.no_grad():
         latents = sample_flow(velocity, latents, sigmas, callback, cancel)
-        images = model.decode_latents(latents)
+        with cancellable(model.vae, cancel):
+            images = model.decode_latents(latents)
     return ImageResult(images.cpu(), latents.cpu())
 
 
@@ -160,7 +195,7 @@ def edit(
     """
     _check_prompt(instruction, "instruction")
     generator = _generator(seed)
-    source = _source_latents(model, image, "image", generator)
+    source = _source_latents(model, image, "image", generator, cancel)
     source = source.repeat_interleave(num_images, dim=0)
     height, width = (s * model.vae_scale for s in source.shape[-2:])
     return _generate(
@@ -209,10 +244,14 @@ def compose(
     _check_prompt(prompt)
     if not 1 <= len(references) <= 3:
         raise ValueError(f"references: give 1 to 3 reference images, got {len(references)}")
+    check_image_size(model, width, height, "width/height")  # before any reference is encoded
+    for i, ref in enumerate(references):
+        pixels = to_tensor(ref, f"reference {i + 1}")
+        check_image_size(model, pixels.shape[-1], pixels.shape[-2], f"reference {i + 1}")
     generator = _generator(seed)
     conditions = []
     for i, ref in enumerate(references):
-        latents = _source_latents(model, ref, f"reference {i + 1}", generator)
+        latents = _source_latents(model, ref, f"reference {i + 1}", generator, cancel)
         if latents.shape[0] != 1:
             raise ValueError(f"reference {i + 1}: give one image per reference, got a batch of {latents.shape[0]}")
         conditions.append(latents.expand(num_images, -1, -1, -1))
@@ -232,13 +271,8 @@ def _understand(
     if len(prompt_ids) >= length:
         raise ValueError(f"the question uses {len(prompt_ids)} tokens; raise length above that (now {length})")
     generator = _generator(seed)
-    pixels = to_tensor(image, "image")
-    area = pixels.shape[-1] * pixels.shape[-2]
-    if resolution and area > resolution**2:
-        pixels = resize_to_area(pixels, resolution, model.pixel_multiple)
-    else:  # reading needs no exact size: round odd sizes to the nearest multiple
-        pixels = resize_to_area(pixels, area**0.5, model.pixel_multiple)
-    latents = _source_latents(model, pixels, "image", generator)
+    pixels = to_tensor(image, "image")  # caption/answer have applied the resize policy (understanding_input)
+    latents = _source_latents(model, pixels, "image", generator, cancel)
     batch = latents.shape[0]
     x = torch.full((batch, length), model.mask_id, dtype=torch.long)
     x[:, : len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
@@ -250,6 +284,28 @@ def _understand(
             denoiser, x, model.mask_id, model.eos_id, steps, generator, temperature, callback, cancel
         )
     return [decode_answer(model.tokenizer, row[len(prompt_ids) :].tolist()) for row in ids.cpu()]
+
+
+def understanding_input(model, image: ImageInput, resize: str = "trained", resolution="auto") -> torch.Tensor:
+    """The image as the understanding modes read it, [B, 3, H, W] with sides multiples of `model.pixel_multiple`.
+
+    resize: "trained" (default) scales it up or down to about side x side pixels in area, aspect kept;
+        "crop" is the official preprocessing: the shorter side scaled to `side`, then a centre crop to side x side;
+        "as_is" keeps its size (odd sides rounded to the nearest multiple).
+    resolution: the side; "auto" is the size the model was trained at (`trained_side`: 512 for the released
+        model, 32 for the shapes model). None means "as_is" (as before).
+    """
+    if resize not in RESIZE_POLICIES:
+        raise ValueError(f"resize {resize!r} is not one of {RESIZE_POLICIES}")
+    pixels = to_tensor(image, "image")
+    if resolution is None:
+        resize = "as_is"
+    side = trained_side(model) if resolution in ("auto", None) else int(resolution)
+    if resize == "trained":
+        return resize_to_area(pixels, side, model.pixel_multiple)
+    if resize == "crop":
+        return resize_and_crop(pixels, side, model.pixel_multiple)
+    return resize_to_area(pixels, (pixels.shape[-1] * pixels.shape[-2]) ** 0.5, model.pixel_multiple)
 
 
 def decode_answer(tokenizer, ids: List[int]) -> str:
@@ -268,7 +324,8 @@ def caption(
     sampler: str = "confidence",
     seed: int = 0,
     temperature: float = 0.0,
-    resolution: Optional[int] = 512,
+    resize: str = "trained",
+    resolution="auto",
     callback: Optional[Callable] = None,
     cancel: Optional[Callable[[], bool]] = None,
 ) -> List[str]:
@@ -279,10 +336,13 @@ def caption(
         steps: denoising steps (published: 32). The confidence sampler may stop earlier.
         sampler: "confidence" (fast, stops at end-of-text) or "ddpm_cache" (the published MDLM sampler).
         temperature: confidence sampler only; 0 is greedy.
-        resolution: a larger image is scaled down to about this many pixels squared (aspect
-            kept), the size the model was trained at (512); None keeps its size. Sides that are
-            not multiples of 16 are rounded to the nearest multiple.
+        resize: "trained" (default): scaled up or down to about the trained size in area (512x512 for the
+            released model, aspect kept, sides multiples of 16); "crop": the official resize of the shorter
+            side and centre crop to a square; "as_is": its own size, rounded to multiples of 16.
+        resolution: the side for "trained" and "crop"; "auto" (default) reads it from the model
+            (`trained_side`); None keeps the image's size (same as resize="as_is").
     """
+    image = understanding_input(model, image, resize, resolution)
     return _understand(model, image, [], length, steps, sampler, seed, temperature, resolution, callback, cancel)
 
 
@@ -297,7 +357,8 @@ def answer(
     short: bool = False,
     seed: int = 0,
     temperature: float = 0.0,
-    resolution: Optional[int] = 512,
+    resize: str = "trained",
+    resolution="auto",
     callback: Optional[Callable] = None,
     cancel: Optional[Callable[[], bool]] = None,
 ) -> List[str]:
@@ -308,6 +369,7 @@ def answer(
     Other arguments are those of `caption`.
     """
     _check_prompt(question, "question")
+    image = understanding_input(model, image, resize, resolution)
     text = VQA_TEMPLATE.format(question=question.strip() + (SHORT_ANSWER_SUFFIX if short else ""))
     ids = model.tokenizer(text, add_special_tokens=True)["input_ids"]
     if ids and ids[-1] == model.eos_id:

@@ -1,19 +1,30 @@
-// Shows the captions / answers of "UniAlign Understand" on the node after it has run.
+// Shows text a UniAlign node returns on the node after it has run:
+// - "UniAlign Understand": its captions / answers;
+// - the image nodes: a warning naming what was cut from a prompt over the model's token limit (empty: none).
 // The node returns {"ui": {"text": [...]}}; ComfyUI hands that to onExecuted.
+// The text is shown in a read-only widget that is neither sent as an input nor saved in the workflow's
+// widgets_values (it is not an input: saving it would shift the real widget values on load).
 // Works with the classic frontend (2024) and the current one (through its scripts/ shims).
 import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
 
-const NODE_ID = "UniAlignUnderstand";
-const WIDGET_NAME = "result_text";
+const TEXT_NODES = { UniAlignUnderstand: "result_text" };
+const WARNING_NODES = ["UniAlignTextToImage", "UniAlignEdit", "UniAlignPerceive", "UniAlignCompose"];
+const WARNING_WIDGET = "warnings";
 
-function showText(node, texts) {
+function widgetName(nodeName) {
+  return TEXT_NODES[nodeName] ?? WARNING_WIDGET;
+}
+
+function showText(node, name, texts) {
   const list = Array.isArray(texts) ? texts : [texts];
+  let widget = node.widgets?.find((w) => w.name === name);
+  if (!list.length && !widget) return; // nothing to say, nothing shown before
   const value = list.length > 1 ? list.map((t, i) => `[${i + 1}] ${t}`).join("\n\n") : String(list[0] ?? "");
-  let widget = node.widgets?.find((w) => w.name === WIDGET_NAME);
   if (!widget) {
-    widget = ComfyWidgets.STRING(node, WIDGET_NAME, ["STRING", { multiline: true }], app).widget;
+    widget = ComfyWidgets.STRING(node, name, ["STRING", { multiline: true }], app).widget;
     widget.options = { ...(widget.options || {}), serialize: false }; // never sent as an input
+    widget.serialize = false; // the current frontend skips it when saving widgets_values
     if (widget.inputEl) {
       widget.inputEl.readOnly = true;
       widget.inputEl.style.opacity = 0.85;
@@ -29,14 +40,30 @@ function showText(node, texts) {
   });
 }
 
+// Drop the shown text from a saved node (both frontends call onSerialize after filling widgets_values).
+export function dropShownText(node, data, name) {
+  const index = node.widgets?.findIndex((w) => w.name === name) ?? -1;
+  const values = data?.widgets_values;
+  if (index >= 0 && Array.isArray(values) && index < values.length && values[index] === node.widgets[index].value) {
+    values.splice(index, 1);
+  }
+}
+
 app.registerExtension({
   name: "UniAlignment.ShowText",
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData?.name !== NODE_ID) return;
+    const nodeName = nodeData?.name;
+    if (!(nodeName in TEXT_NODES) && !WARNING_NODES.includes(nodeName)) return;
+    const name = widgetName(nodeName);
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
-      if (message?.text) showText(this, message.text);
+      if (message?.text) showText(this, name, message.text);
+    };
+    const onSerialize = nodeType.prototype.onSerialize;
+    nodeType.prototype.onSerialize = function (data) {
+      onSerialize?.apply(this, arguments);
+      dropShownText(this, data, name);
     };
   },
 });

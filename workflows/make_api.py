@@ -2,12 +2,13 @@
 
     python workflows/make_api.py                 # write workflows/api/<name>.json for every workflows/<name>.json
     python workflows/make_api.py --check         # exit 1 if a twin is missing or differs
-    python workflows/make_api.py --schema-from http://127.0.0.1:8188    # first refresh node_schema.json
+    python workflows/make_api.py --schema-from http://127.0.0.1:8188    # first refresh schema/node_schema.json
     python workflows/make_api.py --schema-from object_info.json         # (from a running ComfyUI or a saved reply)
 
 The frontend saves widget values by position (`widgets_values`), so the conversion needs each node's
-widget order. `node_schema.json` holds it for the node types the workflows use, taken from a ComfyUI
-server's /object_info; the server tests check it against the live server. Standard library only.
+widget order. `schema/node_schema.json` holds it for the node types the workflows use, taken from a ComfyUI
+server's /object_info; the server tests check it against the live server. It lives in a subfolder because
+ComfyUI offers every top-level `workflows/*.json` as a template: only workflows may be there. Standard library only.
 """
 
 import argparse
@@ -18,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 API_DIR = HERE / "api"
-SCHEMA_PATH = HERE / "node_schema.json"
+SCHEMA_PATH = HERE / "schema" / "node_schema.json"
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 # The 2024 frontend adds a control widget to INT inputs with these names even without control_after_generate.
 SEED_NAMES = ("seed", "noise_seed")
@@ -29,7 +30,7 @@ class WorkflowError(ValueError):
 
 
 def ui_workflows():
-    return sorted(p for p in HERE.glob("*.json") if p.name != SCHEMA_PATH.name)
+    return sorted(HERE.glob("*.json"))  # every top-level .json is a workflow (ComfyUI lists them as templates)
 
 
 def _ordered_inputs(info):
@@ -193,7 +194,7 @@ def fetch_object_info(source):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 on any difference")
-    parser.add_argument("--schema-from", metavar="URL_OR_FILE", help="refresh node_schema.json from /object_info")
+    parser.add_argument("--schema-from", metavar="URL_OR_FILE", help="refresh schema/node_schema.json from /object_info")
     args = parser.parse_args(argv)
     try:
         if args.schema_from:

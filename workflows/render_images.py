@@ -8,6 +8,11 @@ By default the workflows run on the tiny random-weight test model, so the pictur
 produces and how it is wired, not image quality (workflows/images/<name>.png). With ``--shapes`` they run on the
 model that ``python -m train.shapes`` trained and exported: the same graphs with 32 px images and texts of the
 shapes world, on held-out scenes (workflows/images/shapes_<name>.png).
+
+Each run also writes the template thumbnail workflows/<name>.jpg (what ComfyUI's template browser shows beside
+the workflow) from those pictures: the shapes picture where there is one, else the tiny-model one.
+
+    python workflows/render_images.py --thumbnails      # only the thumbnails, from the PNGs already there
 """
 
 import argparse
@@ -149,11 +154,35 @@ def render(server, name, shapes_model=None):
     return path
 
 
+THUMBNAIL_SIZE = (512, 384)
+
+
+def write_thumbnail(name):
+    """workflows/<name>.jpg from workflows/images/(shapes_)<name>.png, fitted into THUMBNAIL_SIZE."""
+    sources = [OUT / f"shapes_{name}.png", OUT / f"{name}.png"]
+    source = next((p for p in sources if p.is_file()), None)
+    if source is None:
+        raise SystemExit(f"no picture for {name}: render it first ({sources[1].relative_to(REPO)})")
+    with Image.open(source) as im:
+        picture = im.convert("RGB")
+    picture.thumbnail(THUMBNAIL_SIZE, Image.LANCZOS)
+    sheet = Image.new("RGB", THUMBNAIL_SIZE, BACKGROUND)
+    sheet.paste(picture, ((THUMBNAIL_SIZE[0] - picture.width) // 2, (THUMBNAIL_SIZE[1] - picture.height) // 2))
+    target = REPO / "workflows" / f"{name}.jpg"
+    sheet.save(target, "JPEG", quality=85, optimize=True)
+    return target
+
+
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help=f"workflows (default: all of {', '.join(WORKFLOW_NAMES)})")
     parser.add_argument("--shapes", metavar="MODEL", help="the shapes model file (python -m train.shapes)")
+    parser.add_argument("--thumbnails", action="store_true", help="only write workflows/<name>.jpg from the PNGs")
     args = parser.parse_args(argv)
+    if args.thumbnails:
+        for name in args.names or WORKFLOW_NAMES:
+            print("wrote", write_thumbnail(name))
+        return 0
     comfyui = comfyui_dir_from_env()
     with tempfile.TemporaryDirectory() as tmp:
         if args.shapes:
@@ -170,6 +199,7 @@ def main(argv):
             for name in args.names or WORKFLOW_NAMES:
                 shapes_model = Path(args.shapes).name if args.shapes else None
                 print("wrote", render(server, name, shapes_model))
+                print("wrote", write_thumbnail(name))
     return 0
 
 
