@@ -111,17 +111,24 @@ def test_rerun_with_other_settings_is_refused(clean_run, capsys):
 
 KILLER = """
 import io, os, signal, sys
+from PIL import Image
 import train.semgen as s
-real, count = s.write_png, [0]
-def dying(image, path):
+real, count = Image.Image.save, [0]
+def dying(self, fp, format=None, **params):
     count[0] += 1
-    if count[0] == int(os.environ["KILL_AT"]):  # die in the middle of writing this file
+    if count[0] == int(os.environ["KILL_AT"]):  # die in the middle of writing this image, wherever it goes
         data = io.BytesIO()
-        image.save(data, format="PNG")
-        (path.parent / f".{path.name}.{os.getpid()}.tmp").write_bytes(data.getvalue()[: len(data.getvalue()) // 2])
+        real(self, data, format="PNG")
+        half = data.getvalue()[: len(data.getvalue()) // 2]
+        if isinstance(fp, (str, os.PathLike)):
+            with open(fp, "wb") as f:
+                f.write(half)
+        else:
+            fp.write(half)
+            fp.flush()
         os.kill(os.getpid(), signal.SIGKILL)
-    real(image, path)
-s.write_png = dying
+    return real(self, fp, format, **params)
+Image.Image.save = dying
 sys.exit(s.main(sys.argv[1:]))
 """
 
