@@ -81,7 +81,8 @@ def test_official_layout_and_names(clean_run):
                 want = np.asarray(im.convert("RGB").resize((32, 32)))
             np.testing.assert_array_equal(pixels(clean_run / f"fullset/{task}/{key}_SRCIMG.png"), want)
     # different prompts give different images; the edits differ from their source
-    assert not np.array_equal(pixels(clean_run / "fullset/t2i_long/0.png"), pixels(clean_run / "fullset/t2i_long/1.png"))
+    assert not np.array_equal(pixels(clean_run / "fullset/t2i_long/0.png"),
+                              pixels(clean_run / "fullset/t2i_long/1.png"))
     assert not np.array_equal(pixels(clean_run / "fullset/edit_complex/0.png"),
                               pixels(clean_run / "fullset/edit_complex/0_SRCIMG.png"))
     m = meta(clean_run)
@@ -329,6 +330,8 @@ def test_bad_inputs_name_the_input(tmp_path, capsys):
         (args_for(tmp_path, "x")[:-4] + ["--size", "30", "--steps", "1"], "--size 30"),
         (args_for(tmp_path, "x") + ["--rows", "5"], "source image"),  # images/6.jpg is not in the test data
         (["--bench", str(DATA)], "--model"),
+        (args_for(tmp_path, "x") + ["--device", "gpu"], "--device"),
+        (args_for(tmp_path, "x") + ["--model", str(tmp_path / "nope.safetensors")], "model not found"),
     ]
     for argv, needle in cases:
         assert semgen.main(argv) == 2, argv

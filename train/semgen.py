@@ -323,9 +323,17 @@ def resolve_device(name: Optional[str], state):
 
     if name in (None, "", "auto"):
         if state.device is not None:
-            return torch.device(state.device)
+            device = torch.device(state.device)
+            return torch.device("cpu") if device.type == "cpu" else device
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SemGenError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SemGenError(f"--device {name}: this machine has no CUDA GPU torch can use; use --device cpu")
+    if device.type == "cpu":
+        return torch.device("cpu")
     if device.type == "cuda" and device.index is None and state.num_processes > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
@@ -466,7 +474,7 @@ def run(args) -> dict:
     for it in mine:
         on_step = None
         if bar is not None:
-            def on_step(step, total, *_ , it=it):
+            def on_step(step, total, *_, it=it):
                 bar.set_postfix_str(f"{it.task} {it.key} step {step}/{total}", refresh=False)
         generate_item(model, rows[it.key], it, args, files[it], on_step)
         written += [str(p.relative_to(run_dir)) for p in files[it]]
@@ -523,7 +531,8 @@ def read_score_csv(path: Path, task: Optional[str] = None) -> List[Tuple[float, 
         lacking = [c for c in SCORE_COLUMNS if c not in (reader.fieldnames or [])]
         if lacking:
             raise SemGenError(f"{path}: no column(s) {lacking}; is this a SemGen-Bench scorer CSV "
-                              f"(columns data_type, source_image, generated_image, instruction, {', '.join(SCORE_COLUMNS)})?")
+                              "(columns data_type, source_image, generated_image, instruction, "
+                              f"{', '.join(SCORE_COLUMNS)})?")
         for line, row in enumerate(reader, start=2):
             if task is not None and row.get("data_type") != task:
                 continue
