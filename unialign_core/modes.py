@@ -15,7 +15,7 @@ import torch
 
 from .flow_sampler import flow_sigmas, sample_flow
 from .images import ImageInput, check_fits, check_size, resize_and_crop, resize_to_area, to_tensor
-from .text_sampler import TextDenoiser, sample_confidence, sample_ddpm_cache
+from .text_sampler import CachedTextDenoiser, TextDenoiser, sample_confidence, sample_ddpm_cache
 from .vae import cancellable
 
 PERCEPTION_PRESETS = {
@@ -262,10 +262,13 @@ def compose(
 
 
 def _understand(
-    model, image, prompt_ids: List[int], length, steps, sampler, seed, temperature, resolution, callback, cancel
+    model, image, prompt_ids: List[int], length, steps, sampler, seed, temperature, resolution, callback, cancel,
+    threshold=None, refresh=1,
 ):
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler {sampler!r} is not one of {SAMPLERS}")
+    if sampler == "ddpm_cache" and (threshold is not None or refresh != 1):
+        raise ValueError("threshold and refresh apply to the confidence sampler only; ddpm_cache runs as published")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     if len(prompt_ids) >= length:
@@ -276,12 +279,12 @@ def _understand(
     batch = latents.shape[0]
     x = torch.full((batch, length), model.mask_id, dtype=torch.long)
     x[:, : len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
-    denoiser = TextDenoiser(model, latents)
     if sampler == "ddpm_cache":
-        ids = sample_ddpm_cache(denoiser, x, model.mask_id, steps, generator, callback, cancel)
+        ids = sample_ddpm_cache(TextDenoiser(model, latents), x, model.mask_id, steps, generator, callback, cancel)
     else:
+        denoiser = TextDenoiser(model, latents) if refresh == 1 else CachedTextDenoiser(model, latents, refresh)
         ids = sample_confidence(
-            denoiser, x, model.mask_id, model.eos_id, steps, generator, temperature, callback, cancel
+            denoiser, x, model.mask_id, model.eos_id, steps, generator, temperature, callback, cancel, threshold
         )
     return [decode_answer(model.tokenizer, row[len(prompt_ids) :].tolist()) for row in ids.cpu()]
 
@@ -326,6 +329,8 @@ def caption(
     temperature: float = 0.0,
     resize: str = "trained",
     resolution="auto",
+    threshold: Optional[float] = None,
+    refresh: int = 1,
     callback: Optional[Callable] = None,
     cancel: Optional[Callable[[], bool]] = None,
 ) -> List[str]:
@@ -336,6 +341,11 @@ def caption(
         steps: denoising steps (published: 32). The confidence sampler may stop earlier.
         sampler: "confidence" (fast, stops at end-of-text) or "ddpm_cache" (the published MDLM sampler).
         temperature: confidence sampler only; 0 is greedy.
+        threshold: confidence sampler only; also commit, in one step, every masked token at least this
+            probable (e.g. 0.9). None: the plain top-k schedule.
+        refresh: confidence sampler only; run the image tokens every `refresh` steps and, between, the
+            text tokens alone against their cached keys and values. 1 (default) is exact; more is faster
+            and approximate (README, "Understanding samplers").
         resize: "trained" (default): scaled up or down to about the trained size in area (512x512 for the
             released model, aspect kept, sides multiples of 16); "crop": the official resize of the shorter
             side and centre crop to a square; "as_is": its own size, rounded to multiples of 16.
@@ -343,7 +353,9 @@ def caption(
             (`trained_side`); None keeps the image's size (same as resize="as_is").
     """
     image = understanding_input(model, image, resize, resolution)
-    return _understand(model, image, [], length, steps, sampler, seed, temperature, resolution, callback, cancel)
+    return _understand(
+        model, image, [], length, steps, sampler, seed, temperature, resolution, callback, cancel, threshold, refresh
+    )
 
 
 def answer(
@@ -359,6 +371,8 @@ def answer(
     temperature: float = 0.0,
     resize: str = "trained",
     resolution="auto",
+    threshold: Optional[float] = None,
+    refresh: int = 1,
     callback: Optional[Callable] = None,
     cancel: Optional[Callable[[], bool]] = None,
 ) -> List[str]:
@@ -374,4 +388,6 @@ def answer(
     ids = model.tokenizer(text, add_special_tokens=True)["input_ids"]
     if ids and ids[-1] == model.eos_id:
         ids = ids[:-1]
-    return _understand(model, image, ids, length, steps, sampler, seed, temperature, resolution, callback, cancel)
+    return _understand(
+        model, image, ids, length, steps, sampler, seed, temperature, resolution, callback, cancel, threshold, refresh
+    )

@@ -21,6 +21,7 @@ from typing import List, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import JointTransformerBlock
 from diffusers.models.embeddings import PatchEmbed, TimestepEmbedding, Timesteps
@@ -69,6 +70,27 @@ class TransformerOutput:
     text_states: Optional[torch.Tensor]  # [B, L, D] after text_norm_out
     block_image_states: Optional[torch.Tensor] = None  # [B, N_target, D] after block `return_block`
     block_text_states: Optional[torch.Tensor] = None  # [B, L, D] after block `return_block`
+
+
+@dataclass
+class ImageStreamCache:
+    """The image stream's attention keys and values of every block, from one full pass.
+
+    For captions and answers the image tokens are clean and the timestep is fixed, so a following step can run
+    the text tokens alone, attending to these keys and values (`UniAlignTransformer.forward_text`). The image
+    stream itself also reads the text, so reusing them after the text changed is an approximation.
+    """
+
+    keys: List[torch.Tensor]  # per block, [B, heads, N_image, head_dim] (after the key norm, if any)
+    values: List[torch.Tensor]  # per block, [B, heads, N_image, head_dim]
+
+    def select(self, rows: torch.Tensor) -> "ImageStreamCache":
+        """The cache of some batch rows."""
+        return ImageStreamCache([k[rows] for k in self.keys], [v[rows] for v in self.values])
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
 
 
 class UniAlignTransformer(ModelMixin, ConfigMixin):
@@ -228,3 +250,67 @@ class UniAlignTransformer(ModelMixin, ConfigMixin):
         if self.config.align_dim is None:
             raise RuntimeError("this transformer has no alignment projectors; build it with align_dim set")
         return self.siglip_adapter_img(block_image_states), self.siglip_adapter_text(block_text_states)
+
+    @torch.no_grad()
+    def forward_with_image_cache(self, latents, context, timestep, conditions=None, **kwargs):
+        """`forward` unchanged (same numbers), also returning every block's image keys and values.
+
+        The keys and values are read from the blocks' own `attn.to_k` / `attn.to_v` outputs as the
+        pass runs, so the returned output is exactly `forward`'s.
+        """
+        keys, values, hooks = [], [], []
+
+        def grab(store, attn, norm):
+            def hook(module, inputs, output):
+                x = _heads(output, attn.heads)
+                store.append(x if norm is None else norm(x))
+
+            return hook
+
+        for block in self.transformer_blocks:
+            attn = block.attn
+            hooks.append(attn.to_k.register_forward_hook(grab(keys, attn, attn.norm_k)))
+            hooks.append(attn.to_v.register_forward_hook(grab(values, attn, None)))
+        try:
+            out = self.forward(latents, context, timestep, conditions, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        if len(keys) != len(self.transformer_blocks) or len(values) != len(keys):
+            raise RuntimeError("the image keys and values were not seen once per block; cannot build the cache")
+        return out, ImageStreamCache(keys, values)
+
+    @torch.no_grad()
+    def forward_text(self, context: torch.Tensor, timestep: torch.Tensor, cache: ImageStreamCache) -> TransformerOutput:
+        """The text stream alone, attending to cached image keys and values (see `ImageStreamCache`).
+
+        Runs each block's text half with the block's own weights: AdaLN-Zero modulation, joint attention
+        over [image keys, text keys], output projection, gated residuals and the feed-forward.
+        """
+        batch = context.shape[0]
+        if cache.keys[0].shape[0] != batch:
+            raise ValueError(f"the image cache holds {cache.keys[0].shape[0]} rows but the text has {batch}")
+        timestep = torch.as_tensor(timestep, device=context.device)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(batch)
+        temb = self.time_text_embed(timestep)
+        text = self.context_embedder(context)
+        for block, k_image, v_image in zip(self.transformer_blocks, cache.keys, cache.values):
+            attn = block.attn
+            normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(text, emb=temb)
+            q = _heads(attn.add_q_proj(normed), attn.heads)
+            k = _heads(attn.add_k_proj(normed), attn.heads)
+            v = _heads(attn.add_v_proj(normed), attn.heads)
+            if attn.norm_added_q is not None:
+                q = attn.norm_added_q(q)
+            if attn.norm_added_k is not None:
+                k = attn.norm_added_k(k)
+            k = torch.cat([k_image.to(k.dtype), k], dim=2)  # the joint order: image first, then text
+            v = torch.cat([v_image.to(v.dtype), v], dim=2)
+            mixed = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+            mixed = mixed.transpose(1, 2).reshape(batch, -1, q.shape[1] * q.shape[-1]).to(q.dtype)
+            text = text + gate_msa.unsqueeze(1) * attn.to_add_out(mixed)
+            normed = block.norm2_context(text) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+            text = text + gate_mlp.unsqueeze(1) * block.ff_context(normed)
+        text_states = self.text_norm_out(text)
+        return TransformerOutput(None, self.text_proj_out(text_states), None, text_states)

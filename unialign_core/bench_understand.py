@@ -1,0 +1,183 @@
+"""Side-by-side speed of the understanding samplers on random weights (weights do not change the cost per pass).
+
+    python -m unialign_core.bench_understand                     # the issue's CPU config, 256 and 1024 image tokens
+    python -m unialign_core.bench_understand --image-tokens 256 --refresh 1 4 8 --threshold 0.9 --threads 1
+
+Times, in one process on the same weights and the same clean image latents (no VAE: both sides would pay the same
+encode once), the official algorithm (`ddpm_cache`, parity-tested, every pass a full pass) against the
+confidence sampler with the image-stream cache refreshed every N steps and with threshold commits. Each row
+reports seconds, forward passes (full / text-only) and the speed ratio against `ddpm_cache`.
+
+On random weights nothing is confident, so a threshold commits no more than the top-k schedule: its gain is
+measured on a trained model (`train/shapes/sampler_quality.py`). The cache's cost is checked here by the
+`logit_drift` figure: along the exact (refresh 1) trajectory, the largest difference in the last step's logits
+between a full pass and a text-only pass over the image keys and values cached N-1 steps earlier, and the share
+of masked positions whose most likely token changes.
+"""
+
+import argparse
+import json
+import time
+
+import torch
+from transformers import T5Config, T5EncoderModel
+
+from .bench import word_tokenizer
+from .loader import DEFAULT_SCHEDULER, UniAlignModel
+from .text_sampler import CachedTextDenoiser, TextDenoiser, sample_confidence, sample_ddpm_cache
+from .transformer import UniAlignTransformer
+
+CONFIG = dict(layers=6, heads=4, head_dim=64, t5_layers=4, vocab=1000)  # DiT 6 x 256, T5 4 x 256
+
+
+def random_model(layers=6, heads=4, head_dim=64, t5_layers=4, vocab=1000, device="cpu", dtype=torch.float32):
+    """A random UniAlignModel without a VAE (the samplers take latents)."""
+    torch.manual_seed(0)
+    width = heads * head_dim
+    with torch.device(device):
+        transformer = UniAlignTransformer(
+            num_layers=layers, num_attention_heads=heads, attention_head_dim=head_dim, joint_attention_dim=width,
+            caption_projection_dim=width, pos_embed_max_size=96, vocab_size=vocab,
+        )  # fmt: skip
+        t5 = T5EncoderModel(T5Config(feed_forward_proj="gated-gelu", is_encoder_decoder=False, d_model=width,
+                                     d_kv=64, d_ff=2 * width, num_layers=t5_layers, num_heads=width // 64,
+                                     vocab_size=vocab))  # fmt: skip
+    transformer, t5 = transformer.to(dtype).eval(), t5.to(dtype).eval()
+    return UniAlignModel(transformer, None, t5, word_tokenizer(vocab), DEFAULT_SCHEDULER, vocab - 1, "random")
+
+
+def _latents(model, image_tokens: int, batch: int = 1) -> torch.Tensor:
+    side = int(round(image_tokens**0.5)) * model.transformer.config.patch_size
+    if (side // model.transformer.config.patch_size) ** 2 != image_tokens:
+        raise ValueError(f"--image-tokens must be a square number (256 = 256 px, 1024 = 512 px); got {image_tokens}")
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(batch, model.transformer.config.in_channels, side, side, generator=g).to(model.device, model.dtype)
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_setting(model, latents, length, steps, sampler, refresh=1, threshold=None, seed=0):
+    """(ids, seconds, passes, full passes) of one caption of the latents' images."""
+    x = torch.full((latents.shape[0], length), model.mask_id, dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    _sync(model.device)
+    start = time.perf_counter()
+    before = TextDenoiser.total_calls
+    if sampler == "ddpm_cache":
+        denoiser = TextDenoiser(model, latents)
+        ids = sample_ddpm_cache(denoiser, x, model.mask_id, steps, generator)
+        full = TextDenoiser.total_calls - before
+    else:
+        denoiser = CachedTextDenoiser(model, latents, refresh)
+        ids = sample_confidence(denoiser, x, model.mask_id, model.eos_id, steps, generator, threshold=threshold)
+        full = denoiser.full_passes
+    _sync(model.device)
+    return ids, time.perf_counter() - start, TextDenoiser.total_calls - before, full
+
+
+@torch.no_grad()
+def logit_drift(model, latents, length, steps, refreshes):
+    """Along the exact trajectory: last-step logits of a full pass vs a text-only pass on an older cache."""
+    x = torch.full((latents.shape[0], length), model.mask_id, dtype=torch.long)
+    states = []
+    denoiser = TextDenoiser(model, latents)
+
+    def record(ids, rows=None):
+        states.append(ids.clone())
+        return denoiser(ids, rows)
+
+    sample_confidence(record, x, model.mask_id, model.eos_id, steps)
+    zero = torch.zeros(latents.shape[0], device=model.device)
+    last = states[-1]
+    context = model.encode_ids(last)
+    exact = model.transformer(latents, context, zero, compute_image=False).text_logits.float()
+    masked = (last == model.mask_id).to(exact.device)
+    drift = {}
+    for n in refreshes:
+        if n == 1:
+            continue
+        built_at = ((len(states) - 1) // n) * n  # the step of the last refresh with refresh = n
+        _, cache = model.transformer.forward_with_image_cache(
+            latents, model.encode_ids(states[built_at]), zero, compute_image=False
+        )
+        approx = model.transformer.forward_text(context, zero, cache).text_logits.float()
+        changed = (approx.argmax(-1) != exact.argmax(-1))[masked]
+        drift[f"refresh {n}"] = {
+            "cache_age_steps": len(states) - 1 - built_at,
+            "max_abs_logit_diff": (approx - exact).abs().max().item(),
+            "logit_scale_max_abs": exact.abs().max().item(),
+            "argmax_changed_share_of_masked": changed.float().mean().item() if changed.numel() else 0.0,
+        }
+    return drift
+
+
+def bench(image_tokens, length=256, steps=32, refreshes=(1, 4, 8), thresholds=(None, 0.9), device="cpu",
+          dtype=torch.float32, batch=1, drift=True, repeat=1):  # fmt: skip
+    """Each setting `repeat` times, interleaved (a busy machine slows all alike); the fastest run counts."""
+    model = random_model(device=device, dtype=dtype, **CONFIG)
+    latents = _latents(model, image_tokens, batch)
+    run_setting(model, latents, 16, 2, "confidence")  # warm-up
+    settings = [("ddpm_cache", 1, None)] + [("confidence", n, t) for t in thresholds for n in refreshes]
+    best = {}
+    for _ in range(repeat):
+        for setting in settings:
+            _, s, passes, full = run_setting(model, latents, length, steps, *setting)
+            best[setting] = min(best.get(setting, (s, passes, full)), (s, passes, full))
+    rows = []
+    base = best[settings[0]][0]
+    rows.append({"setting": "ddpm_cache (official)", "s": base, "passes": best[settings[0]][1],
+                 "full_passes": best[settings[0]][2], "ratio": 1.0})  # fmt: skip
+    for _, n, threshold in settings[1:]:
+        s, passes, full = best[("confidence", n, threshold)]
+        name = f"confidence, refresh {n}, threshold {threshold if threshold is not None else 'off'}"
+        rows.append({"setting": name, "s": s, "passes": passes, "full_passes": full, "ratio": base / s})
+    result = {"image_tokens": image_tokens, "text_tokens": length, "steps": steps, "batch": batch,
+              "device": str(device), "dtype": str(dtype).replace("torch.", ""), "repeat": repeat,
+              "threads": torch.get_num_threads(), "rows": rows}  # fmt: skip
+    if drift:
+        result["logit_drift"] = logit_drift(model, latents, length, steps, refreshes)
+    return result
+
+
+def markdown(results) -> str:
+    lines = ["| image tokens | setting | s | passes (full) | ratio vs ddpm_cache |", "|---|---|---|---|---|"]
+    for r in results:
+        for row in r["rows"]:
+            lines.append(f"| {r['image_tokens']} | {row['setting']} | {row['s']:.2f} | {row['passes']} "
+                         f"({row['full_passes']}) | {row['ratio']:.2f}x |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image-tokens", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--length", type=int, default=256, help="text tokens")
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--refresh", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--threshold", type=float, nargs="+", default=None,
+                        help="thresholds to time besides 'off' (default: 0.9)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=1, help="runs per setting, interleaved; the fastest counts")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (1 gives steadier figures on a busy machine)")
+    parser.add_argument("--no-drift", action="store_true", help="skip the logit-drift check")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    thresholds = [None] + (args.threshold if args.threshold is not None else [0.9])
+    results = []
+    for tokens in args.image_tokens:
+        results.append(bench(tokens, args.length, args.steps, args.refresh, thresholds, args.device, dtype,
+                             args.batch, not args.no_drift, args.repeat))  # fmt: skip
+        print(json.dumps(results[-1], indent=2), flush=True)
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
