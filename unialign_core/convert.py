@@ -8,19 +8,141 @@ encoder and VAE stay separate (ComfyUI users already have them) unless `--bundle
 """
 
 import argparse
+import json
+import os
 import sys
+from typing import Dict, List, Tuple
 
 import torch
+from safetensors import safe_open
 
+from .checkpoint import check_state_dict
 from .errors import CheckpointError
-from .loader import load_model
-from .single_file import save_single_file
+from .loader import (
+    DEFAULT_SCHEDULER, _find_mask_file, _first_dir, _mask_id, load_model, load_tokenizer,
+    transformer_config_from_upstream,
+)  # fmt: skip
+from .single_file import BUNDLE_PREFIXES, TORCH_DTYPES, StreamingSafetensorsWriter, _config_dict, save_single_file
+from .single_file import single_file_metadata
+from .text_encoder import load_mask_embedding
+from .transformer import ALIGN_PREFIXES, UniAlignTransformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STEM = "diffusion_pytorch_model"
+
+
+def transformer_shards(folder: str) -> List[Tuple[str, List[str]]]:
+    """The safetensors files of a `transformer/` folder, each with the keys it holds (one file or a shard index)."""
+    single = os.path.join(folder, f"{STEM}.safetensors")
+    index = single + ".index.json"
+    if os.path.isfile(single):
+        try:
+            with safe_open(single, framework="pt", device="cpu") as f:
+                return [(single, list(f.keys()))]
+        except Exception as e:
+            raise CheckpointError(single, f"not a readable safetensors file: {e}") from None
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(index, f"not a valid shard index: {e}") from None
+        shards: Dict[str, List[str]] = {}
+        for key, shard in weight_map.items():
+            shards.setdefault(shard, []).append(key)
+        return [(os.path.join(folder, shard), keys) for shard, keys in sorted(shards.items())]
+    if any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in os.listdir(folder)):
+        raise CheckpointError(folder, f"only pickle weights found; convert them to {STEM}.safetensors")
+    raise CheckpointError(folder, f"no {STEM}.safetensors (or sharded index) in this folder")
+
+
+def convert_folder_streaming(source: str, output: str, dtype: torch.dtype, mask_embedding=None) -> str:
+    """Convert an upstream folder tensor by tensor: one shard is open at a time and one tensor is in memory.
+
+    The T5 encoder and the VAE are not read at all. The file is the same as `save_single_file` writes for the
+    loaded model (same tensors, same header)."""
+    transformer_dir = _first_dir(source, ["transformer"])
+    if transformer_dir is None:
+        raise CheckpointError(source, "not a model folder: no transformer/ subfolder")
+    config_path = os.path.join(transformer_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(transformer_dir, "no config.json in this transformer folder")
+    with open(config_path) as f:
+        config = transformer_config_from_upstream(json.load(f), config_path)
+    index_path = os.path.join(source, "model_index.json")
+    if os.path.isfile(index_path):  # DualDiffusion does not round the time projection; UniAlignment does
+        with open(index_path) as f:
+            if "dual" in json.load(f).get("_class_name", "").lower():
+                config["fp16_time_projection"] = False
+    with torch.device("meta"):
+        model = UniAlignTransformer(**dict(config, align_dim=None))
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+
+    shards = transformer_shards(transformer_dir)
+    found, entries, plan = {}, [], []
+    for shard, keys in shards:
+        if not os.path.isfile(shard):
+            raise CheckpointError(shard, "file not found (the shard index lists it)")
+        try:
+            with safe_open(shard, framework="pt", device="cpu") as f:
+                present = set(f.keys())
+                absent = [k for k in keys if k not in present]
+                if absent:
+                    raise CheckpointError(shard, f"the shard lacks keys the index lists: {absent[:5]}")
+                for key in keys:
+                    view = f.get_slice(key)
+                    shape, kind = tuple(view.get_shape()), TORCH_DTYPES.get(view.get_dtype())
+                    found[key] = torch.empty(shape, device="meta")
+                    if key.startswith(ALIGN_PREFIXES + BUNDLE_PREFIXES) or key not in expected:
+                        continue
+                    if kind is None:
+                        raise CheckpointError(shard, f"tensor {key!r} has the unsupported dtype {view.get_dtype()}")
+                    entries.append((key, dtype if kind.is_floating_point else kind, shape))
+                    plan.append((shard, key))
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(shard, f"not a readable safetensors file: {e}") from None
+    check_state_dict(transformer_dir, expected, found, ALIGN_PREFIXES + BUNDLE_PREFIXES, "UniAlignment transformer")
+
+    scheduler = dict(DEFAULT_SCHEDULER)
+    scheduler_path = os.path.join(source, "scheduler", "scheduler_config.json")
+    if os.path.isfile(scheduler_path):
+        with open(scheduler_path) as f:
+            scheduler = json.load(f)
+    tokenizer_dir = _first_dir(source, ["tokenizer", "tokenizer_3"])
+    if tokenizer_dir is None:
+        raise CheckpointError(source, "no tokenizer/ folder in this model folder")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    mask_id = _mask_id(tokenizer)
+    if not mask_id < config.get("vocab_size", 0):
+        raise CheckpointError(source, f"mask id {mask_id} is outside the text head of {config.get('vocab_size')}")
+    mask_source = mask_embedding or _find_mask_file(source)
+    mask_vector = load_mask_embedding(mask_source) if mask_source else None
+    metadata = single_file_metadata(_config_dict(model), scheduler, mask_id, mask_vector, tokenizer)
+
+    with StreamingSafetensorsWriter(output, entries, metadata) as writer:
+        for shard, keys in shards:
+            wanted = [key for s, key in plan if s == shard]
+            with safe_open(shard, framework="pt", device="cpu") as f:
+                for key in wanted:
+                    tensor = f.get_tensor(key)
+                    writer.write(key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+                    del tensor
+    return output
 
 
 def convert(source: str, output: str, dtype: str = "bf16", mask_embedding=None, bundle: bool = False) -> str:
-    """Load `source` (any format load_model reads) and write it as one single file."""
+    """Write `source` (any format load_model reads) as one single file.
+
+    An upstream folder is converted tensor by tensor (`convert_folder_streaming`: never more than one shard's
+    worth of memory, T5 and VAE untouched); `bundle`, or a source that is already a file, loads the model."""
+    if not output.endswith(".safetensors"):
+        raise ValueError(f"output path {output!r} must end with .safetensors")
+    if os.path.isdir(source) and not bundle:
+        return convert_folder_streaming(source, output, DTYPES[dtype], mask_embedding)
+    if not os.path.exists(source):
+        raise CheckpointError(source, "model not found")
     model = load_model(source, mask_embedding=mask_embedding)
     return save_single_file(
         output,

@@ -20,11 +20,14 @@ Metadata (all strings, JSON where structured):
 """
 
 import json
-from typing import Dict, Optional
+import math
+import os
+import struct
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .checkpoint import save_safetensors_atomic
+from .checkpoint import _new_file_mode, save_safetensors_atomic
 from .transformer import ALIGN_PREFIXES
 
 FORMAT = "unialignment"
@@ -40,6 +43,111 @@ def encode_tensor(t: torch.Tensor) -> str:
 def decode_tensor(text: str) -> torch.Tensor:
     data = json.loads(text)
     return torch.tensor(data["values"], dtype=torch.float32).to(getattr(torch, data["dtype"]))
+
+
+def single_file_metadata(
+    config: dict, scheduler_config: dict, mask_id: int, mask_embedding: Optional[torch.Tensor] = None, tokenizer=None
+) -> Dict[str, str]:
+    """The metadata header of a single file (see the module docstring) for a transformer config."""
+    config = dict(config, align_dim=None)
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_config": json.dumps(config),
+        "vocab_size": str(config["vocab_size"]),
+        "mask_id": str(int(mask_id)),
+        "scheduler_config": json.dumps({k: v for k, v in scheduler_config.items() if not k.startswith("_")}),
+    }
+    if mask_embedding is not None:
+        metadata["mask_embedding"] = encode_tensor(mask_embedding)
+    if tokenizer is not None:
+        metadata["tokenizer"] = tokenizer.backend_tokenizer.to_str()
+        special = {n: getattr(tokenizer, n) for n in ("eos_token", "pad_token", "unk_token")}
+        metadata["tokenizer_special"] = json.dumps({k: v for k, v in special.items() if v is not None})
+    return metadata
+
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+    **{d: n for d, n in ((getattr(torch, "float8_e4m3fn", None), "F8_E4M3"), (getattr(torch, "float8_e5m2", None),
+                                                                           "F8_E5M2")) if d is not None},
+}  # fmt: skip
+TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+
+
+class StreamingSafetensorsWriter:
+    """Writes a .safetensors file one tensor at a time, so that no more than one tensor is ever in memory.
+
+    The names, dtypes and shapes are declared up front (they make the header); then `write(name, tensor)` is
+    called once per entry, in the declared order. The file appears under its name only when `close()` has
+    checked that every entry was written (a temp file, then a rename); on an error the temp file is removed.
+    Use it as a context manager.
+    """
+
+    def __init__(self, path: str, entries: Sequence[Tuple[str, torch.dtype, Sequence[int]]],
+                 metadata: Optional[Dict[str, str]] = None):  # fmt: skip
+        self.path = path
+        self.entries = [(name, dtype, tuple(int(n) for n in shape)) for name, dtype, shape in entries]
+        if len({name for name, _, _ in self.entries}) != len(self.entries):
+            raise ValueError(f"{path}: duplicate tensor names")
+        header, offset = {}, 0
+        for name, dtype, shape in self.entries:
+            if dtype not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}, which safetensors cannot store")
+            size = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.total_bytes = 8 + len(raw) + offset
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        self.tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        self.file = open(self.tmp, "wb")
+        self.file.write(struct.pack("<Q", len(raw)) + raw)
+        self.written = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self.written >= len(self.entries):
+            raise ValueError(f"{self.path}: {name!r} is more than the {len(self.entries)} declared tensors")
+        want_name, want_dtype, want_shape = self.entries[self.written]
+        if name != want_name or tensor.dtype != want_dtype or tuple(tensor.shape) != want_shape:
+            raise ValueError(
+                f"{self.path}: got {name!r} {tensor.dtype} {tuple(tensor.shape)}, expected {want_name!r} "
+                f"{want_dtype} {want_shape} (tensors must come in the declared order)"
+            )
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        if flat.numel():
+            self.file.write(memoryview(flat.view(torch.uint8).numpy()))
+        self.written += 1
+
+    def close(self) -> str:
+        if self.written != len(self.entries):
+            missing = [name for name, _, _ in self.entries[self.written :]]
+            raise ValueError(f"{self.path}: {len(missing)} declared tensors were not written (first: {missing[:5]})")
+        self.file.close()
+        os.chmod(self.tmp, _new_file_mode())
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+    def __enter__(self) -> "StreamingSafetensorsWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def _config_dict(module) -> dict:
@@ -73,23 +181,8 @@ def save_single_file(
     """
     if not path.endswith(".safetensors"):
         raise ValueError(f"output path {path!r} must end with .safetensors")
-    config = _config_dict(transformer)
-    config["align_dim"] = None
     tensors = {k: v for k, v in transformer.state_dict().items() if not k.startswith(ALIGN_PREFIXES)}
-    metadata = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model_config": json.dumps(config),
-        "vocab_size": str(config["vocab_size"]),
-        "mask_id": str(int(mask_id)),
-        "scheduler_config": json.dumps({k: v for k, v in scheduler_config.items() if not k.startswith("_")}),
-    }
-    if mask_embedding is not None:
-        metadata["mask_embedding"] = encode_tensor(mask_embedding)
-    if tokenizer is not None:
-        metadata["tokenizer"] = tokenizer.backend_tokenizer.to_str()
-        special = {n: getattr(tokenizer, n) for n in ("eos_token", "pad_token", "unk_token")}
-        metadata["tokenizer_special"] = json.dumps({k: v for k, v in special.items() if v is not None})
+    metadata = single_file_metadata(_config_dict(transformer), scheduler_config, mask_id, mask_embedding, tokenizer)
     if text_encoder is not None:
         metadata["text_encoder_config"] = json.dumps(text_encoder.config.to_dict())
         for k, v in text_encoder.state_dict().items():
