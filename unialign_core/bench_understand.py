@@ -79,6 +79,32 @@ def run_setting(model, latents, length, steps, sampler, refresh=1, threshold=Non
 
 
 @torch.no_grad()
+def pass_costs(model, latents, length, repeat=5) -> dict:
+    """Fastest of `repeat` runs of each part of one denoiser call: T5, a full transformer pass, a text-only pass."""
+    ids = torch.full((latents.shape[0], length), model.mask_id, dtype=torch.long)
+    zero = torch.zeros(latents.shape[0], device=model.device)
+    context = model.encode_ids(ids)
+    _, cache = model.transformer.forward_with_image_cache(latents, context, zero, compute_image=False)
+    parts = {
+        "s_t5": lambda: model.encode_ids(ids),
+        "s_full_transformer": lambda: model.transformer(latents, context, zero, compute_image=False),
+        "s_text_only_transformer": lambda: model.transformer.forward_text(context, zero, cache),
+    }
+    costs = {}
+    for name, fn in parts.items():
+        fn()
+        times = []
+        for _ in range(repeat):
+            _sync(model.device)
+            start = time.perf_counter()
+            fn()
+            _sync(model.device)
+            times.append(time.perf_counter() - start)
+        costs[name] = min(times)
+    return costs
+
+
+@torch.no_grad()
 def logit_drift(model, latents, length, steps, refreshes):
     """Along the exact trajectory: last-step logits of a full pass vs a text-only pass on an older cache."""
     x = torch.full((latents.shape[0], length), model.mask_id, dtype=torch.long)
@@ -137,17 +163,26 @@ def bench(image_tokens, length=256, steps=32, refreshes=(1, 4, 8), thresholds=(N
     result = {"image_tokens": image_tokens, "text_tokens": length, "steps": steps, "batch": batch,
               "device": str(device), "dtype": str(dtype).replace("torch.", ""), "repeat": repeat,
               "threads": torch.get_num_threads(), "rows": rows}  # fmt: skip
+    costs = result["pass_costs"] = pass_costs(model, latents, length)
+    full_call = costs["s_t5"] + costs["s_full_transformer"]
+    text_call = costs["s_t5"] + costs["s_text_only_transformer"]
+    for row in rows:  # the ratio the passes imply, steadier than wall time on a shared machine
+        row["s_from_pass_costs"] = row["full_passes"] * full_call + (row["passes"] - row["full_passes"]) * text_call
+    for row in rows:
+        row["ratio_from_pass_costs"] = rows[0]["s_from_pass_costs"] / row["s_from_pass_costs"]
     if drift:
         result["logit_drift"] = logit_drift(model, latents, length, steps, refreshes)
     return result
 
 
 def markdown(results) -> str:
-    lines = ["| image tokens | setting | s | passes (full) | ratio vs ddpm_cache |", "|---|---|---|---|---|"]
+    lines = ["| image tokens | setting | s | passes (full) | ratio vs ddpm_cache | ratio from pass costs |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         for row in r["rows"]:
             lines.append(f"| {r['image_tokens']} | {row['setting']} | {row['s']:.2f} | {row['passes']} "
-                         f"({row['full_passes']}) | {row['ratio']:.2f}x |")  # fmt: skip
+                         f"({row['full_passes']}) | {row['ratio']:.2f}x | {row['ratio_from_pass_costs']:.2f}x |")
+
     return "\n".join(lines)
 
 
@@ -158,7 +193,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--refresh", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--threshold", type=float, nargs="+", default=None,
-                        help="thresholds to time besides 'off' (default: 0.9)")
+                        help="thresholds to time besides 'off' (default: 0.9; 0 = none)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=1, help="runs per setting, interleaved; the fastest counts")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -171,6 +206,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     thresholds = [None] + (args.threshold if args.threshold is not None else [0.9])
+    if args.threshold == [0]:
+        thresholds = [None]  # --threshold 0: time the top-k schedule only
     results = []
     for tokens in args.image_tokens:
         results.append(bench(tokens, args.length, args.steps, args.refresh, thresholds, args.device, dtype,
