@@ -154,3 +154,19 @@ def train_in_process(cfg_dict: dict, tmp: Path, resume=None, name="config.yaml")
 
 DEFAULT_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+
+
+def launch_args(accelerate_config: str, config_path: str, *args, processes=2, port=29517, extra=()):
+    """`accelerate launch` of the running interpreter (its script need not be on PATH) with a shipped config."""
+    return [PY, "-m", "accelerate.commands.launch", "--config_file",
+            str(REPO / "train/configs/accelerate" / accelerate_config), "--num_processes", str(processes),
+            "--main_process_port", str(port), *extra, "-m", "train", config_path, *args]
+
+
+def launch(accelerate_config: str, config_path: str, *args, processes=2, port=29517, extra=(), timeout=300):
+    """Run `accelerate launch ... -m train CONFIG` to the end; fails the test with its stderr if it fails."""
+    proc = subprocess.run(launch_args(accelerate_config, config_path, *args, processes=processes, port=port,
+                                      extra=extra), cwd=REPO, env=env(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc

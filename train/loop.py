@@ -76,14 +76,79 @@ class EMA:
             self.shadow[k].lerp_(p.detach().float(), 1 - self.decay)
 
     def state_dict(self):
-        return dict(self.shadow)
+        """Full tensors. Under FSDP the shadows are sharded like their parameters (DTensors: each process keeps
+        the average of its own shard, no communication per step); this gathers them (a collective)."""
+        return {k: v.full_tensor() if is_dtensor(v) else v for k, v in self.shadow.items()}
 
     def load_state_dict(self, state):
         missing = set(self.shadow) - set(state)
         if missing:
             raise ValueError(f"EMA state lacks {sorted(missing)[:3]}")
-        for k in self.shadow:
-            self.shadow[k].copy_(state[k])
+        for k, v in self.shadow.items():
+            if is_dtensor(v):
+                from torch.distributed.tensor import distribute_tensor
+
+                v.copy_(distribute_tensor(state[k].to(v.device, v.dtype), v.device_mesh, v.placements))
+            else:
+                v.copy_(state[k])
+
+
+def is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# FSDP2. `accelerate launch` with distributed_type FSDP exports the config's fsdp_* keys as FSDP_* variables. The
+# trainer applies torch's FSDP2 `fully_shard` itself (one unit per transformer block, then the transformer) and
+# hides ACCELERATE_USE_FSDP from accelerate, which then runs as plain multi-process (MULTI_GPU / MULTI_CPU):
+# accelerate 1.15 selects FSDP only on accelerator devices (never with gloo on CPU), so this is the one code path
+# that runs both on GPUs and in the CPU tests.
+
+
+def fsdp_settings():
+    """The launch's FSDP settings ({block, reshard, offload}) or None; FSDP1 is refused."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise ConfigError(f"accelerate config: fsdp_version {version} is not supported; the trainer runs FSDP2 "
+                          f"(set fsdp_version: 2, as train/configs/accelerate/fsdp.yaml does)")
+    strategy = os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD")
+    if strategy not in ("FULL_SHARD", "1"):
+        raise ConfigError(f"accelerate config: fsdp_sharding_strategy {strategy}: only FULL_SHARD is supported "
+                          f"(use the DDP config to replicate)")
+    flag = lambda name, default: os.environ.get(name, default).lower() == "true"  # noqa: E731
+    return {"block": os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP") or "JointTransformerBlock",
+            "reshard": flag("FSDP_RESHARD_AFTER_FORWARD", "true"), "offload": flag("FSDP_OFFLOAD_PARAMS", "false")}
+
+
+def shard_transformer(transformer, settings: dict) -> int:
+    """fully_shard each block (one FSDP unit per block) and then the transformer (the rest). Returns #blocks."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard, register_fsdp_forward_method
+
+    names = {n.strip() for n in settings["block"].split(",") if n.strip()}
+    kwargs = {"reshard_after_forward": settings["reshard"]}
+    if settings["offload"]:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    units = [m for m in transformer.modules() if type(m).__name__ in names]
+    if not units:
+        raise ConfigError(f"accelerate config: fsdp_transformer_layer_cls_to_wrap {settings['block']}: no such module "
+                          f"in the transformer (its blocks are JointTransformerBlock)")
+    for m in units:
+        fully_shard(m, **kwargs)
+    fully_shard(transformer, **kwargs)
+    # called by TrainModule.forward outside transformer.forward: unshard the transformer's own parameters for it
+    register_fsdp_forward_method(transformer, "project_for_alignment")
+    return len(units)
+
+
+def _autocast(forward, device_type: str, dtype):
+    def wrapped(*args, **kwargs):
+        with torch.autocast(device_type=device_type, dtype=dtype):
+            return forward(*args, **kwargs)
+    return wrapped
 
 
 def caption_ids(tokenizer, task: str, text: str, caption: str, length: int):
@@ -299,6 +364,18 @@ class Trainer:
             apply_lora(transformer, cfg)
         if cfg.train.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
+        self.validation_copy = None
+        if self.fsdp:
+            if acc.mixed_precision == "fp16":
+                raise ConfigError("train.mixed_precision: fp16 is not supported under FSDP; use bf16 (or fp32)")
+            if self.main and cfg.validation.every:
+                import copy
+
+                # an unsharded twin on the CPU: validation loads the gathered weights into it (rank 0)
+                self.validation_copy = copy.deepcopy(transformer).requires_grad_(False)
+            units = shard_transformer(transformer, self.fsdp)  # parameters become DTensor shards (on acc.device)
+            log.info("FSDP2: %d %s units + the transformer's other parameters, sharded over %d process(es)",
+                     units, self.fsdp["block"], acc.num_processes)
         self.trainable = [(n, p) for n, p in transformer.named_parameters() if p.requires_grad]
         n_train = sum(p.numel() for _, p in self.trainable)
         n_all = sum(p.numel() for p in transformer.parameters())
@@ -309,14 +386,21 @@ class Trainer:
             ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
             if ds.get("gradient_clipping", "auto") == "auto":
                 ds["gradient_clipping"] = cfg.train.grad_clip
-        self.module, self.optimizer = acc.prepare(TrainModule(transformer), self.optimizer)
-        self.sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-        self.params_sharded = acc.distributed_type == DistributedType.FSDP or (
-            acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3)
+        if self.fsdp:
+            module = TrainModule(transformer)  # not prepared: accelerate would wrap it in DDP
+            if acc.mixed_precision != "no":
+                module.forward = _autocast(module.forward, acc.device.type, DTYPES[acc.mixed_precision])
+            self.module, self.optimizer = module, acc.prepare(self.optimizer)
+        else:
+            self.module, self.optimizer = acc.prepare(TrainModule(transformer), self.optimizer)
+        # DeepSpeed keeps its optimizer state only as pickles: no exact resume
+        self.sharded = acc.distributed_type == DistributedType.DEEPSPEED
+        self.params_sharded = (acc.distributed_type == DistributedType.DEEPSPEED
+                               and acc.state.deepspeed_plugin.zero_stage == 3)
         self.ema = None
         if cfg.train.ema:
             if self.params_sharded:
-                raise ConfigError("train.ema: not supported with sharded parameters (FSDP, ZeRO-3); use DDP or ZeRO-2")
+                raise ConfigError("train.ema: not supported with ZeRO-3; use FSDP, DDP or ZeRO-2")
             self.ema = EMA(self.trainable, cfg.train.ema_decay)
 
         self._data()
@@ -333,6 +417,9 @@ class Trainer:
         kwargs = dict(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
                       step_scheduler_with_optimizer=False)
+        self.fsdp = fsdp_settings()
+        if self.fsdp:
+            os.environ["ACCELERATE_USE_FSDP"] = "false"  # the trainer shards (shard_transformer), not accelerate
         if not torch.cuda.is_available():
             # CPU-only machine: under torchrun / `accelerate launch --multi_gpu` this makes accelerate pick
             # MULTI_CPU with gloo instead of running each process alone
@@ -407,17 +494,36 @@ class Trainer:
             return list(self.transformer.state_dict())
         return [n for n, _ in self.trainable]
 
-    def _load_trainable(self, state, where):
+    def _load_trainable(self, state, where, names=None):
         keys = set(self._trainable_keys())
-        if set(state) != keys:
+        names = set(state) if names is None else set(names)
+        if names != keys:
             raise ValueError(f"{where}: trained tensors do not match this run's model "
-                             f"(missing {sorted(keys - set(state))[:3]}, extra {sorted(set(state) - keys)[:3]})")
+                             f"(missing {sorted(keys - names)[:3]}, extra {sorted(names - keys)[:3]})")
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            # rank 0 holds the full tensors and broadcasts them; every rank keeps its shard
+            set_model_state_dict(self.transformer, state if self.main else {}, options=StateDictOptions(
+                full_state_dict=True, broadcast_from_rank0=True, strict=False))
+            return
         own = self.transformer.state_dict()
         with torch.no_grad():
             for k, v in state.items():
                 own[k].copy_(v)
 
+    def _full_model_state(self):
+        """FSDP: the transformer's full state dict on rank 0, on the CPU (a collective; None elsewhere)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.transformer, options=StateDictOptions(full_state_dict=True,
+                                                                                cpu_offload=True))
+        return state if self.main else None
+
     def _trainable_state(self):
+        if self.fsdp:
+            state = self._full_model_state()
+            return None if state is None else {k: state[k] for k in self._trainable_keys()}
         state = self.accelerator.get_state_dict(self.module)  # collective under FSDP / ZeRO-3
         if state is None:
             return None
@@ -429,8 +535,17 @@ class Trainer:
         Sharded runs (FSDP, DeepSpeed) keep no optimizer state: their engines only write pickles."""
         acc = self.accelerator
         runs.save_rng(tmp, acc.process_index)
+        optimizer = None
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            # the full (gathered) state on rank 0, keyed by parameter name; a collective
+            optimizer = get_optimizer_state_dict(self.transformer, self.optimizer.optimizer, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True))
         if self.main:
-            if not self.sharded:
+            if self.fsdp:
+                runs.save_optimizer_state(os.path.join(tmp, runs.OPTIMIZER), optimizer)
+            elif not self.sharded:
                 runs.save_optimizer(os.path.join(tmp, runs.OPTIMIZER), self.optimizer)
             scaler = getattr(acc, "scaler", None)
             runs.write_json(os.path.join(tmp, runs.RESUME), {
@@ -438,7 +553,7 @@ class Trainer:
                 "scaler": runs._jsonable(scaler.state_dict()) if scaler is not None else None,
                 "optimizer": None if self.sharded else runs.OPTIMIZER})
 
-    def _write_checkpoint(self, tmp, state):
+    def _write_checkpoint(self, tmp, state, ema):
         if self.main:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
@@ -449,8 +564,8 @@ class Trainer:
             meta = {"mode": self.cfg.train.mode, "step": str(step), "lora_rank": str(lora.rank),
                     "lora_alpha": str(lora.alpha), "format": "unialign-train"}
             runs.save_tensors(os.path.join(tmp, runs.TRAINABLE), state, meta)
-            if self.ema is not None:
-                runs.save_tensors(os.path.join(tmp, runs.EMA), self.ema.state_dict(), meta)
+            if ema is not None:
+                runs.save_tensors(os.path.join(tmp, runs.EMA), ema, meta)
             runs.write_json(os.path.join(tmp, runs.STATE), {
                 "step": step, "batch_no": self.batch_no, "sampler": self.sampler.state_dict(step=self.batch_no),
                 "world_size": self.accelerator.num_processes, "global_batch": self.global_batch,
@@ -461,9 +576,10 @@ class Trainer:
         acc, step = self.accelerator, self.step
         tmp, final = runs.temporary_dir(self.run_dir, step), runs.checkpoint_dir(self.run_dir, step)
         state = self._trainable_state()  # collective under FSDP / ZeRO-3
+        ema = self.ema.state_dict() if self.ema is not None else None  # collective under FSDP
         failed = None
         try:
-            self._write_checkpoint(tmp, state)
+            self._write_checkpoint(tmp, state, ema)
         except Exception as e:  # noqa: BLE001 - a full disk surfaces as OSError or as the writer's own error
             if not runs.is_no_space(e):
                 raise
@@ -496,9 +612,21 @@ class Trainer:
             raise ConfigError(f"--resume {checkpoint}: exact resume of sharded runs (FSDP, DeepSpeed) is not "
                               f"supported (their optimizer state exists only as pickles); start a new run from "
                               f"its weights with init.path={checkpoint}")
-        self._load_trainable(load_file(os.path.join(checkpoint, runs.TRAINABLE), device="cpu"), checkpoint)
+        path = os.path.join(checkpoint, runs.TRAINABLE)
+        if self.fsdp:
+            from safetensors import safe_open
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            with safe_open(path, framework="pt") as f:
+                names = list(f.keys())  # every rank checks the names (no rank waits on a failed one)
+            self._load_trainable(load_file(path, device="cpu") if self.main else {}, checkpoint, names)
+            full = runs.read_optimizer_state(os.path.join(checkpoint, runs.OPTIMIZER)) if self.main else {}
+            set_optimizer_state_dict(self.transformer, self.optimizer.optimizer, full, options=StateDictOptions(
+                full_state_dict=True, broadcast_from_rank0=True))
+        else:
+            self._load_trainable(load_file(path, device="cpu"), checkpoint)
+            runs.load_optimizer(os.path.join(checkpoint, runs.OPTIMIZER), self.optimizer)
         resume = runs.read_json(os.path.join(checkpoint, runs.RESUME))
-        runs.load_optimizer(os.path.join(checkpoint, runs.OPTIMIZER), self.optimizer)
         self.scheduler.load_state_dict(resume["scheduler"])
         scaler = getattr(acc, "scaler", None)
         if scaler is not None and resume.get("scaler"):
@@ -510,7 +638,7 @@ class Trainer:
         if self.ema is not None:
             path = os.path.join(checkpoint, runs.EMA)
             if os.path.isfile(path):
-                self.ema.load_state_dict(load_file(path, device=str(self.device)))
+                self.ema.load_state_dict(load_file(path, device="cpu" if self.fsdp else str(self.device)))
             else:
                 log.warning("%s has no EMA weights; EMA restarts from the current weights", checkpoint)
         self.sampler.load_state_dict(state["sampler"])
@@ -580,11 +708,15 @@ class Trainer:
                                  **({"skipped": True} if empty else {})})
                 prepared = prepare_batch(batch, self.encoders, rng, need_teacher)
                 with acc.accumulate(self.module):
+                    if self.fsdp:  # reduce-scatter the gradients only on the micro-batch that steps
+                        self.transformer.set_requires_gradient_sync(acc.sync_gradients)
                     total, logged = compute_losses(self.module, prepared, rng, cfg.loss, self.encoders.encode_ids,
                                                    self.bundle.mask_id, reducer, block)
                     acc.backward(total)
                     if acc.sync_gradients:
                         grad_norm = acc.clip_grad_norm_([p for _, p in self.trainable], cfg.train.grad_clip)
+                        if is_dtensor(grad_norm):
+                            grad_norm = grad_norm.full_tensor()
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 if not empty:
@@ -647,13 +779,19 @@ class Trainer:
 
         cfg, acc = self.cfg.validation, self.accelerator
         if self.params_sharded:
-            log.warning("validation: skipped with sharded parameters (FSDP, ZeRO-3); export a checkpoint and run "
+            log.warning("validation: skipped with ZeRO-3 (sharded parameters); export a checkpoint and run "
                         "the modes on it")
             return
+        full = self._full_model_state() if self.fsdp else None  # FSDP: gathered (a collective), rank 0 only
         if self.main:
             folder = os.path.join(self.run_dir, "validation", f"step_{self.step:08d}")
             os.makedirs(folder, exist_ok=True)
             transformer = self.transformer
+            if self.fsdp:  # the unsharded twin with the gathered weights
+                transformer = self.validation_copy
+                transformer.load_state_dict(full)
+                transformer.to(self.device)
+                del full
             view = UniAlignModel(transformer, self.bundle.vae, self.bundle.text_encoder, self.bundle.tokenizer,
                                  self.bundle.scheduler_config, self.bundle.mask_id, "training")
             transformer.eval()
@@ -677,6 +815,8 @@ class Trainer:
                         self.tb.add_text(f"val/caption/{os.path.basename(path)}", text, self.step)
             with open(os.path.join(folder, "captions.txt"), "w", encoding="utf-8") as f:
                 f.write("\n".join(lines) + ("\n" if lines else ""))
+            if self.fsdp:
+                transformer.to("cpu")
             transformer.train()
             log.info("validation written to %s", folder)
         acc.wait_for_everyone()

@@ -286,7 +286,10 @@ def _jsonable(obj):
 
 
 def optimizer_to_tensors(state: dict):
-    """torch optimizer state_dict -> ({name: tensor}, metadata of str) for safetensors."""
+    """torch optimizer state_dict -> ({name: tensor}, metadata of str) for safetensors.
+
+    The state is keyed by parameter index (torch's `optimizer.state_dict()`) or by parameter name (FSDP's gathered
+    `get_optimizer_state_dict(..., full_state_dict=True)`); tensors are stored as `state.<key>.<name>`."""
     tensors, scalars = {}, {}
     for index, per_param in state["state"].items():
         for name, value in per_param.items():
@@ -294,18 +297,21 @@ def optimizer_to_tensors(state: dict):
                 tensors[f"state.{index}.{name}"] = value
             else:
                 scalars.setdefault(str(index), {})[name] = _jsonable(value)
+    by_name = any(not isinstance(index, int) for index in state["state"]) or any(
+        not isinstance(p, int) for g in state["param_groups"] for p in g["params"])
     meta = {"format": "unialign-optimizer", "param_groups": json.dumps(_jsonable(state["param_groups"])),
-            "scalars": json.dumps(scalars)}
+            "scalars": json.dumps(scalars), "keys": "name" if by_name else "index"}
     return tensors, meta
 
 
 def optimizer_from_tensors(tensors: Dict[str, torch.Tensor], meta: Dict[str, str]) -> dict:
+    key_of = str if meta.get("keys") == "name" else int
     state = {}
     for key, value in tensors.items():
-        _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
+        index, name = key[len("state."):].rsplit(".", 1)  # optimizer state names (exp_avg, step) have no dot
+        state.setdefault(key_of(index), {})[name] = value
     for index, values in json.loads(meta["scalars"]).items():
-        state.setdefault(int(index), {}).update(values)
+        state.setdefault(key_of(index), {}).update(values)
     groups = json.loads(meta["param_groups"])
     for g in groups:
         if isinstance(g.get("betas"), list):
@@ -313,19 +319,27 @@ def optimizer_from_tensors(tensors: Dict[str, torch.Tensor], meta: Dict[str, str
     return {"state": state, "param_groups": groups}
 
 
-def save_optimizer(path: str, optimizer):
-    tensors, meta = optimizer_to_tensors(optimizer.state_dict())
+def save_optimizer_state(path: str, state: dict):
+    tensors, meta = optimizer_to_tensors(state)
     save_tensors(path, tensors, meta)
 
 
-def load_optimizer(path: str, optimizer):
+def save_optimizer(path: str, optimizer):
+    save_optimizer_state(path, optimizer.state_dict())
+
+
+def read_optimizer_state(path: str) -> dict:
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != "unialign-optimizer":
         raise TrainingError(f"{path}: not an optimizer state written by this trainer")
-    optimizer.load_state_dict(optimizer_from_tensors(load_file(path), meta))
+    return optimizer_from_tensors(load_file(path), meta)
+
+
+def load_optimizer(path: str, optimizer):
+    optimizer.load_state_dict(read_optimizer_state(path))
 
 
 def rng_state() -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
