@@ -51,7 +51,8 @@ def _latents(model, image_tokens: int, batch: int = 1) -> torch.Tensor:
     if (side // model.transformer.config.patch_size) ** 2 != image_tokens:
         raise ValueError(f"--image-tokens must be a square number (256 = 256 px, 1024 = 512 px); got {image_tokens}")
     g = torch.Generator().manual_seed(1)
-    return torch.randn(batch, model.transformer.config.in_channels, side, side, generator=g).to(model.device, model.dtype)
+    noise = torch.randn(batch, model.transformer.config.in_channels, side, side, generator=g)
+    return noise.to(model.device, model.dtype)
 
 
 def _sync(device):
