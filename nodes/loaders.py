@@ -43,6 +43,12 @@ class UniAlignLoader:
                     "default": "auto",
                     "tooltip": "Weight precision. auto picks what ComfyUI picks for SD3 on this device (bf16 "
                     "on recent GPUs, fp32 on the CPU). fp16 keeps the VAE in fp32. fp32 needs ~2x the memory."}),
+                "weight_dtype": (services.WEIGHT_DTYPE_CHOICES, {
+                    "default": "default",
+                    "tooltip": "How the transformer's block weights are stored. default: in the dtype above. "
+                    "fp8_e4m3fn / fp8_e5m2: in fp8 (about 2 GB less on the GPU for the released model), "
+                    "computed in the dtype above, each layer upcast when it runs; outputs change slightly. "
+                    "For 8-12 GB cards (see the README's memory tiers)."}),
             }
         }
 
@@ -58,9 +64,10 @@ class UniAlignLoader:
         return True
 
     @classmethod
-    def IS_CHANGED(cls, model, text_encoder=services.FROM_MODEL, vae=services.FROM_MODEL, dtype="auto", **_):
+    def IS_CHANGED(cls, model, text_encoder=services.FROM_MODEL, vae=services.FROM_MODEL, dtype="auto",
+                   weight_dtype="default", **_):
         paths = cls._paths(model, text_encoder, vae, strict=False)
-        return "|".join(services.file_signature(p) for p in paths) + "|" + dtype
+        return "|".join(services.file_signature(p) for p in paths) + "|" + dtype + "|" + weight_dtype
 
     @staticmethod
     def _paths(model, text_encoder, vae, strict=True):
@@ -91,11 +98,17 @@ class UniAlignLoader:
                                  f"it as models/vae/{vae}, or pick '(from model)'")
         return model_path, te_path, vae_path
 
-    def load(self, model, text_encoder, vae, dtype):
+    def load(self, model, text_encoder, vae, dtype, weight_dtype="default"):
         model_path, te_path, vae_path = self._paths(model, text_encoder, vae)
         torch_dtype = services.choose_dtype(dtype, services.mm.get_torch_device())
+        if weight_dtype not in services.WEIGHT_DTYPES:
+            raise InputError("weight_dtype", f"{weight_dtype!r} is not one of {services.WEIGHT_DTYPE_CHOICES}")
+        stored = services.WEIGHT_DTYPES[weight_dtype]
+        if weight_dtype != "default" and stored is None:
+            raise InputError("weight_dtype", f"{weight_dtype} needs PyTorch 2.1 or newer (this one has no fp8 "
+                             f"dtypes, {services.torch.__version__}); pick 'default'")
         try:
-            handle = services.load_handle(model, model_path, te_path, vae_path, torch_dtype)
+            handle = services.load_handle(model, model_path, te_path, vae_path, torch_dtype, stored)
         except CheckpointError as e:
             raise _loader_error(e, model, text_encoder, vae, te_path, vae_path) from None
         return (handle,)

@@ -70,7 +70,7 @@ def _run(handle, mode, *args, texts=(), **kwargs):
                             f"cut and not used: {cut!r}")
     for warning in warnings:
         services.log.warning("[UniAlign] %s", warning)
-    model = handle.activate()
+    model = handle.activate(text_encoder_each_step=False)  # T5 only around the prompt encoding
     progress = services.Progress(handle)
     result = mode(model, *args, callback=progress, cancel=services.cancel, **kwargs)
     device = services.output_device()

@@ -3,7 +3,7 @@
 Works on ComfyUI from March 2024 to today: every newer feature is detected, never assumed.
 """
 
-import inspect
+import contextlib
 import logging
 import os
 import time
@@ -15,6 +15,7 @@ import torch
 import comfy.latent_formats
 import comfy.model_management as mm
 import comfy.model_patcher
+import comfy.ops
 import comfy.utils
 import folder_paths
 
@@ -30,6 +31,10 @@ WEIGHT_EXTENSIONS = (".safetensors", ".sft")
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")  # never loaded: unpickling runs code
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
+# How the transformer's block weights are stored ("default": in the compute dtype); computed in the dtype above.
+WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": getattr(torch, "float8_e4m3fn", None),
+                 "fp8_e5m2": getattr(torch, "float8_e5m2", None)}
+WEIGHT_DTYPE_CHOICES = list(WEIGHT_DTYPES)
 MAX_DEPTH = 3  # how deep the model folder is searched
 
 
@@ -221,60 +226,113 @@ def output_device():
     return mm.intermediate_device()
 
 
+def operations_for(weight_dtype) -> type:
+    """ComfyUI's layer classes for our linear layers: ComfyUI can load them in part (lowvram) and stream the
+    rest. manual_cast when weights are stored in another dtype than they compute in (fp8), as ComfyUI does."""
+    return comfy.ops.manual_cast if weight_dtype is not None else comfy.ops.disable_weight_init
+
+
 # ---- the model on the wire ----------------------------------------------------------------
 
 
 class UniAlignWeights(torch.nn.Module):
-    """All weights of one model in one module, so that ComfyUI's ModelPatcher manages them together.
+    """The transformer and the VAE in one module, so that one ModelPatcher manages them together.
 
-    Keys: transformer.*, vae.*, text_encoder.* (LoRA patches use transformer.<parameter name>)."""
+    Keys: transformer.*, vae.* (LoRA patches use transformer.<parameter name>). T5 has its own patcher."""
 
     def __init__(self, model):
         super().__init__()
         self.transformer = model.transformer
         self.vae = model.vae
-        self.text_encoder = model.text_encoder
 
     def get_dtype(self):
         return self.transformer.pos_embed.proj.weight.dtype
 
 
-_LOAD_TAKES_FULL = "force_full_load" in inspect.signature(mm.load_models_gpu).parameters
+class TextEncoderWeights(torch.nn.Module):
+    """T5 alone (keys text_encoder.*), for its own ModelPatcher: ComfyUI can unload it once a prompt is encoded."""
 
+    def __init__(self, model):
+        super().__init__()
+        self.text_encoder = model.text_encoder
+        self._dtype = model.dtype
 
-def _tensors(module):
-    yield from module.parameters()
-    yield from module.buffers()
+    def get_dtype(self):
+        return self._dtype
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index or 0) == (b.index or 0)
 
 
-class UniAlignHandle:
-    """What a UNIALIGN_MODEL wire carries: the model, its ModelPatcher, and the LoRAs applied."""
+def place_unmanaged(patcher) -> int:
+    """Move the tensors a partial load leaves behind but that do not cast per call to the load device.
 
-    def __init__(self, model, patcher, key, name, loras=()):
+    ComfyUI's partial (lowvram) load keeps some comfy.ops layers on the offload device and casts their
+    weights per call; those are left alone. Every other tensor (norms, embeddings, the position table, the
+    VAE) must be on the compute device: plain torch layers are loaded whole. Returns how many were moved."""
+    device = torch.device(patcher.load_device)
+    moved = 0
+    for module in patcher.model.modules():
+        if getattr(module, "comfy_cast_weights", False):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if not _same_device(param.device, device):
+                param.data = param.data.to(device)
+                moved += 1
+        for name, buffer in module.named_buffers(recurse=False):
+            if not _same_device(buffer.device, device):
+                module._buffers[name] = buffer.to(device)
+                moved += 1
+    return moved
+
+
+def streamed_layers(patcher) -> list:
+    """The names of the layers ComfyUI loaded in part: they stay on the offload device, cast per call."""
+    return [n for n, m in patcher.model.named_modules() if hasattr(m, "prev_comfy_cast_weights")]
+
+
+class UniAlignHandle:
+    """What a UNIALIGN_MODEL wire carries: the model, the ModelPatcher of its transformer and VAE (with the
+    LoRAs applied), and the ModelPatcher of its T5."""
+
+    def __init__(self, model, patcher, key, name, loras=(), t5_patcher=None):
         self.model = model
         self.patcher = patcher
+        self.t5_patcher = t5_patcher
         self.key = key
         self.name = name
         self.loras = tuple(loras)
         self._preview_factors = None
 
-    def activate(self):
+    def _load(self, patchers):
+        mm.load_models_gpu(patchers)
+        for patcher in patchers:
+            place_unmanaged(patcher)
+
+    def activate(self, text_encoder_each_step: bool = True):
         """Load the weights (with this handle's patches) onto the compute device; return the model.
 
-        The layers are plain torch modules, which ComfyUI can only load whole (partial "lowvram"
-        loading needs comfy.ops layers), so ask for a full load: ComfyUI then frees other models
-        first. A ComfyUI without `force_full_load` may still load part of it; then move the rest."""
-        kwargs = {"force_full_load": True} if _LOAD_TAKES_FULL else {}
-        mm.load_models_gpu([self.patcher], **kwargs)
-        device = torch.device(self.patcher.load_device)
-        if any(not _same_device(t.device, device) for t in _tensors(self.patcher.model)):
-            log.warning("[UniAlign] ComfyUI loaded only part of the model; moving all of it to %s", device)
-            self.patcher.model.to(device)
+        The linear layers are comfy.ops layers, so on a GPU too small for the model ComfyUI loads part of
+        them and streams the rest (lowvram) instead of failing. text_encoder_each_step (understanding) loads
+        T5 with the transformer, for every step. Otherwise (the image modes) T5 is loaded only around each
+        T5 call and the transformer is asked for again after it: T5 is then not required, and ComfyUI
+        unloads it whenever it needs the memory."""
+        if text_encoder_each_step:
+            self.model.text_encoder_scope = None
+            self._load([self.t5_patcher, self.patcher])
+        else:
+            self.model.text_encoder_scope = self._text_encoder_scope
+            self._load([self.patcher])
         return self.model
+
+    @contextlib.contextmanager
+    def _text_encoder_scope(self):
+        self._load([self.t5_patcher])
+        try:
+            yield
+        finally:
+            self._load([self.patcher])  # T5 not named: ComfyUI may unload it from now on
 
     @property
     def pixel_multiple(self) -> int:
@@ -294,13 +352,16 @@ _cache = weakref.WeakValueDictionary()  # every handle still alive somewhere (Co
 _last = {}  # and the last one loaded, kept alive
 
 
-def load_handle(name, model_path, text_encoder_path, vae_path, dtype) -> UniAlignHandle:
-    """Load (or reuse) a model. The cache key covers the paths, their contents' stamps and the dtype."""
+def load_handle(name, model_path, text_encoder_path, vae_path, dtype, weight_dtype=None) -> UniAlignHandle:
+    """Load (or reuse) a model. The cache key covers the paths, their contents' stamps and the dtypes.
+
+    The linear layers of the transformer and T5 are built from ComfyUI's comfy.ops (partial loading);
+    weight_dtype (fp8) stores the transformer's block weights in it, computing in `dtype`."""
     load_device = mm.get_torch_device()
     offload_device = mm.unet_offload_device()
     key = (
         model_path, file_signature(model_path), text_encoder_path, file_signature(text_encoder_path),
-        vae_path, file_signature(vae_path), str(dtype), str(load_device),
+        vae_path, file_signature(vae_path), str(dtype), str(weight_dtype), str(load_device),
     )  # fmt: skip
     handle = _cache.get(key)
     if handle is not None:
@@ -310,14 +371,18 @@ def load_handle(name, model_path, text_encoder_path, vae_path, dtype) -> UniAlig
     _last.clear()  # let a model nobody uses any more go before loading the next
     started = time.monotonic()
     model = load_model(
-        model_path, text_encoder=text_encoder_path, vae=vae_path, device=offload_device, dtype=dtype
+        model_path, text_encoder=text_encoder_path, vae=vae_path, device=offload_device, dtype=dtype,
+        weight_dtype=weight_dtype, operations=operations_for(weight_dtype),
     )
-    weights = UniAlignWeights(model)
-    patcher = comfy.model_patcher.ModelPatcher(weights, load_device=load_device, offload_device=offload_device)
-    handle = UniAlignHandle(model, patcher, key, name)
+    patcher = comfy.model_patcher.ModelPatcher(
+        UniAlignWeights(model), load_device=load_device, offload_device=offload_device)
+    t5_patcher = comfy.model_patcher.ModelPatcher(
+        TextEncoderWeights(model), load_device=load_device, offload_device=offload_device)
+    handle = UniAlignHandle(model, patcher, key, name, t5_patcher=t5_patcher)
     _cache[key] = handle
     _last["handle"] = handle
-    log.info("[UniAlign] loaded model %s (%s) in %.1f s", name, dtype, time.monotonic() - started)
+    stored = f", block weights {weight_dtype}" if weight_dtype is not None else ""
+    log.info("[UniAlign] loaded model %s (%s%s) in %.1f s", name, dtype, stored, time.monotonic() - started)
     return handle
 
 
@@ -335,7 +400,8 @@ def with_lora(handle: UniAlignHandle, lora_name: str, lora_path: str, strength: 
     if deltas is None:
         try:
             layers = load_lora(lora_path)
-            deltas = lora_deltas(handle.model.transformer, layers, 1.0, lora_path)
+            deltas = lora_deltas(_ComputeDtypeView(handle.model.transformer, handle.model.dtype), layers, 1.0,
+                                 lora_path)
         except CheckpointError as e:
             raise InputError("lora_name", client_path(f"{lora_name!r} does not fit this model: {e.problem}")) from None
         deltas = {f"transformer.{k}": v.to(handle.patcher.offload_device) for k, v in deltas.items()}
@@ -346,9 +412,23 @@ def with_lora(handle: UniAlignHandle, lora_name: str, lora_path: str, strength: 
     if len(patched) != len(deltas):
         missing = sorted(set(deltas) - {k if isinstance(k, str) else k[0] for k in patched})
         raise InputError("lora_name", f"{lora_name!r}: ComfyUI could not patch {missing[:5]}")
-    clone = UniAlignHandle(handle.model, patcher, handle.key, handle.name, handle.loras + ((lora_name, strength),))
+    clone = UniAlignHandle(handle.model, patcher, handle.key, handle.name, handle.loras + ((lora_name, strength),),
+                           t5_patcher=handle.t5_patcher)
     clone._preview_factors = handle._preview_factors
     return clone
+
+
+class _ComputeDtypeView:
+    """The transformer's parameter shapes with fp8 ones shown in the compute dtype, so that LoRA deltas are
+    made in that dtype (an fp8 delta would flush a LoRA's small values to zero); ComfyUI adds them in fp32."""
+
+    def __init__(self, transformer, dtype):
+        self.transformer, self.dtype = transformer, dtype
+
+    def named_parameters(self):
+        for name, p in self.transformer.named_parameters():
+            low = p.is_floating_point() and p.element_size() == 1
+            yield name, torch.empty(p.shape, dtype=self.dtype, device="meta") if low else p
 
 
 # ---- progress, previews, cancel -----------------------------------------------------------

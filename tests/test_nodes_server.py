@@ -45,7 +45,8 @@ NODE_IDS = ["UniAlignLoader", "UniAlignLoRA", "UniAlignTextToImage", "UniAlignEd
             "UniAlignCompose", "UniAlignUnderstand"]
 SAMPLING = {"model": "UNIALIGN_MODEL", "steps": "INT", "guidance": "FLOAT", "seed": "INT"}
 EXPECTED = {
-    "UniAlignLoader": ({"model": "COMBO", "text_encoder": "COMBO", "vae": "COMBO", "dtype": "COMBO"},
+    "UniAlignLoader": ({"model": "COMBO", "text_encoder": "COMBO", "vae": "COMBO", "dtype": "COMBO",
+                        "weight_dtype": "COMBO"},
                        ["UNIALIGN_MODEL"]),
     "UniAlignLoRA": ({"model": "UNIALIGN_MODEL", "lora_name": "COMBO", "strength": "FLOAT"}, ["UNIALIGN_MODEL"]),
     "UniAlignTextToImage": (dict(SAMPLING, prompt="STRING", negative_prompt="STRING", width="INT", height="INT",
@@ -87,10 +88,11 @@ def fresh(api):
 
 
 def t2i_prompt(prompt="a red cube on a table", model=TINY_MODEL, steps=4, width=SIDE, height=SIDE, dtype="auto",
-               lora=None, batch_size=1):
+               lora=None, batch_size=1, weight_dtype="default"):
     api = {
         "1": {"class_type": "UniAlignLoader", "inputs": {"model": model, "text_encoder": "(from model)",
-                                                         "vae": "(from model)", "dtype": dtype}},
+                                                         "vae": "(from model)", "dtype": dtype,
+                                                         "weight_dtype": weight_dtype}},
         "2": {"class_type": "UniAlignTextToImage", "inputs": {
             "model": ["1", 0], "prompt": prompt, "negative_prompt": "", "width": width, "height": height,
             "steps": steps, "guidance": 5.0, "seed": 7, "batch_size": batch_size}},
@@ -157,6 +159,7 @@ def test_loader_lists_files_and_upstream_folders(object_info):
     assert not any(name.startswith(TINY_FOLDER + "/") for name in models), "files inside a model folder are listed"
     assert required["text_encoder"][0][0] == "(from model)" and required["vae"][0][0] == "(from model)"
     assert required["dtype"][0] == ["auto", "bf16", "fp16", "fp32"]
+    assert required["weight_dtype"][0] == ["default", "fp8_e4m3fn", "fp8_e5m2"]
     assert TINY_LORA in object_info["UniAlignLoRA"]["input"]["required"]["lora_name"][0]
 
 
@@ -286,6 +289,15 @@ def test_lora_leaves_the_base_model_unchanged(server):
     assert not np.array_equal(half, with_lora)
     again, _ = run_t2i(server, prompt=prompt, dtype="fp32")
     np.testing.assert_array_equal(again, base)
+
+
+def test_fp8_weights_run_and_change_the_image_only_slightly(server):
+    prompt = "fp8 test: a red cube"
+    base, _ = run_t2i(server, prompt=prompt, dtype="bf16")
+    fp8, _ = run_t2i(server, prompt=prompt, dtype="bf16", weight_dtype="fp8_e4m3fn")
+    diff = np.abs(fp8.astype(int) - base.astype(int)).mean()
+    assert 0 < diff < 20, f"fp8 weights changed the image by {diff:.2f} levels on average"
+    assert "block weights torch.float8_e4m3fn" in server.log_text()
 
 
 def test_upstream_folder_gives_the_same_image_as_the_single_file(server):

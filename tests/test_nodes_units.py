@@ -140,7 +140,8 @@ def test_workflows_name_their_model_files():
         assert len(loaders) == 1, path.name
         models = loaders[0]["properties"]["models"]
         named = {(m["directory"], m["name"]) for m in models}
-        model, text_encoder, vae, _ = loaders[0]["widgets_values"]
+        model, text_encoder, vae, _, weight_dtype = loaders[0]["widgets_values"]
+        assert weight_dtype == "default", path.name  # full precision unless the user picks fp8
         assert {("unialignment", model), ("text_encoders", text_encoder), ("vae", vae)} == named, path.name
         for m in models:  # a link is a direct file link with the name the workflow uses, or there is none
             if "url" in m:

@@ -19,6 +19,7 @@ Mask row of T5 (id 32099 for the T5 tokenizer), first match wins:
      holds the trained row needs nothing more).
 """
 
+import contextlib
 import glob
 import inspect
 import json
@@ -34,7 +35,7 @@ from .checkpoint import load_into, read_safetensors, read_weights_folder
 from .errors import CheckpointError
 from .single_file import BUNDLE_PREFIXES, FORMAT, decode_tensor
 from .text_encoder import load_mask_embedding, load_text_encoder, set_mask_embedding, t5_from_state_dict
-from .transformer import ALIGN_PREFIXES, UniAlignTransformer
+from .transformer import ALIGN_PREFIXES, CastOps, UniAlignTransformer, low_precision_keys, use_operations
 from .vae import decode, encode, load_vae, vae_from_state_dict
 
 log = logging.getLogger("unialign_core")
@@ -67,17 +68,33 @@ def transformer_config_from_upstream(raw: dict, path: str) -> dict:
     return config
 
 
-def build_transformer(config: dict, state: dict, path: str, dtype: torch.dtype) -> UniAlignTransformer:
-    """Build on the meta device and load the weights; training-only projectors are skipped."""
+def build_transformer(
+    config: dict, state: dict, path: str, dtype: torch.dtype, operations=None, weight_dtype: Optional[torch.dtype] = None
+) -> UniAlignTransformer:
+    """Build on the meta device and load the weights; training-only projectors are skipped.
+
+    `operations`: the layer classes for the linear layers (e.g. ComfyUI's `comfy.ops`; default torch.nn).
+    `weight_dtype`: store the joint blocks' linear weights in this dtype (fp8) and compute in `dtype`; each such
+    layer upcasts its weight per call (`CastOps` unless `operations` is given; then it must cast too)."""
     config = dict(config, align_dim=None)
     with torch.device("meta"):
         model = UniAlignTransformer(**config)
+    low = weight_dtype is not None and weight_dtype != dtype
+    use_operations(model, CastOps if low and operations is None else operations)
     ignore = ALIGN_PREFIXES + BUNDLE_PREFIXES
+    if low:  # each tensor goes straight to its stored dtype: the model is never held twice
+        stored = set(low_precision_keys(model))
+        state = {
+            k: v if k.startswith(ignore) or not v.is_floating_point() else v.to(weight_dtype if k in stored else dtype)
+            for k, v in state.items()
+        }
+        dtype = None
     return load_into(model, state, path, "UniAlignment transformer", dtype, ignore).eval().requires_grad_(False)
 
 
 def load_transformer(
-    folder: str, dtype: torch.dtype = torch.float32, fp16_time_projection: Optional[bool] = None
+    folder: str, dtype: torch.dtype = torch.float32, fp16_time_projection: Optional[bool] = None,
+    operations=None, weight_dtype: Optional[torch.dtype] = None,
 ) -> UniAlignTransformer:
     """Load a released `transformer/` folder (config.json + safetensors, sharded or not)."""
     config_path = os.path.join(folder, "config.json")
@@ -88,7 +105,7 @@ def load_transformer(
     state = read_weights_folder(folder, "diffusion_pytorch_model")
     if fp16_time_projection is not None:
         config["fp16_time_projection"] = fp16_time_projection
-    return build_transformer(config, state, folder, dtype)
+    return build_transformer(config, state, folder, dtype, operations, weight_dtype)
 
 
 def load_tokenizer(path: str):
@@ -116,6 +133,9 @@ class UniAlignModel:
         self.source = source
         self.mask_embedding = mask_embedding  # what was written into T5's mask row, or None
         self.text_length = int(text_length)  # T5 tokens per prompt the model was trained with
+        # None, or a function returning a context manager that every T5 call runs inside (ComfyUI's
+        # nodes load T5 there, so that it can be unloaded between prompts).
+        self.text_encoder_scope = None
         self.check_vocabulary()
 
     def check_vocabulary(self):
@@ -178,8 +198,9 @@ class UniAlignModel:
     @torch.no_grad()
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """T5 states for token ids, with no attention mask (as published)."""
-        ids = ids.to(self.text_encoder.shared.weight.device)
-        return self.text_encoder(input_ids=ids)[0].to(self.dtype)
+        with self.text_encoder_scope() if self.text_encoder_scope else contextlib.nullcontext():
+            ids = ids.to(self.text_encoder.shared.weight.device)
+            return self.text_encoder(input_ids=ids)[0].to(self.dtype)
 
     def encode_prompts(self, prompts: List[str], max_length: Optional[int] = None) -> torch.Tensor:
         """T5 states of prompts padded to `max_length` tokens (default: the length the model was trained with)."""
@@ -216,7 +237,7 @@ def _mask_id(tokenizer, declared: Optional[int] = None) -> int:
     return mask
 
 
-def _load_folder(path, dtype, fp16_time_projection):
+def _load_folder(path, dtype, fp16_time_projection, operations=None, weight_dtype=None):
     """Components of an upstream pipeline folder."""
     transformer_dir = _first_dir(path, ["transformer"])
     if transformer_dir is None:
@@ -228,7 +249,7 @@ def _load_folder(path, dtype, fp16_time_projection):
             with open(index_path) as f:
                 if "dual" in json.load(f).get("_class_name", "").lower():
                     fp16_time_projection = False
-    transformer = load_transformer(transformer_dir, dtype, fp16_time_projection)
+    transformer = load_transformer(transformer_dir, dtype, fp16_time_projection, operations, weight_dtype)
     scheduler = dict(DEFAULT_SCHEDULER)
     scheduler_path = os.path.join(path, "scheduler", "scheduler_config.json")
     if os.path.isfile(scheduler_path):
@@ -243,7 +264,7 @@ def _load_folder(path, dtype, fp16_time_projection):
     return transformer, scheduler, parts, None
 
 
-def _load_file(path, dtype, fp16_time_projection):
+def _load_file(path, dtype, fp16_time_projection, operations=None, weight_dtype=None):
     """Components of our single-file format."""
     tensors, meta = read_safetensors(path)
     if meta.get("format") != FORMAT:
@@ -259,7 +280,7 @@ def _load_file(path, dtype, fp16_time_projection):
         raise CheckpointError(path, f"damaged metadata header: {e}") from None
     if fp16_time_projection is not None:
         config["fp16_time_projection"] = fp16_time_projection
-    transformer = build_transformer(config, tensors, path, dtype)
+    transformer = build_transformer(config, tensors, path, dtype, operations, weight_dtype)
     parts = {"text_encoder": None, "vae": None, "tokenizer": None, "mask_embedding": None}
     if "text_length" in meta:  # written by the trainer's export: its prompt length
         if not meta["text_length"].isdigit() or int(meta["text_length"]) < 1:
@@ -268,7 +289,7 @@ def _load_file(path, dtype, fp16_time_projection):
     if "text_encoder_config" in meta:
         t5_state = {k[len("text_encoder.") :]: v for k, v in tensors.items() if k.startswith("text_encoder.")}
         t5_config = T5Config(**json.loads(meta["text_encoder_config"]))
-        parts["text_encoder"] = t5_from_state_dict(t5_state, path, dtype, t5_config)
+        parts["text_encoder"] = t5_from_state_dict(t5_state, path, dtype, t5_config, operations)
     if "vae_config" in meta:
         vae_state = {k[len("vae.") :]: v for k, v in tensors.items() if k.startswith("vae.")}
         parts["vae"] = vae_from_state_dict(vae_state, json.loads(meta["vae_config"]), path, vae_dtype(dtype))
@@ -294,6 +315,8 @@ def load_model(
     device="cpu",
     dtype: torch.dtype = torch.float32,
     fp16_time_projection: Optional[bool] = None,
+    weight_dtype: Optional[torch.dtype] = None,
+    operations=None,
 ) -> UniAlignModel:
     """Load a UniAlignment or DualDiffusion model in any supported format.
 
@@ -307,19 +330,25 @@ def load_model(
         dtype: weight dtype of the transformer, VAE and T5 (fp8 T5 weights stay fp8).
         fp16_time_projection: force UniAlignment's float16 timestep rounding on or off
             (default: on, except for DualDiffusion folders).
+        weight_dtype: store the transformer's block linear weights in this dtype (e.g. torch.float8_e4m3fn),
+            computing in `dtype` (each layer upcasts per call); None: `dtype`.
+        operations: layer classes for the linear layers of the transformer and T5, e.g. ComfyUI's
+            `comfy.ops.disable_weight_init` so that ComfyUI can load them in part; default torch.nn.
     Raises:
         CheckpointError: a file is missing, unreadable, or of the wrong architecture.
     """
     if not os.path.exists(path):
         raise CheckpointError(path, "model not found")
     if os.path.isdir(path):
-        transformer, scheduler, parts, declared_mask = _load_folder(path, dtype, fp16_time_projection)
+        transformer, scheduler, parts, declared_mask = _load_folder(
+            path, dtype, fp16_time_projection, operations, weight_dtype)
     else:
-        transformer, scheduler, parts, declared_mask = _load_file(path, dtype, fp16_time_projection)
+        transformer, scheduler, parts, declared_mask = _load_file(
+            path, dtype, fp16_time_projection, operations, weight_dtype)
 
-    t5 = load_text_encoder(text_encoder, dtype) if text_encoder else parts["text_encoder"]
+    t5 = load_text_encoder(text_encoder, dtype, operations) if text_encoder else parts["text_encoder"]
     if isinstance(t5, str):
-        t5 = load_text_encoder(t5, dtype)
+        t5 = load_text_encoder(t5, dtype, operations)
     if t5 is None:
         raise CheckpointError(path, "no text encoder: pass a T5 encoder file (e.g. models/text_encoders/t5xxl_fp16.safetensors)")
     autoencoder = load_vae(vae, vae_dtype(dtype)) if vae else parts["vae"]

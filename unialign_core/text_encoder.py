@@ -16,6 +16,7 @@ from transformers import T5Config, T5EncoderModel
 
 from .checkpoint import load_into, load_torch_tensor, read_safetensors, read_weights_folder
 from .errors import CheckpointError
+from .transformer import use_operations
 
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 # Prefixes some single files put before the Hugging Face T5 keys.
@@ -91,8 +92,12 @@ def t5_from_state_dict(
     path: str,
     dtype: torch.dtype,
     config: Optional[T5Config] = None,
+    operations=None,
 ) -> T5EncoderModel:
-    """Build a T5 encoder from a state dict in the Hugging Face layout; fp8 linears stay fp8."""
+    """Build a T5 encoder from a state dict in the Hugging Face layout; fp8 linears stay fp8.
+
+    `operations`: layer classes for the linear layers that are not fp8 (e.g. ComfyUI's `comfy.ops`, which
+    ComfyUI can load in part); default torch.nn. fp8 linears are always `UpcastLinear`."""
     state = _strip_prefix(dict(state))
     scales = {k[: -len(".scale_weight")]: state.pop(k) for k in list(state) if k.endswith(".scale_weight")}
     state.pop("scaled_fp8", None)
@@ -105,6 +110,7 @@ def t5_from_state_dict(
         raise CheckpointError(path, f"not a T5 v1.1 encoder: cannot read its sizes ({e})") from None
     with torch.device("meta"):
         model = T5EncoderModel(config)
+    use_operations(model, operations)
     fp8 = {k for k, v in state.items() if v.dtype in FP8_DTYPES and k.endswith(".weight") and k != "shared.weight"}
     # Everything but the fp8 linear weights is loaded in the compute dtype.
     plain = {k: (v if k in fp8 else v.to(dtype)) for k, v in state.items()}
@@ -123,8 +129,9 @@ def t5_from_state_dict(
     return model.eval().requires_grad_(False)
 
 
-def load_text_encoder(path: str, dtype: torch.dtype = torch.float32) -> T5EncoderModel:
-    """Load a T5 encoder from a Hugging Face folder or a single .safetensors file."""
+def load_text_encoder(path: str, dtype: torch.dtype = torch.float32, operations=None) -> T5EncoderModel:
+    """Load a T5 encoder from a Hugging Face folder or a single .safetensors file (`operations`: see
+    `t5_from_state_dict`)."""
     if os.path.isdir(path):
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
@@ -132,9 +139,9 @@ def load_text_encoder(path: str, dtype: torch.dtype = torch.float32) -> T5Encode
         with open(config_path) as f:
             config = T5Config(**{k: v for k, v in json.load(f).items() if not k.startswith("_")})
 
-        return t5_from_state_dict(read_weights_folder(path, "model"), path, dtype, config)
+        return t5_from_state_dict(read_weights_folder(path, "model"), path, dtype, config, operations)
     state, _ = read_safetensors(path)
-    return t5_from_state_dict(state, path, dtype)
+    return t5_from_state_dict(state, path, dtype, operations=operations)
 
 
 def load_mask_embedding(path: str) -> torch.Tensor:

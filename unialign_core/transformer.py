@@ -30,6 +30,42 @@ from diffusers.models.normalization import AdaLayerNormContinuous
 
 # Names of the training-only parameters; exports and inference never hold them.
 ALIGN_PREFIXES = ("siglip_adapter_img.", "siglip_adapter_text.")
+# Where low-precision (fp8) weight storage applies: the joint blocks' linear layers (about 94% of the weights);
+# the embedders, the heads and every norm keep the compute dtype.
+FP8_SCOPE = "transformer_blocks."
+
+
+class CastOps:
+    """Layer operations whose Linear casts its weight and bias to the input's dtype and device per call.
+
+    The default for fp8 weight storage outside ComfyUI (which passes its own `comfy.ops.manual_cast`)."""
+
+    class Linear(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            bias = None if self.bias is None else self.bias.to(x.device, x.dtype)
+            return torch.nn.functional.linear(x, self.weight.to(x.device, x.dtype), bias)
+
+
+def use_operations(module: nn.Module, operations=None) -> nn.Module:
+    """Replace every plain `nn.Linear` under `module` by `operations.Linear` of the same shape, dtype and device.
+
+    `operations` is a namespace with a `Linear` class taking torch's arguments, as ComfyUI's `comfy.ops`
+    classes are (None or `torch.nn`: nothing changes). Attribute names stay, so state-dict keys are identical.
+    Call it on a model built on the meta device, before its weights are loaded."""
+    if operations is None or operations is nn or getattr(operations, "Linear", nn.Linear) is nn.Linear:
+        return module
+    for name, child in list(module.named_modules()):
+        for attr, layer in list(child.named_children()):
+            if type(layer) is nn.Linear:
+                new = operations.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                        device=layer.weight.device, dtype=layer.weight.dtype)
+                setattr(child, attr, new)
+    return module
+
+
+def low_precision_keys(module: nn.Module, scope: str = FP8_SCOPE) -> List[str]:
+    """The weight keys of the linear layers under `scope`: the ones a low-precision `weight_dtype` stores."""
+    return [f"{n}.weight" for n, m in module.named_modules() if n.startswith(scope) and isinstance(m, nn.Linear)]
 
 
 class TimestepOnlyEmbedding(nn.Module):
