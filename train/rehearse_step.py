@@ -80,7 +80,7 @@ def run(paths: dict, device: str = "cpu") -> dict:
     rng = SampleRNG(0, 0, [0], 1)
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
         total, logged = compute_losses(module, batch, rng, LossConfig(), encode_ids, model.mask_id, Reducer(),
-                                       ALIGN_BLOCK)
+                                       min(ALIGN_BLOCK, transformer.config.num_layers))
     forward_s = time.perf_counter() - step_started
     total.backward()
     grads = [p.grad for p in trainable if p.grad is not None]

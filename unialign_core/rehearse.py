@@ -148,28 +148,33 @@ def small_spec(reference: Optional[str] = None) -> Spec:
 
 
 class RandomFill:
-    """Random-looking weights at memory speed: slices of one pool of normal numbers, scaled per tensor.
+    """Random-looking weights at memory speed: slices of pools of normal numbers, one pool per (std, dtype).
 
     Norm weights are 1; matrices and convolutions have std 1/sqrt(fan-in), the rest std 0.02, so that activations
-    stay finite through every block at full size."""
+    stay finite through every block at full size. Values are made directly in the file's dtype (no fp32 copy of a
+    large tensor): one copy pass per tensor."""
 
-    def __init__(self, seed: int = 0, pool: int = 1 << 24):
+    def __init__(self, seed: int = 0, pool: int = 1 << 22):
         self.generator = torch.Generator().manual_seed(seed)
-        self.pool = torch.randn(pool, generator=self.generator)
+        self.base = torch.randn(pool, generator=self.generator)
+        self.pools: Dict[Tuple[float, torch.dtype], torch.Tensor] = {}
 
-    def __call__(self, name: str, shape: Sequence[int]) -> torch.Tensor:
+    def __call__(self, name: str, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n = math.prod(shape)
         if len(shape) == 1 and name.endswith(".weight") and "norm" in name:
-            return torch.ones(shape)
-        out = torch.empty(n)
+            return torch.ones(shape, dtype=dtype)
+        std = 1 / math.sqrt(math.prod(shape[1:])) if len(shape) in (2, 4) else 0.02
+        pool = self.pools.get((std, dtype))
+        if pool is None:
+            pool = self.pools[(std, dtype)] = (self.base * std).to(dtype)
+        out = torch.empty(n, dtype=dtype)
         done = 0
         while done < n:
-            start = int(torch.randint(0, self.pool.numel(), (), generator=self.generator))
-            take = min(n - done, self.pool.numel() - start)
-            out[done : done + take] = self.pool[start : start + take]
+            start = int(torch.randint(0, pool.numel(), (), generator=self.generator))
+            take = min(n - done, pool.numel() - start)
+            out[done : done + take] = pool[start : start + take]
             done += take
-        std = 1 / math.sqrt(math.prod(shape[1:])) if len(shape) in (2, 4) else 0.02
-        return out.mul_(std).reshape(shape)
+        return out.reshape(shape)
 
 
 def _shard_plan(entries, limit: int) -> List[List[int]]:
@@ -230,11 +235,12 @@ def _write_json(path: str, data: dict) -> None:
         json.dump(data, f, indent=2)
 
 
-def _stream(writers, entries_of, fill: RandomFill, keys) -> None:
-    """For each key: make its values once, write them (cast per writer) into every writer that declares it."""
+def _stream(writers, entries_of, fill: RandomFill, keys, dtype: torch.dtype) -> None:
+    """For each key: make its values once (in `dtype`), write them (cast per writer) into every writer that declares
+    it."""
     try:
         for name, shape in keys:
-            values = fill(name, shape)
+            values = fill(name, shape, dtype)
             for writer, dtypes in zip(writers, entries_of):
                 if name in dtypes:
                     writer.write(name, values.to(dtypes[name]))
@@ -275,7 +281,7 @@ def write_files(root: str, spec: Spec, seed: int = 0) -> Dict[str, str]:
     entries = [(k, torch.bfloat16, shape) for k, shape in spec.transformer_keys]
     shards = ShardedWriter(os.path.join(up, "transformer"), "diffusion_pytorch_model", entries,
                            spec.transformer_shard_bytes)
-    _stream([shards], [{k: torch.bfloat16 for k, _ in spec.transformer_keys}], fill, spec.transformer_keys)
+    _stream([shards], [{k: torch.bfloat16 for k, _ in spec.transformer_keys}], fill, spec.transformer_keys, torch.bfloat16)
     paths["transformer_shards"] = [os.path.join(up, "transformer", n) for n in shards.names]
 
     # text_encoder/ (fp16, sharded) and ComfyUI's two single files, from the same values
@@ -293,7 +299,7 @@ def write_files(root: str, spec: Spec, seed: int = 0) -> Dict[str, str]:
         StreamingSafetensorsWriter(paths["t5_fp16"], [(k, torch.float16, s) for k, s in t5_keys]),
         StreamingSafetensorsWriter(paths["t5_fp8"], [(k, fp8[k], s) for k, s in t5_keys]),
     ]
-    _stream(writers, [fp16, fp16, fp8], fill, t5_keys)
+    _stream(writers, [fp16, fp16, fp8], fill, t5_keys, torch.float16)
 
     # vae/ (fp16) and its file under ComfyUI's name
     vae_config = {k: v for k, v in spec.vae_config.items() if not k.startswith("_")}
@@ -309,7 +315,7 @@ def write_files(root: str, spec: Spec, seed: int = 0) -> Dict[str, str]:
     writers = [StreamingSafetensorsWriter(os.path.join(up, "vae", "diffusion_pytorch_model.safetensors"),
                                           [(k, torch.float16, s) for k, s in vae_keys]),
                StreamingSafetensorsWriter(paths["vae_file"], [(k, torch.float16, s) for k, s in vae_keys], single_meta)]
-    _stream(writers, [half, half], fill, vae_keys)
+    _stream(writers, [half, half], fill, vae_keys, torch.float16)
 
     # checkpoint/mask_token_emb.00-of-01.pth: a plain tensor, as released
     mask = (torch.randn(t5_config["d_model"], generator=fill.generator) * 0.02).to(torch.bfloat16)
