@@ -13,7 +13,8 @@ mean over the batch) and the contrastive loss sums gathered features in another 
 the last bits, and Adam (which divides by sqrt(v)) can grow that to ~1e-6 relative in a few steps. A resumed FSDP
 run against an uninterrupted FSDP run uses the same world size and order: it must agree to 1e-7.
 
-These are the slow trainer tests (each launch costs ~20 s on two CPU cores): `pytest -m "not slow"` skips them."""
+The multi-process tests are marked slow (each launch costs ~20 s of two CPU cores): `pytest -m "not slow"` skips
+them. DeepSpeed cannot run on this machine (see the README); a DeepSpeed launch on CPUs is refused, not run as DDP."""
 
 import os
 import signal
@@ -33,7 +34,6 @@ from train import runs
 from train.__main__ import main as cli
 from unialign_core import load_lora, load_model
 
-pytestmark = pytest.mark.slow
 RTOL = 1e-4
 
 
@@ -56,6 +56,7 @@ def setup(tmp_path, per_task=8):
     return data, H.make_teacher(tmp_path / "clip")
 
 
+@pytest.mark.slow
 def test_fsdp_full_matches_one_process_and_ddp_export(tmp_path):
     data, teacher = setup(tmp_path)
     common = dict(train={"mode": "full", "max_steps": 3, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0,
@@ -126,6 +127,7 @@ def _kill_one_worker(launcher: subprocess.Popen, run_dir: str, timeout=180):
     assert launcher.returncode != 0
 
 
+@pytest.mark.slow
 def test_fsdp_lora_sigkill_resume_and_lora_export(tmp_path):
     data, teacher = setup(tmp_path, per_task=4)
     common = dict(train={"mode": "lora", "max_steps": 5, "batch_size": 2, "lr": 1e-3, "warmup_steps": 2,
@@ -179,6 +181,7 @@ def test_fsdp_lora_sigkill_resume_and_lora_export(tmp_path):
     assert any(a[k].up.abs().max() > 0 for k in a)  # trained (B starts at zero)
 
 
+@pytest.mark.slow
 def test_two_machines_on_localhost_train_like_one_process(tmp_path):
     """Two `accelerate launch` calls with --num_machines 2 and machine_rank 0 / 1 (one process each) rendezvous
     on 127.0.0.1, as two hosts would on --main_process_ip: rank 0 writes the run folder, both read it."""
@@ -202,3 +205,15 @@ def test_two_machines_on_localhost_train_like_one_process(tmp_path):
     close_losses(H.read_metrics(one["run_dir"]), H.read_metrics(two["run_dir"]), keys=("loss", "img", "txt", "cross"))
     close_tensors(runs.read_trainable(runs.checkpoint_dir(one["run_dir"], 3))[0],
                   runs.read_trainable(runs.checkpoint_dir(two["run_dir"], 3))[0])
+
+
+def test_deepspeed_on_cpu_is_refused_not_run_as_ddp(tmp_path):
+    """accelerate 1.15 would silently run a zero2/zero3 launch as DDP on CPUs (cpu=True ignores DeepSpeed)."""
+    data = H.make_dataset(tmp_path / "data", tasks=("t2i",), per_task=2)
+    path = H.write_config(tmp_path / "config.yaml", H.base_config(tmp_path, data))
+    env = dict(H.env(), ACCELERATE_USE_DEEPSPEED="true")  # what `accelerate launch` with zero2.yaml exports
+    proc = subprocess.run([H.PY, "-m", "train", path], cwd=H.REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert "DeepSpeed (zero2 / zero3) runs only on GPUs" in proc.stderr, proc.stderr[-2000:]
+    assert not os.path.isdir(os.path.join(tmp_path, "run", "checkpoints"))

@@ -384,6 +384,8 @@ class Trainer:
         if acc.distributed_type == DistributedType.DEEPSPEED:
             ds = acc.state.deepspeed_plugin.deepspeed_config
             ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+            ds["gradient_accumulation_steps"] = cfg.train.grad_accum
+            ds["train_batch_size"] = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
             if ds.get("gradient_clipping", "auto") == "auto":
                 ds["gradient_clipping"] = cfg.train.grad_clip
         if self.fsdp:
@@ -420,6 +422,13 @@ class Trainer:
         self.fsdp = fsdp_settings()
         if self.fsdp:
             os.environ["ACCELERATE_USE_FSDP"] = "false"  # the trainer shards (shard_transformer), not accelerate
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available():
+            # accelerate 1.15 on a CPU-only machine: with cpu=True it ignores DeepSpeed (the run would silently be
+            # DDP); without, it starts DeepSpeed's process group but reports 1 process on every rank, and
+            # deepspeed.initialize fails ("train_batch_size is not equal to micro_batch_per_gpu *
+            # gradient_acc_step * world_size 2 != 2 * 1 * 2")
+            raise ConfigError("accelerate config: DeepSpeed (zero2 / zero3) runs only on GPUs with accelerate "
+                              "1.15; on CPUs use train/configs/accelerate/fsdp.yaml or ddp.yaml")
         if not torch.cuda.is_available():
             # CPU-only machine: under torchrun / `accelerate launch --multi_gpu` this makes accelerate pick
             # MULTI_CPU with gloo instead of running each process alone
