@@ -51,6 +51,9 @@ class TeacherConfig:
     image_size: Optional[int] = None  # override the teacher processor's image size
 
 
+IMAGE_TARGETS = ("x0", "velocity")
+
+
 @dataclass
 class LossConfig:
     image: float = 1.0  # L_img weight
@@ -62,6 +65,7 @@ class LossConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     ignore_padding: bool = False  # L_txt: False counts padding positions, as upstream
+    image_target: str = "x0"  # L_img: "x0" (MSE on x0 = sigma^2-weighted velocity error, as upstream) or "velocity"
 
 
 @dataclass
@@ -240,6 +244,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)!r}")
     if not 0 <= cfg.loss.text_dropout <= 1:
         raise ConfigError(f"loss.text_dropout: must be in [0, 1], got {cfg.loss.text_dropout}")
+    if cfg.loss.image_target not in IMAGE_TARGETS:
+        raise ConfigError(f"loss.image_target: must be one of {IMAGE_TARGETS}, got {cfg.loss.image_target!r}")
     if cfg.loss.temperature <= 0:
         raise ConfigError(f"loss.temperature: must be > 0, got {cfg.loss.temperature}")
     if not 0 < cfg.train.ema_decay < 1:

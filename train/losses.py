@@ -116,8 +116,15 @@ class Reducer:
 # The losses
 
 
-def image_flow_loss(velocity, x0, noise, sigmas, weight, reducer: Reducer):
-    """Rectified flow: MSE between the predicted x0 (x_t - sigma v) and x0, per sample, averaged over valid samples."""
+def image_flow_loss(velocity, x0, noise, sigmas, weight, reducer: Reducer, target: str = "x0"):
+    """Rectified flow, per sample, averaged over valid samples.
+
+    target "x0" (as upstream): MSE between the predicted x0 (x_t - sigma v) and x0, i.e. the velocity error
+    weighted by sigma^2; "velocity": MSE between v and its target noise - x0 (every sigma weighted alike).
+    """
+    if target == "velocity":
+        per_sample = ((velocity.float() - (noise.float() - x0.float())) ** 2).flatten(1).mean(1)
+        return (per_sample * weight).sum() / reducer.mean_divisor(weight.sum())
     s = sigmas.view(-1, *[1] * (x0.ndim - 1)).to(velocity.dtype)
     x_t = (1 - s) * x0 + s * noise
     pred_x0 = velocity * (-s) + x_t
@@ -247,7 +254,8 @@ def compute_losses(module, batch: Prepared, rng: SampleRNG, cfg, encode_ids: Cal
     valid = batch.caption_valid.float().to(device)
     present = batch.sample_valid.float().to(device)
     if image_pass is not None:
-        terms["img"] = image_flow_loss(out["velocity"], batch.target, noise, sigmas, present, reducer)
+        terms["img"] = image_flow_loss(out["velocity"], batch.target, noise, sigmas, present, reducer,
+                                       cfg.image_target)
     if text_pass is not None:
         count = (batch.not_pad if cfg.ignore_padding else torch.ones_like(batch.not_pad)) & batch.maskable
         count = count & batch.caption_valid[:, None]
