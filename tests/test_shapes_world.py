@@ -60,15 +60,17 @@ def test_dataset_is_deterministic(tmp_path):
 
 def test_held_out_split_never_overlaps(tmp_path):
     keys = {}
-    for split in ("train", "test"):
-        path = w.make_dataset(tmp_path, 150, seed=0, split=split)
+    for split in ("train", "test", "val"):
+        path = w.make_dataset(tmp_path / split, 150, seed=0, split=split)
         recs = [json.loads(line) for line in open(path)]
         keys[split] = {w.Scene.from_dict(r["meta"]["scene"]).key() for r in recs}
         assert all(w.scene_split(w.Scene.from_dict(r["meta"]["scene"])) == split for r in recs)
-    assert keys["train"] and keys["test"] and not keys["train"] & keys["test"]
+    assert keys["train"] and keys["test"] and keys["val"]
+    assert not keys["train"] & keys["test"] and not keys["train"] & keys["val"] and not keys["val"] & keys["test"]
     all_scenes = {s.key(): s for s in scenes(2000, seed=9)}.values()
     held_out = np.mean([w.scene_split(s) == "test" for s in all_scenes])
-    assert 0.1 < held_out < 0.3
+    validation = np.mean([w.scene_split(s) == "val" for s in all_scenes])
+    assert 0.1 < held_out < 0.3 and 0.05 < validation < 0.15
 
 
 def test_dataset_records(tmp_path):
@@ -255,3 +257,17 @@ def test_score_edit_detects_collateral_change():
     _, _, tgt, meta = w.make_edit(rng, src, "background")
     spoiled = w.Scene(tgt.background, (w.Shape("circle", "red", "left"),))
     assert ev.score_edit(src, w.render(spoiled), tgt, meta) == {"changed": True, "kept": False}
+
+
+def test_captions_are_written_in_one_wording_and_prompts_in_many(tmp_path):
+    recs = [json.loads(line) for line in open(w.make_dataset(tmp_path, 60, seed=3))]
+    prompts = set()
+    for r in recs:
+        scene = w.Scene.from_dict(r["meta"]["scene"])
+        if r["task"] in ("t2i", "caption", "edit", "compose"):
+            assert r["caption"] == w.canonical_caption(scene)
+            assert ev.parse_caption(r["caption"]) == scene
+        if r["task"] == "t2i":
+            assert r["prompt"] in w.all_captions(scene)
+            prompts.add(r["prompt"].split(" a ")[0][:12])
+    assert len(prompts) > 1  # t2i prompts keep their several wordings

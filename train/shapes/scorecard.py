@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from unialign_core import answer, caption, compose, edit, perceive, text_to_image
+from unialign_core import answer, caption
 
 from . import evaluate as ev
 from .autoencoder import reconstruct
@@ -28,6 +28,7 @@ TARGETS = {
 }
 QUICK_FLOORS = {"vqa_exact": 0.25, "t2i_background": 0.75, "compose_background": 0.75}
 EVAL_SEED_OFFSET = 1000  # evaluation records use seed + this: disjoint from the training records' streams
+VAL_SEED_OFFSET = 3000  # validation records (sampler settings are chosen on them, never on the test records)
 SAMPLING = dict(steps=20, guidance=3.0)  # prompts use the exported model's own text length (model.text_length)
 TEXT = dict(length=24, steps=16, sampler="confidence")
 
@@ -51,45 +52,79 @@ def _image(t: torch.Tensor):
     return Image.fromarray((t[0].permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8))
 
 
-def records(task: str, n: int, seed: int):
-    """n held-out records of a task: (record, source images, target image or None)."""
-    return [make_record(seed + EVAL_SEED_OFFSET, i, task, "test") for i in range(n)]
+def records(task: str, n: int, seed: int, split: str = "test"):
+    """n held-out records of a task: (record, source images, target image or None).
+
+    ``split`` "test" is what the report scores; "val" (other scenes, other random streams) is where sampler
+    settings are chosen (``python -m train.shapes.tune``)."""
+    offset = EVAL_SEED_OFFSET if split == "test" else VAL_SEED_OFFSET
+    return [make_record(seed + offset, i, task, split) for i in range(n)]
 
 
-def run_scorecard(model, n: int, seed: int, progress=None, examples: int = 3) -> Scorecard:
+CHUNK = 50  # records generated in one batched call (each keeps its own seed: same noise as a call of its own)
+
+
+def _generate_chunk(model, task: str, chunk, seeds, sampling: dict) -> list:
+    """Output images (PIL) of one chunk of image-mode records, batched, each record with its own seed.
+
+    Per record the generator draws exactly what the public call (``text_to_image``, ``edit``, ``perceive``,
+    ``compose`` with ``seed=s``) draws: first the source latents' posterior noise, then the initial noise.
+    """
+    from unialign_core.modes import _generate, _generator
+
+    side = model.vae_scale
+    conditions, noises, prompts = [], [], []
+    for (rec, sources, _), s in zip(chunk, seeds):
+        g = _generator(s)
+        if task != "t2i":
+            conditions.append(model.encode_images(_tensor(sources[0]).to(model.device), g))
+        noises.append(torch.randn((1, model.transformer.config.in_channels, 32 // side, 32 // side), generator=g))
+        prompts.append(rec["prompt"] if task in ("t2i", "compose") else rec["instruction"])
+    conds = [torch.cat(conditions)] if conditions else []
+    out = _generate(model, prompts, "", conds, 32, 32, sampling["steps"], sampling["guidance"], None, None, None,
+                    None, None, torch.cat(noises)).images
+    return [_image(out[i : i + 1]) for i in range(out.shape[0])]
+
+
+def run_scorecard(model, n: int, seed: int, progress=None, examples: int = 3, split: str = "test",
+                  tasks=("t2i", "caption", "vqa", "edit", "perception", "compose"), sampling: dict = SAMPLING,
+                  text: dict = TEXT, ceiling: bool = True) -> Scorecard:
     """Every mode on ``n`` held-out records per task (perception: edge maps; depth is reported as a MAE)."""
     card, results = Scorecard(), {}
-    steps = ["t2i", "caption", "vqa", "edit", "perception", "compose"]
-    for task in steps:
+    for task in tasks:
         results[task] = []
-        for i, (rec, sources, target) in enumerate(records(task, n, seed)):
+        recs = records(task, n, seed, split)
+        outputs = []
+        if task in ("t2i", "edit", "perception", "compose"):
+            for c in range(0, n, CHUNK):
+                outputs += _generate_chunk(model, task, recs[c : c + CHUNK], range(seed + c, seed + c + CHUNK),
+                                           sampling)
+        for i, (rec, sources, target) in enumerate(recs):
             scene = Scene.from_dict(rec["meta"]["scene"])
             s = seed + i
             if task == "t2i":
-                out = _image(text_to_image(model, rec["prompt"], width=32, height=32, seed=s, **SAMPLING).images)
+                out = outputs[i]
                 score, shown = ev.score_t2i(out, scene), ([out], rec["prompt"])
             elif task == "compose":
-                out = _image(compose(model, [_tensor(sources[0])], rec["prompt"], width=32, height=32, seed=s,
-                                     **SAMPLING).images)
+                out = outputs[i]
                 score, shown = ev.score_compose(out, scene), ([sources[0], out], rec["prompt"])
             elif task == "edit":
-                out = _image(edit(model, _tensor(sources[0]), rec["instruction"], seed=s, **SAMPLING).images)
+                out = outputs[i]
                 src = Scene.from_dict(rec["meta"]["source_scene"])
                 score, shown = ev.score_edit(src, out, scene), ([sources[0], out, target], rec["instruction"])
             elif task == "perception":
-                out = _image(perceive(model, _tensor(sources[0]), instruction=rec["instruction"], seed=s,
-                                      **SAMPLING).images)
+                out = outputs[i]
                 if rec["meta"]["map"] == "edge":
                     score = {"edge_f1": ev.edge_f1(out, edge_map(scene, 32))}
                 else:
                     score = {"depth_mae": ev.depth_mae(out, target)}
                 shown = ([sources[0], out, target], rec["instruction"])
             elif task == "caption":
-                text = caption(model, _tensor(sources[0]), seed=s, resolution=None, **TEXT)[0]
+                text = caption(model, _tensor(sources[0]), seed=s, resize="as_is", **text)[0]
                 score = dict(ev.score_caption(text, scene), parses=ev.parse_caption(text) is not None)
                 shown = ([sources[0]], text)
             else:
-                text = answer(model, _tensor(sources[0]), rec["prompt"], seed=s, resolution=None, **TEXT)[0]
+                text = answer(model, _tensor(sources[0]), rec["prompt"], seed=s, resize="as_is", **text)[0]
                 score = {"exact": ev.score_vqa(text, rec["caption"])}
                 shown = ([sources[0]], f"{rec['prompt']} -> {text} (true: {rec['caption']})")
             results[task].append(score)
@@ -98,11 +133,12 @@ def run_scorecard(model, n: int, seed: int, progress=None, examples: int = 3) ->
             if progress is not None:
                 progress(task, i + 1, n)
     # The ceiling of the image modes: how often the VAE alone (encode, decode) keeps every attribute readable.
-    readable = []
-    for rec, _, target in records("t2i", n, seed):
-        recon = reconstruct(model.vae, _tensor(target).to(model.device, model.vae.dtype)).float().cpu()
-        readable.append(all(ev.score_t2i(recon[0], Scene.from_dict(rec["meta"]["scene"])).values()))
-    results["vae"] = [{"readback": r} for r in readable]
+    if ceiling:
+        readable = []
+        for rec, _, target in records("t2i", n, seed, split):
+            recon = reconstruct(model.vae, _tensor(target).to(model.device, model.vae.dtype)).float().cpu()
+            readable.append(all(ev.score_t2i(recon[0], Scene.from_dict(rec["meta"]["scene"])).values()))
+        results["vae"] = [{"readback": r} for r in readable]
     for task, scores in results.items():
         for key in sorted({k for s in scores for k in s}):
             values = [float(s[key]) for s in scores if key in s]

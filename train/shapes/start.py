@@ -13,8 +13,8 @@ import torch
 
 from unialign_core import UniAlignTransformer
 
-# 4 blocks of width 128: about 2.4 M transformer parameters; a 32 px image is 16 tokens (VAE x4, patch 2).
-TRANSFORMER = dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=32,
+# 4 blocks of width 128: about 2.4 M transformer parameters; a 32 px image is 64 tokens (VAE x2, patch 2).
+TRANSFORMER = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=32,
                    num_attention_heads=4, caption_projection_dim=128,
                    pooled_projection_dim=128, pos_embed_max_size=16, fp16_time_projection=False)
 # Few image tokens: SD3's shift of 3 would spend most steps on pure noise; 1.0 is the plain flow schedule.

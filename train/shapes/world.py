@@ -13,8 +13,9 @@ Vocabulary (kept small and unambiguous so a tiny model can learn it on CPU):
 Rendering is hard-edged (no anti-aliasing): a label map is computed from pixel centres and coloured
 from the palette, so the edge and depth maps derived from the same label map are exact.
 
-Held-out split: a scene belongs to the test split when ``crc32(scene.key()) % 10 < 2`` (about 20 %
-of all scenes), otherwise to train. ``make_dataset(split=...)`` only keeps records whose scene (``meta.scene``:
+Held-out splits: a scene belongs to the test split when ``crc32(scene.key()) % 10 < 2`` (about 20 %
+of all scenes), to the validation split when it is 2 (about 10 %: the scenes that sampler settings and the
+recipe are chosen on, never the test scenes the report scores), otherwise to train. ``make_dataset(split=...)`` only keeps records whose scene (``meta.scene``:
 the scene of the target image, or of the source for caption, vqa and perception) is in the requested split,
 so train and test never share a scene (an edit's source scene may come from either part). Random streams are also disjoint: record ``i`` of a split uses
 ``numpy.random.SeedSequence([seed, SPLIT_IDS[split], i])``.
@@ -52,8 +53,9 @@ MAX_SHAPES = 2
 DEFAULT_SIZE = 32
 TASKS = ("t2i", "caption", "vqa", "edit", "perception", "compose")
 EDIT_KINDS = ("recolour", "reshape", "move", "add", "remove", "background")
-SPLIT_IDS = {"train": 0, "test": 1}
-TEST_FRACTION_TENTHS = 2  # scenes with crc32(key) % 10 below this are held out
+SPLIT_IDS = {"train": 0, "test": 1, "val": 2}
+TEST_FRACTION_TENTHS = 2  # scenes with crc32(key) % 10 below this are held out for the test split
+VAL_BUCKET = 2  # scenes with crc32(key) % 10 equal to this are the validation split
 
 # ---------------------------------------------------------------------------------------------- scenes
 
@@ -103,9 +105,11 @@ class Scene:
 
 
 def scene_split(scene: Scene) -> str:
-    """'test' for the held-out part of the scene space, else 'train' (stable across runs)."""
+    """'test' or 'val' for the held-out parts of the scene space, else 'train' (stable across runs)."""
     bucket = zlib.crc32(scene.key().encode()) % 10
-    return "test" if bucket < TEST_FRACTION_TENTHS else "train"
+    if bucket < TEST_FRACTION_TENTHS:
+        return "test"
+    return "val" if bucket == VAL_BUCKET else "train"
 
 
 def _pick(rng: np.random.Generator, items):
@@ -297,6 +301,18 @@ def all_captions(scene: Scene, templates=CAPTION_TEMPLATES) -> list[str]:
     ]
 
 
+def canonical_caption(scene: Scene) -> str:
+    """The one wording captions are written in (first template, first phrase per position), e.g. "a red circle
+    on the left and a blue square in the center on a black background".
+
+    Prompts come in every wording (``caption``); the captions the model learns to write (records' ``caption``
+    field) use this one, as a captioning data set written in one house style would. A caption drawn from
+    dozens of wordings is not a function of the image: with masked diffusion each position then has several
+    right words at once, and a sampler that commits positions in parallel mixes wordings ("a a yellow the in
+    cross the gray background"); see the shapes report's diagnosis."""
+    return all_captions(scene, CAPTION_TEMPLATES[:1])[0]
+
+
 def caption(scene: Scene, rng: np.random.Generator, templates=CAPTION_TEMPLATES) -> str:
     """A caption naming every shape (colour, kind, position) and the background, in a random wording."""
     return _pick(rng, all_captions(scene, templates))
@@ -399,16 +415,16 @@ def _record(rng: np.random.Generator, task: str, size: int, sizes) -> tuple[dict
     """(record without paths, source images, target image or None, scene that decides the split) for one task."""
     if task == "edit":
         src, instruction, tgt, edit_meta = make_edit(rng, sizes=sizes)
-        rec = {"task": task, "instruction": instruction, "caption": caption(tgt, rng),
+        rec = {"task": task, "instruction": instruction, "caption": canonical_caption(tgt),
                "meta": {"scene": tgt.to_dict(), "source_scene": src.to_dict(), "edit": edit_meta}}
         return rec, [render(src, size)], render(tgt, size), tgt
     scene = sample_scene(rng, sizes=sizes)
     if task == "t2i":
-        text = caption(scene, rng)
-        rec = {"task": task, "prompt": text, "caption": text, "meta": {"scene": scene.to_dict()}}
+        rec = {"task": task, "prompt": caption(scene, rng), "caption": canonical_caption(scene),
+               "meta": {"scene": scene.to_dict()}}
         return rec, [], render(scene, size), scene
     if task == "caption":
-        rec = {"task": task, "caption": caption(scene, rng), "meta": {"scene": scene.to_dict()}}
+        rec = {"task": task, "caption": canonical_caption(scene), "meta": {"scene": scene.to_dict()}}
         return rec, [render(scene, size)], None, scene
     if task == "vqa":
         question, answer, qtype = vqa(scene, rng)
@@ -419,7 +435,7 @@ def _record(rng: np.random.Generator, task: str, size: int, sizes) -> tuple[dict
         kind = _pick(rng, ("edge", "depth"))
         instruction = _pick(rng, EDGE_INSTRUCTIONS if kind == "edge" else DEPTH_INSTRUCTIONS)
         target = (edge_map if kind == "edge" else depth_map)(scene, size)
-        text = f"{kind} map of {caption(scene, rng, CAPTION_TEMPLATES[:1])}"
+        text = f"{kind} map of {canonical_caption(scene)}"
         rec = {"task": task, "instruction": instruction, "caption": text,
                "meta": {"scene": scene.to_dict(), "map": kind}}
         return rec, [render(scene, size)], target, scene
@@ -428,7 +444,7 @@ def _record(rng: np.random.Generator, task: str, size: int, sizes) -> tuple[dict
         scene = Scene(scene.background, (shape,))
         where = _pick(rng, POSITION_PHRASES[shape.position])
         prompt = _pick(rng, COMPOSE_TEMPLATES).format(where=where, bg=scene.background)
-        rec = {"task": task, "prompt": prompt, "caption": caption(scene, rng),
+        rec = {"task": task, "prompt": prompt, "caption": canonical_caption(scene),
                "meta": {"scene": scene.to_dict(), "reference": {"kind": shape.kind, "colour": shape.colour,
                                                                 "size": shape.size}}}
         return rec, [render_reference(shape, size)], render(scene, size), scene
