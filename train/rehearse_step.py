@@ -32,7 +32,7 @@ LENGTH = 256
 
 
 def run(paths: dict, device: str = "cpu") -> dict:
-    from unialign_core.rehearse import load_for_modes, weights_held
+    from unialign_core.rehearse import load_for_modes, progress, weights_held
 
     from .config import Config, LossConfig
     from .init import add_projectors
@@ -42,6 +42,7 @@ def run(paths: dict, device: str = "cpu") -> dict:
     started = time.perf_counter()
     model = load_for_modes(paths, device)
     load_s = time.perf_counter() - started
+    progress("loaded")
     transformer = model.transformer
     add_projectors(transformer, TEACHER_DIM)
     cfg = Config()
@@ -82,7 +83,9 @@ def run(paths: dict, device: str = "cpu") -> dict:
         total, logged = compute_losses(module, batch, rng, LossConfig(), encode_ids, model.mask_id, Reducer(),
                                        min(ALIGN_BLOCK, transformer.config.num_layers))
     forward_s = time.perf_counter() - step_started
+    progress("forward done (T5 encodes, image pass, text pass, losses)")
     total.backward()
+    progress("backward done")
     grads = [p.grad for p in trainable if p.grad is not None]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip))
     optimizer.step()
@@ -105,7 +108,10 @@ def main(argv=None) -> int:
     parser.add_argument("--result", required=True, help="JSON file to write the figures to")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    from unialign_core.rehearse import _status_bytes
+    from unialign_core import rehearse
+
+    rehearse._PROGRESS["path"] = args.result + ".progress"
+    _status_bytes = rehearse._status_bytes
 
     with open(os.path.join(args.root, "paths.json")) as f:
         paths = json.load(f)

@@ -378,15 +378,36 @@ def load_for_modes(paths: dict, device: str):
                       dtype=torch.bfloat16)
 
 
+_PROGRESS = {"path": None, "start": time.perf_counter()}
+
+
+def progress(label: str) -> None:
+    """Note how far a step got (a JSON line beside its result), so that a step stopped for time still tells."""
+    if _PROGRESS["path"]:
+        with open(_PROGRESS["path"], "a") as f:
+            f.write(json.dumps({"s": round(time.perf_counter() - _PROGRESS["start"], 1), "at": label,
+                                "rss_bytes": _status_bytes("VmRSS")}) + "\n")
+
+
+def read_progress(path: str) -> List[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 class StepClock:
     """A mode's callback that records when each sampling step ended."""
 
-    def __init__(self):
+    def __init__(self, label: str = "sampling"):
         self.start = time.perf_counter()
         self.marks = []
+        self.label = label
+        progress(f"{label}: started")
 
     def __call__(self, step, total, state=None):
         self.marks.append(round(time.perf_counter() - self.start, 2))
+        progress(f"{self.label}: callback {step}/{total}")
 
 
 def _image_check(images: torch.Tensor, width: int, height: int) -> dict:
@@ -442,6 +463,7 @@ def step_load(paths, device) -> dict:
 def _timed_load(paths, device):
     started = time.perf_counter()
     model = load_for_modes(paths, device)
+    progress("loaded")
     return model, time.perf_counter() - started
 
 
@@ -476,7 +498,7 @@ def step_caption(paths, device) -> dict:
     image = torch.rand(1, 3, 512, 512, generator=torch.Generator().manual_seed(0))
     details, total = {"load_s": load_s}, 0.0
     for sampler in SAMPLERS:
-        clock = StepClock()
+        clock = StepClock(sampler)
         text = caption(model, image, length=256, steps=2, sampler=sampler, seed=0, callback=clock)
         seconds = time.perf_counter() - clock.start
         total += seconds
@@ -494,6 +516,7 @@ def child_main(step: str, root: str, device: str, result: str) -> int:
         paths = json.load(f)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    _PROGRESS["path"] = result + ".progress"
     started = time.perf_counter()
     try:
         details = CHILD_STEPS[step](paths, device)
@@ -548,8 +571,9 @@ def run_steps(root: str, out: str, steps: Sequence[str], device: str, timeout: f
     results = []
     for step in steps:
         result_path = os.path.join(out, f"step_{step}.json")
-        if os.path.exists(result_path):
-            os.remove(result_path)
+        for stale in (result_path, result_path + ".progress"):
+            if os.path.exists(stale):
+                os.remove(stale)
         if step == "train":
             if not train_step_available():
                 results.append({"step": step, "ok": False, "skipped": "the train package is not installed here"})
@@ -567,6 +591,7 @@ def run_steps(root: str, out: str, steps: Sequence[str], device: str, timeout: f
                 entry.update(json.load(f))
         else:
             entry.update({"ok": False, "error": proc["stopped"] or f"exited {proc['exit']} without a result"})
+        entry["progress"] = read_progress(result_path + ".progress")
         results.append(entry)
         print(f"[rehearse] step {step}: ok={entry['ok']} {proc['wall_s']:.0f} s, peak RSS "
               f"{proc['peak_rss_bytes'] / GB:.2f} GB {entry.get('error') or ''}", flush=True)
