@@ -641,8 +641,17 @@ class Trainer:
                 names = list(f.keys())  # every rank checks the names (no rank waits on a failed one)
             self._load_trainable(load_file(path, device="cpu") if self.main else {}, checkpoint, names)
             full = runs.read_optimizer_state(os.path.join(checkpoint, runs.OPTIMIZER)) if self.main else {}
-            set_optimizer_state_dict(self.transformer, self.optimizer.optimizer, full, options=StateDictOptions(
-                full_state_dict=True, broadcast_from_rank0=True))
+            # a parameter that never had a gradient (null_image_embd in a short run) has no Adam state in the
+            # checkpoint, as in the uninterrupted run: strict=False, and the state torch's loader creates for it
+            # with a zero-gradient step (step 1) is dropped again, or its first real step would count as the second
+            optimizer = self.optimizer.optimizer
+            set_optimizer_state_dict(self.transformer, optimizer, full, options=StateDictOptions(
+                full_state_dict=True, broadcast_from_rank0=True, strict=False))
+            with safe_open(os.path.join(checkpoint, runs.OPTIMIZER), framework="pt") as f:
+                saved = {k[len("state."):].rsplit(".", 1)[0] for k in f.keys()}
+            for name, param in self.trainable:
+                if name not in saved:
+                    optimizer.state.pop(param, None)
         else:
             self._load_trainable(load_file(path, device="cpu"), checkpoint)
             runs.load_optimizer(os.path.join(checkpoint, runs.OPTIMIZER), self.optimizer)
