@@ -163,7 +163,7 @@ def launch_args(accelerate_config: str, config_path: str, *args, processes=2, po
             "--main_process_port", str(port), *extra, "-m", "train", config_path, *args]
 
 
-def launch(accelerate_config: str, config_path: str, *args, processes=2, port=29517, extra=(), timeout=300):
+def launch(accelerate_config: str, config_path: str, *args, processes=2, port=29517, extra=(), timeout=900):
     """Run `accelerate launch ... -m train CONFIG` to the end; fails the test with its stderr if it fails."""
     proc = subprocess.run(launch_args(accelerate_config, config_path, *args, processes=processes, port=port,
                                       extra=extra), cwd=REPO, env=env(), capture_output=True, text=True,
