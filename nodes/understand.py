@@ -31,7 +31,7 @@ class UniAlignUnderstand:
                                                         "UniAlign LoRA)."}),
                 "image": ("IMAGE", {"tooltip": "The image(s) to describe, any size: by default scaled up or "
                                                "down to the size the model was trained at (see resize)."}),
-                "sampler": (SAMPLERS, {"default": "fast",
+                "sampler": (SAMPLERS, {"default": "confidence",
                                        "tooltip": "fast: the confidence sampler that also commits every token it "
                                        "is at least 90% sure of in one step and reuses the image's attention "
                                        "for 4 steps at a time (fastest). confidence: fills the most certain "
