@@ -43,6 +43,15 @@ def read_safetensors_metadata(path: str) -> Dict[str, str]:
         raise CheckpointError(path, f"not a readable safetensors file: {e}") from None
 
 
+def read_weight_map(index: str) -> Dict[str, str]:
+    """The ``weight_map`` (key -> shard file name) of a sharded checkpoint's ``*.index.json``."""
+    try:
+        with open(index) as f:
+            return json.load(f)["weight_map"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(index, f"not a valid shard index: {e}") from None
+
+
 def read_weights_folder(folder: str, stem: str) -> Dict[str, torch.Tensor]:
     """Read `<stem>.safetensors` or a sharded `<stem>.safetensors.index.json` from a folder."""
     single = os.path.join(folder, f"{stem}.safetensors")
@@ -50,11 +59,7 @@ def read_weights_folder(folder: str, stem: str) -> Dict[str, torch.Tensor]:
     if os.path.isfile(single):
         return read_safetensors(single)[0]
     if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(index, f"not a valid shard index: {e}") from None
+        weight_map = read_weight_map(index)
         state = {}
         for shard in sorted(set(weight_map.values())):
             state.update(read_safetensors(os.path.join(folder, shard))[0])

@@ -16,7 +16,7 @@ from typing import Dict, List, Tuple
 import torch
 from safetensors import safe_open
 
-from .checkpoint import check_state_dict
+from .checkpoint import check_state_dict, read_weight_map
 from .errors import CheckpointError
 from .loader import (
     DEFAULT_SCHEDULER, _find_mask_file, _first_dir, _mask_id, load_model, load_tokenizer,
@@ -42,13 +42,8 @@ def transformer_shards(folder: str) -> List[Tuple[str, List[str]]]:
         except Exception as e:
             raise CheckpointError(single, f"not a readable safetensors file: {e}") from None
     if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(index, f"not a valid shard index: {e}") from None
         shards: Dict[str, List[str]] = {}
-        for key, shard in weight_map.items():
+        for key, shard in read_weight_map(index).items():
             shards.setdefault(shard, []).append(key)
         return [(os.path.join(folder, shard), keys) for shard, keys in sorted(shards.items())]
     if any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in os.listdir(folder)):
