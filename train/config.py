@@ -92,7 +92,7 @@ class TrainConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 2.0
     mixed_precision: str = "no"  # no | bf16 | fp16
-    frozen_dtype: str = "auto"  # T5/VAE/teacher weights: auto (bf16 on GPU with bf16, else fp32) | fp32 | bf16 | fp16
+    frozen_dtype: str = "auto"  # T5/VAE/teacher and (LoRA with mixed precision) the frozen transformer weights: auto (bf16 on GPU with bf16, else fp32) | fp32 | bf16 | fp16
     gradient_checkpointing: bool = False
     ema: bool = False
     ema_decay: float = 0.9999

@@ -373,6 +373,13 @@ class Trainer:
 
         if cfg.train.mode == "lora":
             apply_lora(transformer, cfg)
+            if acc.mixed_precision != "no" and not self.fsdp and acc.distributed_type != DistributedType.DEEPSPEED:
+                # the frozen base weights need no fp32 master copy: at full size this halves the transformer's
+                # memory (4.3 GB in bf16 instead of 8.6 GB); the LoRA and projector weights stay fp32
+                frozen_base = [p for p in transformer.parameters() if not p.requires_grad]
+                for p in frozen_base:
+                    if p.is_floating_point() and p.dtype != self.frozen_dtype:
+                        p.data = p.data.to(self.frozen_dtype)
         if cfg.train.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         self.validation_copy = None

@@ -19,7 +19,9 @@ timed with its peak memory, on the CPU (or a GPU).
    resident set (`os.wait4`'s `ru_maxrss` of that process; `torch.cuda.max_memory_allocated` too on a GPU):
    `convert` (`python -m unialign_core.convert`'s code), `load` (`load_model` as the Loader node calls it: our single
    file in bf16, the fp8 T5, the VAE file), `t2i` (512x512, CFG 7 batched, 2 steps), `edit` (512 wide x 768 high,
-   2 steps; also checks the position crop of a non-square latent), `caption` (256 tokens, 2 steps, each sampler) and
+   2 steps; also checks the position crop of a non-square latent), `caption` (256 tokens, 2 steps, each sampler;
+   then the image-stream cache's logit drift: refresh every step vs every 2 and 4, along a 4-step trajectory),
+   `fp8` (one velocity at 256 px with the block weights stored in bf16 and in fp8_e4m3fn: max abs difference) and
    `train` (one LoRA optimizer step with the four losses at 512 px, batch 1, gradient checkpointing:
    `train/rehearse_step.py`, run only where the `train` package is present; unialign_core never imports it).
 3. Checks the bounds: conversion peak RSS <= the largest transformer shard + 2 GB; after loading, the weights held
@@ -49,7 +51,7 @@ import torch
 GB = 1e9
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(PACKAGE_DIR)
-STEPS = ("convert", "load", "t2i", "edit", "caption", "train")
+STEPS = ("convert", "load", "t2i", "edit", "caption", "fp8", "train")
 TRANSFORMER_KEYS_TSV = "unialignment_sd3m_transformer_keys.tsv"
 T5_CONFIG_JSON = "t5_v1_1_xxl_encoder_config.json"
 # SD3-medium's transformer config plus the text head (the reference README's "Transformer" section).
@@ -504,11 +506,49 @@ def step_caption(paths, device) -> dict:
         total += seconds
         details[sampler] = {"run_s": seconds, "step_marks_s": clock.marks, "characters": len(text[0])}
     details["run_s"] = total
+    # issue 14's sanity check of the image-stream cache at full size: last-step logits of a full pass vs a
+    # text-only pass on an image cache built `refresh` steps earlier, along the exact 4-step trajectory
+    from .bench_understand import logit_drift
+    from .modes import understanding_input
+
+    started = time.perf_counter()
+    latents = model.encode_images(understanding_input(model, image).to(model.device))
+    details["logit_drift"] = logit_drift(model, latents, 256, 4, (2, 4))
+    details["logit_drift"]["run_s"] = time.perf_counter() - started
+    progress("logit drift done")
+    return details
+
+
+def step_fp8(paths, device) -> dict:
+    """One velocity (256 px, 128 text tokens) with the transformer's block weights stored in bf16, then in fp8."""
+    from .loader import load_model
+
+    t = torch.tensor([500.0])
+    details, velocities = {}, {}
+    for name, stored in (("bf16", None), ("fp8_e4m3fn", torch.float8_e4m3fn)):
+        started = time.perf_counter()
+        transformer = load_model(paths["single_file"], text_encoder=paths["t5_fp8"], vae=paths["vae_file"],
+                                 device=device, dtype=torch.bfloat16, weight_dtype=stored).transformer
+        g, config = torch.Generator().manual_seed(0), transformer.config
+        x = torch.randn(1, config.in_channels, 32, 32, generator=g)
+        context = torch.randn(1, 128, config.joint_attention_dim, generator=g)
+        with torch.no_grad():
+            out = transformer(x.to(device, torch.bfloat16), context.to(device, torch.bfloat16), t.to(device))
+        velocities[name] = out.velocity.float().cpu()
+        details[name] = {"seconds": time.perf_counter() - started, "transformer_bytes": weights_held(transformer),
+                         "stored_dtypes": sorted({str(p.dtype).replace("torch.", "") for p in transformer.parameters()})}
+        del transformer, out
+        progress(f"{name} velocity done")
+    diff = (velocities["bf16"] - velocities["fp8_e4m3fn"]).abs()
+    details["max_abs_velocity_diff"] = diff.max().item()
+    details["mean_abs_velocity_diff"] = diff.mean().item()
+    details["velocity_max_abs"] = velocities["bf16"].abs().max().item()
+    details["velocity_mean_abs"] = velocities["bf16"].abs().mean().item()
     return details
 
 
 CHILD_STEPS = {"convert": step_convert, "load": step_load, "t2i": step_t2i, "edit": step_edit,
-               "caption": step_caption}  # fmt: skip
+               "caption": step_caption, "fp8": step_fp8}  # fmt: skip
 
 
 def child_main(step: str, root: str, device: str, result: str) -> int:
@@ -644,6 +684,7 @@ def markdown_table(report: dict) -> str:
         "t2i": "text-to-image 512x512, CFG 7 batched, 2 steps",
         "edit": "edit 512x768, 2 steps",
         "caption": "caption, 256 tokens, 2 steps, `confidence` then `ddpm_cache`",
+        "fp8": "one velocity at 256 px, block weights stored bf16 vs fp8_e4m3fn",
         "train": "one LoRA step, four losses, 512 px, batch 1, gradient checkpointing",
     }
     rows = ["| step | what | seconds (load + run) | peak RSS (GB) | result |", "|---|---|---|---|---|"]
@@ -655,6 +696,13 @@ def markdown_table(report: dict) -> str:
         if r["step"] == "caption" and d.get("confidence"):
             seconds += f"; confidence {d['confidence']['run_s']:.0f}, ddpm_cache {d['ddpm_cache']['run_s']:.0f}"
         result = "ok" if r.get("ok") else (r.get("skipped") or r.get("error") or "failed")[:160]
+        if r["step"] == "fp8" and "max_abs_velocity_diff" in d:
+            result += (f"; max abs velocity diff {d['max_abs_velocity_diff']:.3g} (velocity max abs "
+                       f"{d['velocity_max_abs']:.3g}, mean abs diff {d['mean_abs_velocity_diff']:.3g})")
+        if r["step"] == "caption" and d.get("logit_drift"):
+            result += "; logit drift " + ", ".join(
+                f"{k}: max abs {v['max_abs_logit_diff']:.3g} of {v['logit_scale_max_abs']:.3g}"
+                for k, v in d["logit_drift"].items() if k.startswith("refresh"))
         rows.append(f"| {r['step']} | {what.get(r['step'], '')} | {seconds} | {_gb(r.get('peak_rss_bytes'))} | {result} |")
     rows += ["", "| bound | value | limit | passed |", "|---|---|---|---|"]
     for c in report["checks"]:
