@@ -8,6 +8,11 @@ ComfyUI LATENT for SD3 models: {"samples": z} with z the raw VAE latent; the mod
 
 import torch
 
+try:
+    from ..unialign_core.images import on_white
+except ImportError:  # loaded by path, outside the pack (the unit tests): the core is importable by name
+    from unialign_core.images import on_white
+
 
 class InputError(ValueError):
     """A node input is wrong. The message starts with the input's name."""
@@ -31,8 +36,7 @@ def image_to_core(image: torch.Tensor, name: str) -> torch.Tensor:
     x = x.float().clamp(0, 1)
     channels = x.shape[-1]
     if channels in (2, 4):  # gray+alpha or RGBA: composite on white
-        colour, alpha = x[..., :-1], x[..., -1:]
-        x = colour * alpha + (1 - alpha)
+        x = on_white(x, dim=-1)
     if x.shape[-1] == 1:
         x = x.expand(-1, -1, -1, 3)
     return x.movedim(-1, 1).contiguous()
@@ -69,7 +73,8 @@ def check_text(name: str, text: str, hint: str) -> str:
     return text
 
 
-def latent_to_comfy(latents: torch.Tensor, vae_config, device) -> dict:
-    """Scaled model latents -> ComfyUI LATENT {"samples": raw VAE latents} (SD3 latent format)."""
-    raw = latents.detach().float() / vae_config.scaling_factor + vae_config.shift_factor
+def latent_to_comfy(latents: torch.Tensor, model, device) -> dict:
+    """Scaled model latents -> ComfyUI LATENT {"samples": raw VAE latents} (SD3 latent format); `model`: the
+    UniAlignModel whose VAE made them (it owns the scaling)."""
+    raw = model.unscale_latents(latents.detach().float())
     return {"samples": raw.to(device)}

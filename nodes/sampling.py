@@ -74,7 +74,7 @@ def _run(handle, mode, *args, texts=(), **kwargs):
     progress = services.Progress(handle)
     result = mode(model, *args, callback=progress, cancel=services.cancel, **kwargs)
     device = services.output_device()
-    images = image_from_core(result.images, device), latent_to_comfy(result.latents, model.vae.config, device)
+    images = image_from_core(result.images, device), latent_to_comfy(result.latents, model, device)
     return {"ui": {"text": warnings}, "result": images}
 
 

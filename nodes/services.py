@@ -19,9 +19,9 @@ import comfy.ops
 import comfy.utils
 import folder_paths
 
-from ..unialign_core import CheckpointError, load_lora, load_model, lora_deltas
+from ..unialign_core import DTYPES, CheckpointError, load_lora, load_model, lora_deltas
 from .image_types import InputError
-from .preview import fit_latent_rgb, latent_to_rgb_image
+from .preview import latent_to_rgb_image
 
 log = logging.getLogger("UniAlignment")
 
@@ -29,7 +29,6 @@ FOLDER = "unialignment"
 FROM_MODEL = "(from model)"
 WEIGHT_EXTENSIONS = (".safetensors", ".sft")
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")  # never loaded: unpickling runs code
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
 # How the transformer's block weights are stored ("default": in the compute dtype); computed in the dtype above.
 WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": getattr(torch, "float8_e4m3fn", None),
@@ -340,7 +339,7 @@ class UniAlignHandle:
 
     def preview_factors(self):
         if self._preview_factors is None:
-            self._preview_factors = fit_latent_rgb(self.model)
+            self._preview_factors = self.model.fit_latent_rgb()
         return self._preview_factors
 
     def __repr__(self):

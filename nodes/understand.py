@@ -77,7 +77,7 @@ class UniAlignUnderstand:
         weights = model.activate()
         progress = services.Progress(model, previews=False)
         chosen = FAST if sampler == "fast" else dict(sampler=sampler)
-        common = dict(length=length, steps=steps, seed=sampler_seed, callback=progress, cancel=services.cancel,
+        common = dict(answer_tokens=length, steps=steps, seed=sampler_seed, callback=progress, cancel=services.cancel,
                       **chosen)
         common["resize"] = "as_is"  # already sized by the policy above
         question = (question or "").strip()
@@ -87,7 +87,7 @@ class UniAlignUnderstand:
             else:
                 texts = core.caption(weights, pixels, **common)
         except ValueError as e:
-            if "raise length" in str(e):
-                raise InputError("length", str(e)) from None
+            if "raise answer_tokens" in str(e):  # the core's name of this node's `length` input
+                raise InputError("length", str(e).replace("answer_tokens", "length")) from None
             raise
         return {"ui": {"text": list(texts)}, "result": (list(texts),)}

@@ -94,18 +94,18 @@ def test_compose_one_to_three_references(model):
 
 @pytest.mark.parametrize("sampler", ["confidence", "ddpm_cache"])
 def test_caption_one_clean_string_per_image(model, sampler):
-    texts = caption(model, image(batch=2), length=12, steps=4, sampler=sampler)
+    texts = caption(model, image(batch=2), answer_tokens=12, steps=4, sampler=sampler)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
     for t in texts:
         assert "</s>" not in t and "<pad>" not in t and "<extra_id_0>" not in t
-    assert caption(model, image(batch=2), length=12, steps=4, sampler=sampler) == texts  # seeded
+    assert caption(model, image(batch=2), answer_tokens=12, steps=4, sampler=sampler) == texts  # seeded
 
 
 def test_answer_uses_the_question_and_returns_only_the_answer(model):
-    out = answer(model, image(), "what colour is the cube?", length=24, steps=4)
+    out = answer(model, image(), "what colour is the cube?", answer_tokens=24, steps=4)
     assert len(out) == 1 and "Q:" not in out[0]
-    with pytest.raises(ValueError, match="raise length"):
-        answer(model, image(), "what colour is the cube?", length=8)
+    with pytest.raises(ValueError, match="raise answer_tokens"):
+        answer(model, image(), "what colour is the cube?", answer_tokens=8)
 
 
 def test_callback_every_step_and_cancel(model):
@@ -122,7 +122,7 @@ def test_callback_every_step_and_cancel(model):
         text_to_image(model, "a cat", width=16, height=16, steps=5, cancel=cancel)
     assert len(calls) == 2  # stopped within one step
     with pytest.raises(Cancelled):
-        caption(model, image(), length=8, steps=5, cancel=lambda: True)
+        caption(model, image(), answer_tokens=8, steps=5, cancel=lambda: True)
 
 
 @pytest.mark.parametrize(
@@ -160,7 +160,7 @@ def test_vqa_prompt_has_no_end_of_text(model, monkeypatch):
         return real(m, image, prompt_ids, *args)
 
     monkeypatch.setattr(modes, "_understand", spy)
-    answer(model, image(), "what colour?", length=16, steps=2)
+    answer(model, image(), "what colour?", answer_tokens=16, steps=2)
     expected = model.tokenizer("Q: what colour? A: ")["input_ids"]
     assert expected[-1] == model.eos_id
     assert seen["ids"] == expected[:-1]
@@ -187,10 +187,10 @@ def test_understanding_scales_large_images_down(model, monkeypatch):
     sizes = []
     real = modes._source_latents
     monkeypatch.setattr(modes, "_source_latents", lambda m, px, *a: sizes.append(px.shape[-2:]) or real(m, px, *a))
-    caption(model, image(64, 32), length=8, steps=1, resolution=16)
-    caption(model, image(8, 12), length=8, steps=1, resolution=16)  # smaller: scaled up too
-    caption(model, image(10, 14), length=8, steps=1, resize="as_is")  # odd sizes: rounded to multiples of 4
-    caption(model, image(8, 12), length=8, steps=1, resolution=None)  # None: as is (the old spelling)
+    caption(model, image(64, 32), answer_tokens=8, steps=1, resolution=16)
+    caption(model, image(8, 12), answer_tokens=8, steps=1, resolution=16)  # smaller: scaled up too
+    caption(model, image(10, 14), answer_tokens=8, steps=1, resize="as_is")  # odd sizes: rounded to multiples of 4
+    caption(model, image(8, 12), answer_tokens=8, steps=1, resolution=None)  # None: as is (the old spelling)
     assert sizes == [(24, 12), (12, 20), (8, 16), (8, 12)]  # ~16x16 in area, aspect kept, multiples of 4
 
 
@@ -203,17 +203,17 @@ def test_understanding_default_reads_at_the_trained_size(model, monkeypatch):
     sizes = []
     real = modes._source_latents
     monkeypatch.setattr(modes, "_source_latents", lambda m, px, *a: sizes.append(tuple(px.shape[-2:])) or real(m, px, *a))
-    caption(model, image(16, 16), length=8, steps=1)
-    answer(model, image(16, 16), "what colour?", length=16, steps=1)
-    caption(model, image(24, 40), length=8, steps=1, resize="crop")
-    caption(model, image(16, 16), length=8, steps=1, resize="as_is")
+    caption(model, image(16, 16), answer_tokens=8, steps=1)
+    answer(model, image(16, 16), "what colour?", answer_tokens=16, steps=1)
+    caption(model, image(24, 40), answer_tokens=8, steps=1, resize="crop")
+    caption(model, image(16, 16), answer_tokens=8, steps=1, resize="as_is")
     assert sizes == [(32, 32), (32, 32), (32, 32), (16, 16)]
     small = image(16, 16)
     cropped = modes.understanding_input(model, image(16, 32), "crop")
     assert cropped.shape[-2:] == (32, 32)
     assert modes.understanding_input(model, small, "trained").shape[-2:] == (32, 32)
     with pytest.raises(ValueError, match="resize 'bigger' is not one of"):
-        caption(model, small, length=8, steps=1, resize="bigger")
+        caption(model, small, answer_tokens=8, steps=1, resize="bigger")
 
 
 def test_oversized_images_are_refused_before_any_vae_or_t5_work(model, monkeypatch):
@@ -234,7 +234,7 @@ def test_oversized_images_are_refused_before_any_vae_or_t5_work(model, monkeypat
     with pytest.raises(ValueError, match=r"reference 2: size 160x16"):
         compose(model, [image(16, 16), image(16, 160)], "a cube", width=16, height=16, **FAST)
     with pytest.raises(ValueError, match=r"image: size 160x160"):
-        caption(model, image(160, 160), length=8, steps=1, resize="as_is")
+        caption(model, image(160, 160), answer_tokens=8, steps=1, resize="as_is")
 
 
 def test_cancel_reaches_the_vae_encode_and_decode(model):

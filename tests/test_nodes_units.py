@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from nodes_support import REPO, WORKFLOW_NAMES, WORKFLOWS
+from unialign_core.model import fit_latent_rgb
+from unialign_core.vae import encode_mean
 
 sys.path.insert(0, str(WORKFLOWS))
 import make_api  # noqa: E402
@@ -69,12 +71,13 @@ def test_size_errors_name_the_input_and_the_multiple():
 
 
 def test_latent_output_is_raw_vae_latents():
-    class Config:
-        scaling_factor, shift_factor = 1.5305, 0.0609
+    from tiny_models import golden_model
 
+    model = golden_model()
+    config = model.vae.config
     latents = torch.randn(1, 16, 4, 4)
-    samples = types.latent_to_comfy(latents, Config, "cpu")["samples"]
-    torch.testing.assert_close((samples - 0.0609) * 1.5305, latents)
+    samples = types.latent_to_comfy(latents, model, "cpu")["samples"]
+    torch.testing.assert_close((samples - config.shift_factor) * config.scaling_factor, latents)
 
 
 # ---- the preview fallback -------------------------------------------------------------------------
@@ -104,11 +107,11 @@ class LinearVAE(torch.nn.Module):
 
 def test_own_latent_preview_recovers_a_linear_vae():
     model = type("Model", (), {"vae": LinearVAE(), "pixel_multiple": 16})
-    factors = preview.fit_latent_rgb(model)
+    factors = fit_latent_rgb(model)
     assert factors.shape == (17, 3)
     image = torch.zeros(1, 3, 64, 64)
     image[:, 0, :, :32] = 1.0  # left half red, right half black
-    latents = preview.encode_mean(model.vae, image)
+    latents = encode_mean(model.vae, image)
     shown = torch.from_numpy(np.array(preview.latent_to_rgb_image(latents, factors))).float()
     expected = torch.nn.functional.avg_pool2d(image, 8)[0].permute(1, 2, 0) * 255
     assert shown.shape == (8, 8, 3)
@@ -119,7 +122,7 @@ def test_own_latent_preview_runs_on_the_tiny_model():
     from tiny_models import golden_model
 
     model = golden_model()
-    factors = preview.fit_latent_rgb(model)
+    factors = model.fit_latent_rgb()
     latents = model.encode_images(torch.rand(2, 3, 32, 32), torch.Generator().manual_seed(0))
     assert preview.latent_to_rgb_image(latents, factors).size == (16, 16)
 

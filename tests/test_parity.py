@@ -75,7 +75,7 @@ def test_whole_published_t2i_loop():
         guidance=s["guidance_scale"],
         width=s["width"],
         height=s["height"],
-        max_sequence_length=s["max_sequence_length"],
+        text_length=s["max_sequence_length"],
         noise=v["loop.init_latents"],
     )
     assert max_diff(result.latents, v["loop.out_latents"]) <= TOL

@@ -125,14 +125,14 @@ def test_threshold_picks_exactly_the_positions_above_it():
 def test_modes_take_the_new_settings_and_check_them():
     m = golden_model()
     img = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    exact = caption(m, img, length=12, steps=4)
-    assert caption(m, img, length=12, steps=4, refresh=1, threshold=None) == exact
-    fast = caption(m, img, length=12, steps=4, refresh=4, threshold=0.9)
+    exact = caption(m, img, answer_tokens=12, steps=4)
+    assert caption(m, img, answer_tokens=12, steps=4, refresh=1, threshold=None) == exact
+    fast = caption(m, img, answer_tokens=12, steps=4, refresh=4, threshold=0.9)
     assert len(fast) == 2 and all(isinstance(t, str) for t in fast)
-    assert len(answer(m, img[:1], "what is it?", length=24, steps=4, refresh=2, threshold=0.8)) == 1
+    assert len(answer(m, img[:1], "what is it?", answer_tokens=24, steps=4, refresh=2, threshold=0.8)) == 1
     with pytest.raises(ValueError, match="confidence sampler only"):
-        caption(m, img, length=12, steps=4, sampler="ddpm_cache", refresh=4)
+        caption(m, img, answer_tokens=12, steps=4, sampler="ddpm_cache", refresh=4)
     with pytest.raises(ValueError, match="refresh must be a whole number"):
-        caption(m, img, length=12, steps=4, refresh=0)
+        caption(m, img, answer_tokens=12, steps=4, refresh=0)
     with pytest.raises(ValueError, match="threshold is a probability"):
-        caption(m, img, length=12, steps=4, threshold=1.5)
+        caption(m, img, answer_tokens=12, steps=4, threshold=1.5)

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from unialign_core.images import on_white
+
 log = logging.getLogger(__name__)
 
 TASKS = ("t2i", "caption", "vqa", "edit", "perception", "compose")
@@ -282,17 +284,9 @@ def pick_bucket(width, height, buckets):
 
 
 def to_rgb(img):
-    """RGB copy of a PIL image: alpha composited on white, grayscale / palette / 16-bit converted."""
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit PNGs (e.g. depth maps) -> 8 bit
-        arr = np.asarray(img, dtype=np.float64) / 257.0
-        img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
+    """RGB copy of a PIL image: alpha composited on white, grayscale / palette / 16-bit converted (the core's
+    rule, `unialign_core.images.on_white`, which the modes apply to their PIL inputs too)."""
+    return on_white(img)
 
 
 def load_image(path):
@@ -621,6 +615,21 @@ def make_loader(dataset, sampler, num_workers=4, pin_memory=False):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Feature cache
+
+
+def cached(count, cache, keys, compute):
+    """`count` encoder outputs with an optional cache: each is read from `cache` (a FeatureCache, or None for
+    none) under `keys[i]` (needed only with a cache); the missing ones are computed at once by `compute(indices)`
+    (one tensor per index, in that order) and stored. Returns (the `count` tensors, how many were computed)."""
+    found = [cache.get(k) for k in keys] if cache is not None else [None] * count
+    todo = [i for i, f in enumerate(found) if f is None]
+    if todo:
+        fresh = compute(todo)
+        for j, i in enumerate(todo):
+            found[i] = fresh[j]
+            if cache is not None:
+                cache.put(keys[i], fresh[j])
+    return found, len(todo)
 
 
 class FeatureCache:

@@ -13,15 +13,12 @@ import argparse
 import logging
 import sys
 
-import torch
-
-from unialign_core import save_lora, save_single_file
+from unialign_core import DTYPES, save_lora, save_single_file
 from unialign_core.errors import CheckpointError
 
 from . import runs
 from .init import load_start
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 log = logging.getLogger("train.export")
 
 

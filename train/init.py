@@ -25,12 +25,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from unialign_core import UniAlignModel, UniAlignTransformer, load_model, load_mask_embedding, load_text_encoder
-from unialign_core import load_tokenizer, load_vae
-from unialign_core.checkpoint import read_safetensors, read_weights_folder
+from unialign_core import UniAlignTransformer, load_model
 from unialign_core.errors import CheckpointError
-from unialign_core.loader import DEFAULT_SCHEDULER, T5_MASK_TOKEN
-from unialign_core.text_encoder import set_mask_embedding
+from unialign_core.loader import load_sd3_medium_start
 from unialign_core.transformer import ALIGN_PREFIXES, AlignmentProjector
 
 from . import runs
@@ -39,9 +36,6 @@ log = logging.getLogger(__name__)
 
 SD3_ONLY = ("time_text_embed.text_embedder.",)
 SD3_RENAMES = (("norm_out.", "image_norm_out."), ("proj_out.", "image_proj_out."))
-SD3_CONFIG_KEYS = ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim",
-                   "num_attention_heads", "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim",
-                   "out_channels", "pos_embed_max_size")
 
 
 @dataclass
@@ -139,20 +133,6 @@ def _from_run(init, align_dim):
     return model, transformer, report
 
 
-def sd3_config(raw: dict, vocab_size: int, fp16_time_projection: bool = False) -> dict:
-    """Our transformer config from a diffusers SD3Transformer2DModel config."""
-    if raw.get("dual_attention_layers"):
-        raise CheckpointError("init.path", "SD3.5 (dual attention layers) is not a UniAlignment base; use SD3-medium")
-    if raw.get("qk_norm"):
-        raise CheckpointError("init.path", "SD3.5 (qk-norm) is not a UniAlignment base; use SD3-medium")
-    missing = [k for k in SD3_CONFIG_KEYS if k not in raw]
-    if missing:
-        raise CheckpointError("init.path", f"SD3 transformer config lacks {missing}")
-    config = {k: raw[k] for k in SD3_CONFIG_KEYS}
-    config.update(vocab_size=vocab_size, fp16_time_projection=fp16_time_projection)
-    return config
-
-
 def map_sd3_state_dict(state: dict, transformer: UniAlignTransformer, source: str = "sd3") -> Tuple[dict, InitReport]:
     """SD3-medium keys -> ours. Returns (state to load, report); tensors of a different shape are dropped."""
     ours = transformer.state_dict()
@@ -178,64 +158,17 @@ def map_sd3_state_dict(state: dict, transformer: UniAlignTransformer, source: st
     return mapped, report
 
 
-def _sd3_parts(path: str, init):
-    """(transformer config dict, state, component paths) of an SD3 pipeline / transformer folder or file."""
-    folder = path if os.path.isdir(path) else None
-    parts = {"text_encoder": init.text_encoder, "vae": init.vae, "tokenizer": init.tokenizer, "scheduler": None}
-    if folder and os.path.isdir(os.path.join(folder, "transformer")):
-        for name, subs in (("text_encoder", ("text_encoder_3",)), ("vae", ("vae",)),
-                           ("tokenizer", ("tokenizer_3", "tokenizer"))):
-            for sub in subs:
-                if parts[name] is None and os.path.isdir(os.path.join(folder, sub)):
-                    parts[name] = os.path.join(folder, sub)
-        scheduler = os.path.join(folder, "scheduler", "scheduler_config.json")
-        parts["scheduler"] = scheduler if os.path.isfile(scheduler) else None
-        folder = os.path.join(folder, "transformer")
-    if folder:
-        with open(os.path.join(folder, "config.json")) as f:
-            raw = json.load(f)
-        state = read_weights_folder(folder, "diffusion_pytorch_model")
-    else:
-        state, meta = read_safetensors(path)
-        sibling = os.path.join(os.path.dirname(path), "config.json")
-        if "config" in meta:
-            raw = json.loads(meta["config"])
-        elif os.path.isfile(sibling):
-            with open(sibling) as f:
-                raw = json.load(f)
-        else:
-            raise CheckpointError(path, "an SD3 transformer file needs its config.json beside it")
-    missing = [n for n in ("text_encoder", "vae", "tokenizer") if parts[n] is None]
-    if missing:
-        raise CheckpointError(path, f"starting from SD3 needs {', '.join('init.' + m for m in missing)} "
-                                    "(or an SD3 pipeline folder with text_encoder_3/, vae/, tokenizer_3/)")
-    return raw, state, parts
-
-
 def _from_sd3(init, align_dim):
-    raw, state, parts = _sd3_parts(init.path, init)
-    tokenizer = load_tokenizer(parts["tokenizer"])
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    fp16 = bool(init.fp16_time_projection) if init.fp16_time_projection is not None else False
-    config = sd3_config(raw, len(tokenizer), fp16)
-    transformer = UniAlignTransformer(**config, align_dim=align_dim)
+    fp16 = bool(init.fp16_time_projection)  # stock SD3 does not round the timestep projection
+    model, state = load_sd3_medium_start(init.path, text_encoder=init.text_encoder, vae=init.vae,
+                                         tokenizer=init.tokenizer, mask_embedding=init.mask_embedding,
+                                         fp16_time_projection=fp16, align_dim=align_dim)
+    transformer = model.transformer
     mapped, report = map_sd3_state_dict(state, transformer, init.path)
     transformer.load_state_dict(mapped, strict=False)
     report.notes.append("fp16_time_projection=%s (stock SD3 does not round the timestep projection)" % fp16)
-    t5 = load_text_encoder(parts["text_encoder"])
-    vae = load_vae(parts["vae"])
-    mask_id = tokenizer.convert_tokens_to_ids(T5_MASK_TOKEN)
-    mask_vector = None
-    if init.mask_embedding:
-        mask_vector = load_mask_embedding(init.mask_embedding)
-        set_mask_embedding(t5, mask_vector, mask_id, init.mask_embedding)
-    else:
+    if not init.mask_embedding:
         report.notes.append("no init.mask_embedding: T5's own row for the mask token is used")
-    scheduler = dict(DEFAULT_SCHEDULER)
-    if parts["scheduler"]:
-        with open(parts["scheduler"]) as f:
-            scheduler = json.load(f)
-    model = UniAlignModel(transformer, vae, t5, tokenizer, scheduler, mask_id, init.path, mask_vector)
     return model, _finish(transformer), report
 
 

@@ -23,8 +23,8 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import load_file
 
-from unialign_core import UniAlignModel
-from unialign_core.modes import VQA_TEMPLATE
+from unialign_core import DTYPES, UniAlignModel
+from unialign_core.model import caption_ids  # noqa: F401  (the rule lives in the model; importable here as before)
 
 from . import data as D
 from . import runs
@@ -34,7 +34,6 @@ from .losses import Prepared, Reducer, SampleRNG, TrainModule, compute_losses
 from .teacher import CachedTeacher, Teacher
 
 log = logging.getLogger("train")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TERMS = ("loss", "img", "txt", "cross", "align")
 
 
@@ -162,27 +161,6 @@ def _autocast(forward, device_type: str, dtype):
     return wrapped
 
 
-def caption_ids(tokenizer, task: str, text: str, caption: str, length: int):
-    """(ids, maskable, not_pad) for one sample. VQA: the `Q: ... A: ` prompt stays visible, the answer is learned.
-    Ids are padded with EOS (as published); the first EOS is a real token."""
-    eos = tokenizer.eos_token_id
-    if task == "vqa":
-        prompt = tokenizer(VQA_TEMPLATE.format(question=text), add_special_tokens=True)["input_ids"]
-        prompt = prompt[:-1] if prompt and prompt[-1] == eos else prompt
-        answer = tokenizer(caption, add_special_tokens=True)["input_ids"]
-        ids, frozen = prompt + answer, len(prompt)
-    else:
-        ids, frozen = tokenizer(caption, add_special_tokens=True)["input_ids"], 0
-    if len(ids) > length:
-        ids = ids[: length - 1] + [eos]
-    frozen = min(frozen, length - 1)
-    n = len(ids)
-    ids = ids + [eos] * (length - n)
-    maskable = [i >= frozen for i in range(length)]
-    not_pad = [i < n for i in range(length)]
-    return ids, maskable, not_pad
-
-
 class Encoders:
     """The frozen encoders (VAE, T5, teacher) with their optional disk caches."""
 
@@ -191,7 +169,7 @@ class Encoders:
         self.vae, self.t5, self.tokenizer = bundle.vae, bundle.text_encoder, bundle.tokenizer
         for module in (self.vae, self.t5):
             cast_frozen(module.to(device).eval().requires_grad_(False), frozen_dtype)
-        self.length = cfg.data.text_length
+        self.text_length = cfg.data.text_length
         self.cache = D.FeatureCache(cfg.data.cache_dir) if cfg.data.cache_dir else None
         self.vae_id = fingerprint(self.vae) if self.cache else ""
         self.t5_id = fingerprint(self.t5) if self.cache else ""
@@ -204,38 +182,24 @@ class Encoders:
 
     @torch.no_grad()
     def encode_prompts(self, texts):
-        out = [None] * len(texts)
-        keys = [D.FeatureCache.key("t5", self.t5_id, t, self.length) for t in texts] if self.cache else None
-        if keys:
-            out = [self.cache.get(k) for k in keys]
-        todo = [i for i, o in enumerate(out) if o is None]
-        if todo:
-            ids = self.bundle.tokenize([texts[i] for i in todo], self.length)
-            states = self.encode_ids(ids)
-            for j, i in enumerate(todo):
-                out[i] = states[j]
-                if self.cache:
-                    self.cache.put(keys[i], states[j])
+        keys = [D.FeatureCache.key("t5", self.t5_id, t, self.text_length) for t in texts] if self.cache else None
+        out, _ = D.cached(len(texts), self.cache, keys, lambda todo: self.encode_ids(
+            self.bundle.tokenize([texts[i] for i in todo], self.text_length)))
         return torch.stack([o.to(self.device, self.compute_dtype) for o in out])
 
     @torch.no_grad()
     def moments(self, pixels: torch.Tensor):
         """VAE posterior (mean, std) per image, cached by the image's pixels."""
-        out = [None] * pixels.shape[0]
         keys = None
         if self.cache:
             q = (pixels.float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
             keys = [D.FeatureCache.key("vae", self.vae_id, tuple(x.shape), x.numpy().tobytes()) for x in q]
-            out = [self.cache.get(k) for k in keys]
-        todo = [i for i, o in enumerate(out) if o is None]
-        if todo:
-            x = pixels[todo].to(self.device, self.vae.dtype) * 2 - 1
-            dist = self.vae.encode(x).latent_dist
-            both = torch.cat([dist.mean, dist.std], dim=1).float()
-            for j, i in enumerate(todo):
-                out[i] = both[j]
-                if self.cache:
-                    self.cache.put(keys[i], both[j])
+
+        def compute(todo):
+            dist = self.vae.encode(pixels[todo].to(self.device, self.vae.dtype) * 2 - 1).latent_dist
+            return torch.cat([dist.mean, dist.std], dim=1).float()
+
+        out, _ = D.cached(pixels.shape[0], self.cache, keys, compute)
         both = torch.stack([o.to(self.device) for o in out])
         return both.chunk(2, dim=1)
 
@@ -243,8 +207,7 @@ class Encoders:
         """Scaled latents, sampling the posterior with per-sample noise (as published: `.sample()`)."""
         mean, std = self.moments(pixels)
         z = mean + std * rng.randn(purpose, mean.shape[1:]).to(self.device)
-        cfg = self.vae.config
-        return ((z - cfg.shift_factor) * cfg.scaling_factor).to(self.compute_dtype)
+        return self.bundle.scale_latents(z).to(self.compute_dtype)
 
 
 def pad_batch(batch: dict, size: int) -> dict:
@@ -269,7 +232,7 @@ def prepare_batch(batch: dict, enc: Encoders, rng: SampleRNG, need_teacher: bool
     target = enc.latents(batch["target"], rng, "vae_target") if batch["target"] is not None else None
     sources = [enc.latents(s, rng, f"vae_source{k}") for k, s in enumerate(batch["sources"])]
     conditions = sources if target is not None else []
-    rows = [caption_ids(enc.tokenizer, task, t, c, enc.length) for t, c in zip(batch["text"], batch["caption"])]
+    rows = [enc.bundle.caption_ids(task, t, c, enc.text_length) for t, c in zip(batch["text"], batch["caption"])]
     ids, maskable, not_pad = (torch.tensor([r[i] for r in rows], device=device) for i in range(3))
     caption_valid = torch.tensor([bool(c.strip()) for c in batch["caption"]], device=device) & present
     prepared = Prepared(
@@ -835,7 +798,7 @@ class Trainer:
             with acc.autocast():
                 for i, prompt in enumerate(cfg.prompts):
                     res = text_to_image(view, prompt, width=cfg.width, height=cfg.height, steps=cfg.steps,
-                                        guidance=cfg.guidance, seed=cfg.seed, max_sequence_length=self.cfg.data.text_length)
+                                        guidance=cfg.guidance, seed=cfg.seed, text_length=self.cfg.data.text_length)
                     img = (res.images[0].permute(1, 2, 0).float().numpy() * 255).round().clip(0, 255).astype("uint8")
                     Image.fromarray(img).save(os.path.join(folder, f"t2i_{i:02d}.png"))
                     if self.tb is not None:
@@ -844,7 +807,7 @@ class Trainer:
                     pil = D.load_image(path)
                     m = self.bundle.pixel_multiple
                     pil = D.resize_to_bucket(pil, (max(m, pil.width // m * m), max(m, pil.height // m * m)))
-                    text = caption(view, D.image_to_tensor(pil)[None], length=cfg.caption_length, steps=16,
+                    text = caption(view, D.image_to_tensor(pil)[None], answer_tokens=cfg.caption_length, steps=16,
                                    seed=cfg.seed)[0]
                     lines.append(f"{os.path.basename(path)}\t{text}")
                     if self.tb is not None:

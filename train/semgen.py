@@ -315,7 +315,9 @@ def resolve_dtype(name: str, device):
         if str(device).startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    from unialign_core import DTYPES
+
+    return DTYPES[name]
 
 
 def resolve_device(name: Optional[str], state):

@@ -21,7 +21,7 @@ from typing import List, Optional
 
 import torch
 
-from .data import FeatureCache
+from .data import FeatureCache, cached
 
 log = logging.getLogger(__name__)
 
@@ -130,16 +130,9 @@ class CachedTeacher:
         self.hits = self.misses = 0
 
     def _cached(self, keys, compute):
-        found = [self.cache.get(k) if self.cache is not None else None for k in keys]
-        todo = [i for i, f in enumerate(found) if f is None]
-        self.hits += len(keys) - len(todo)
-        self.misses += len(todo)
-        if todo:
-            fresh = compute(todo).cpu()
-            for j, i in enumerate(todo):
-                found[i] = fresh[j]
-                if self.cache is not None:
-                    self.cache.put(keys[i], fresh[j])
+        found, computed = cached(len(keys), self.cache, keys, lambda todo: compute(todo).cpu())
+        self.hits += len(keys) - computed
+        self.misses += computed
         return torch.stack(found)
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:

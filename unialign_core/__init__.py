@@ -2,7 +2,8 @@
 
 from .errors import Cancelled, CheckpointError
 from .lora import load_lora, lora_deltas, save_lora
-from .loader import UniAlignModel, load_model, load_tokenizer, load_transformer
+from .loader import load_model, load_tokenizer, load_transformer
+from .model import DTYPES, UniAlignModel
 from .modes import (
     PERCEPTION_PRESETS,
     ImageResult,
@@ -21,6 +22,7 @@ from .vae import load_vae
 __all__ = [
     "Cancelled",
     "CheckpointError",
+    "DTYPES",
     "ImageResult",
     "PERCEPTION_PRESETS",
     "TransformerOutput",

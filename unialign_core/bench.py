@@ -18,6 +18,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 from .loader import DEFAULT_SCHEDULER, UniAlignModel
+from .model import DTYPES
 from .modes import caption, text_to_image
 from .text_sampler import TextDenoiser
 from .transformer import UniAlignTransformer
@@ -118,7 +119,7 @@ def run(size: str, device: str, dtype: torch.dtype, steps: int, caption_steps: i
     }  # fmt: skip
     for sampler, n in (("ddpm_cache", length), ("confidence", length), ("confidence", length // 4)):
         before = TextDenoiser.total_calls
-        _, seconds = timed(lambda: caption(model, image, length=n, steps=caption_steps, sampler=sampler), device)
+        _, seconds = timed(lambda: caption(model, image, answer_tokens=n, steps=caption_steps, sampler=sampler), device)
         calls = TextDenoiser.total_calls - before
         results["caption"][f"{sampler}@{n}"] = {"s": seconds, "forward_passes": calls}
     base = results["caption"][f"ddpm_cache@{length}"]["s"]
@@ -132,12 +133,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None)
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None)
     parser.add_argument("--steps", type=int, default=28, help="text-to-image steps")
     parser.add_argument("--caption-steps", type=int, default=32)
     args = parser.parse_args(argv)
     dtype_name = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    dtype = DTYPES[dtype_name]
     print(json.dumps(run(args.size, args.device, dtype, args.steps, args.caption_steps), indent=2))
 
 

@@ -24,6 +24,7 @@ from transformers import T5Config, T5EncoderModel
 
 from .bench import word_tokenizer
 from .loader import DEFAULT_SCHEDULER, UniAlignModel
+from .model import DTYPES
 from .text_sampler import CachedTextDenoiser, TextDenoiser, sample_confidence, sample_ddpm_cache
 from .transformer import UniAlignTransformer
 
@@ -198,14 +199,14 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=1, help="runs per setting, interleaved; the fastest counts")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (1 gives steadier figures on a busy machine)")
     parser.add_argument("--no-drift", action="store_true", help="skip the logit-drift check")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     thresholds = [None] + (args.threshold if args.threshold is not None else [0.9])
     if args.threshold == [0]:
         thresholds = [None]  # --threshold 0: time the top-k schedule only

@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from .checkpoint import check_state_dict, read_weight_map
 from .errors import CheckpointError
+from .model import DTYPES
 from .loader import (
     DEFAULT_SCHEDULER, _find_mask_file, _first_dir, _mask_id, load_model, load_tokenizer,
     transformer_config_from_upstream,
@@ -27,7 +28,6 @@ from .single_file import single_file_metadata
 from .text_encoder import load_mask_embedding
 from .transformer import ALIGN_PREFIXES, UniAlignTransformer
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STEM = "diffusion_pytorch_model"
 
 

@@ -7,15 +7,35 @@ import torch
 from PIL import Image
 
 ImageInput = Union[torch.Tensor, Image.Image, Sequence[Image.Image]]
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")  # PIL modes with an alpha channel
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def on_white(image, dim: int = 1):
+    """Alpha composited on white: the one rule for every image with transparency (inference and training).
+
+    A tensor in [0, 1] whose axis `dim` holds the colour channels then alpha -> the colour channels,
+    `colour * alpha + (1 - alpha)`. A PIL image -> an RGB PIL image: alpha composited on white (palette
+    transparency counts as alpha), 16-bit grayscale (e.g. depth maps) scaled to 8 bits, other modes converted."""
+    if isinstance(image, torch.Tensor):
+        channels = image.shape[dim]
+        colour, alpha = image.narrow(dim, 0, channels - 1), image.narrow(dim, channels - 1, 1)
+        return colour * alpha + (1 - alpha)
+    if image.mode in SIXTEEN_BIT_MODES:
+        arr = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ALPHA_MODES:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """A PIL image (any mode; alpha is composited on white) as [1, 3, H, W] in [0, 1]."""
-    if image.mode in ("RGBA", "LA", "P"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    array = np.asarray(on_white(image), dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1)[None]
 
 
@@ -41,8 +61,7 @@ def to_tensor(images: ImageInput, name: str = "image") -> torch.Tensor:
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     elif x.shape[1] == 4:
-        rgb, alpha = x[:, :3], x[:, 3:]
-        x = rgb * alpha + (1 - alpha)
+        x = on_white(x, dim=1)
     return x.float().clamp(0, 1)
 
 

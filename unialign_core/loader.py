@@ -19,13 +19,12 @@ Mask row of T5 (id 32099 for the T5 tokenizer), first match wins:
      holds the trained row needs nothing more).
 """
 
-import contextlib
 import glob
 import inspect
 import json
 import logging
 import os
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from tokenizers import Tokenizer
@@ -33,18 +32,22 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast, T5Config
 
 from .checkpoint import load_into, read_safetensors, read_weights_folder
 from .errors import CheckpointError
+from .model import DEFAULT_TEXT_LENGTH, UniAlignModel
 from .single_file import BUNDLE_PREFIXES, FORMAT, decode_tensor
 from .text_encoder import load_mask_embedding, load_text_encoder, set_mask_embedding, t5_from_state_dict
 from .transformer import ALIGN_PREFIXES, CastOps, UniAlignTransformer, low_precision_keys, use_operations
-from .vae import decode, encode, load_vae, vae_from_state_dict
+from .vae import load_vae, vae_from_state_dict
 
 log = logging.getLogger("unialign_core")
 
 T5_MASK_TOKEN = "<extra_id_0>"
-DEFAULT_TEXT_LENGTH = 256  # T5 tokens per prompt in the published training
 # The scheduler SD3 ships, used when a checkpoint carries none.
 DEFAULT_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
 UPSTREAM_IGNORED = ("_class_name", "_diffusers_version", "_name_or_path")
+# The transformer config entries a UniAlignment start takes from plain SD3-medium (`load_sd3_medium_start`).
+SD3_CONFIG_KEYS = ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim",
+                   "num_attention_heads", "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim",
+                   "out_channels", "pos_embed_max_size")
 
 
 def vae_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -52,13 +55,31 @@ def vae_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
 
 
+def refuse_sd35(config: dict, path: str) -> None:
+    """SD3.5's additions are neither a UniAlignment architecture nor a base to train one from: a clear error."""
+    if config.get("dual_attention_layers"):
+        raise CheckpointError(path, "dual attention layers (SD3.5) are not a UniAlignment architecture; "
+                                    "a training start must be SD3-medium")
+    if config.get("qk_norm"):
+        raise CheckpointError(path, "qk-norm (SD3.5) is not a UniAlignment architecture; "
+                                    "a training start must be SD3-medium")
+
+
+def read_scheduler(folder: str) -> dict:
+    """A pipeline folder's `scheduler/scheduler_config.json`, or SD3's default scheduler when it has none."""
+    path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    if not os.path.isfile(path):
+        return dict(DEFAULT_SCHEDULER)
+    with open(path) as f:
+        return json.load(f)
+
+
 def transformer_config_from_upstream(raw: dict, path: str) -> dict:
     """Turn an upstream `transformer/config.json` into our config."""
     config = {k: v for k, v in raw.items() if k not in UPSTREAM_IGNORED}
-    if config.pop("dual_attention_layers", None):
-        raise CheckpointError(path, "dual attention layers (SD3.5) are not a UniAlignment architecture")
-    if config.pop("qk_norm", None):
-        raise CheckpointError(path, "qk-norm (SD3.5) is not a UniAlignment architecture")
+    refuse_sd35(config, path)
+    config.pop("dual_attention_layers", None)
+    config.pop("qk_norm", None)
     if "vocab_size" not in config:
         raise CheckpointError(path, "config has no vocab_size: this is not a UniAlignment/DualDiffusion transformer")
     known = set(inspect.signature(UniAlignTransformer.__init__).parameters)
@@ -117,104 +138,6 @@ def load_tokenizer(path: str):
     raise CheckpointError(path, "not a tokenizer folder or tokenizer.json")
 
 
-class UniAlignModel:
-    """Everything a mode needs: transformer, VAE, T5, tokenizer, scheduler config and mask id."""
-
-    def __init__(
-        self, transformer, vae, text_encoder, tokenizer, scheduler_config: dict, mask_id: int, source: str,
-        mask_embedding: Optional[torch.Tensor] = None, text_length: int = DEFAULT_TEXT_LENGTH,
-    ):  # fmt: skip
-        self.transformer = transformer
-        self.vae = vae
-        self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
-        self.scheduler_config = dict(scheduler_config)
-        self.mask_id = int(mask_id)
-        self.source = source
-        self.mask_embedding = mask_embedding  # what was written into T5's mask row, or None
-        self.text_length = int(text_length)  # T5 tokens per prompt the model was trained with
-        # None, or a function returning a context manager that every T5 call runs inside (ComfyUI's
-        # nodes load T5 there, so that it can be unloaded between prompts).
-        self.text_encoder_scope = None
-        self.check_vocabulary()
-
-    def check_vocabulary(self):
-        vocab = self.transformer.config.vocab_size
-        t5_rows = self.text_encoder.shared.weight.shape[0]
-        if not self.mask_id < vocab <= t5_rows:
-            raise CheckpointError(
-                self.source,
-                f"vocabulary mismatch: mask id {self.mask_id}, text head {vocab}, T5 table {t5_rows} "
-                "(the text encoder does not belong to this model?)",
-            )
-        if self.transformer.config.joint_attention_dim != self.text_encoder.config.d_model:
-            raise CheckpointError(
-                self.source,
-                f"the text encoder's width {self.text_encoder.config.d_model} does not match the transformer's "
-                f"joint_attention_dim {self.transformer.config.joint_attention_dim}",
-            )
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.pos_embed.proj.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.pos_embed.proj.weight.dtype
-
-    @property
-    def eos_id(self) -> int:
-        return self.tokenizer.eos_token_id
-
-    @property
-    def vae_scale(self) -> int:
-        """Pixels per latent cell."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def pixel_multiple(self) -> int:
-        """Image sides must be a multiple of this (VAE factor x patch size)."""
-        return self.vae_scale * self.transformer.config.patch_size
-
-    def to(self, device=None, dtype=None) -> "UniAlignModel":
-        for module in (self.transformer, self.vae, self.text_encoder):
-            module.to(device)
-        if dtype is not None:
-            self.transformer.to(dtype=dtype)
-        return self
-
-    def tokenize(self, texts: List[str], max_length: int) -> torch.Tensor:
-        """Token ids padded to max_length; logs what a too-long text lost."""
-        full = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
-        for text, ids in zip(texts, full):
-            if len(ids) > max_length:
-                lost = self.tokenizer.decode(ids[max_length - 1 : -1])
-                log.warning("prompt longer than %d tokens; this part was dropped: %r", max_length, lost)
-        batch = self.tokenizer(
-            texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-        )
-        return batch["input_ids"]
-
-    @torch.no_grad()
-    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """T5 states for token ids, with no attention mask (as published)."""
-        with self.text_encoder_scope() if self.text_encoder_scope else contextlib.nullcontext():
-            ids = ids.to(self.text_encoder.shared.weight.device)
-            return self.text_encoder(input_ids=ids)[0].to(self.dtype)
-
-    def encode_prompts(self, prompts: List[str], max_length: Optional[int] = None) -> torch.Tensor:
-        """T5 states of prompts padded to `max_length` tokens (default: the length the model was trained with)."""
-        return self.encode_ids(self.tokenize(prompts, max_length or self.text_length))
-
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        return encode(self.vae, pixels, generator).to(self.dtype)
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return decode(self.vae, latents)
-
-
 def _find_mask_file(folder: str) -> Optional[str]:
     found = sorted(glob.glob(os.path.join(folder, "mask_token_emb*.pth")))
     found += sorted(glob.glob(os.path.join(folder, "checkpoint", "mask_token_emb*.pth")))
@@ -250,11 +173,7 @@ def _load_folder(path, dtype, fp16_time_projection, operations=None, weight_dtyp
                 if "dual" in json.load(f).get("_class_name", "").lower():
                     fp16_time_projection = False
     transformer = load_transformer(transformer_dir, dtype, fp16_time_projection, operations, weight_dtype)
-    scheduler = dict(DEFAULT_SCHEDULER)
-    scheduler_path = os.path.join(path, "scheduler", "scheduler_config.json")
-    if os.path.isfile(scheduler_path):
-        with open(scheduler_path) as f:
-            scheduler = json.load(f)
+    scheduler = read_scheduler(path)
     parts = {
         "text_encoder": _first_dir(path, ["text_encoder", "text_encoder_3"]),
         "vae": _first_dir(path, ["vae"]),
@@ -345,7 +264,14 @@ def load_model(
     else:
         transformer, scheduler, parts, declared_mask = _load_file(
             path, dtype, fp16_time_projection, operations, weight_dtype)
+    return _assemble(path, transformer, scheduler, parts, declared_mask, text_encoder, vae, tokenizer, mask_embedding,
+                     dtype, operations).to(device)
 
+
+def _assemble(path, transformer, scheduler, parts, declared_mask, text_encoder, vae, tokenizer, mask_embedding,
+              dtype, operations) -> UniAlignModel:
+    """The UniAlignModel of a loaded transformer: T5, VAE and tokenizer (the arguments win over `parts`, the
+    model's own), the mask id and the mask-token embedding."""
     t5 = load_text_encoder(text_encoder, dtype, operations) if text_encoder else parts["text_encoder"]
     if isinstance(t5, str):
         t5 = load_text_encoder(t5, dtype, operations)
@@ -367,6 +293,75 @@ def load_model(
     mask_vector = load_mask_embedding(mask_source) if isinstance(mask_source, str) else mask_source
     if mask_vector is not None:
         set_mask_embedding(t5, mask_vector, mask_id, mask_source if isinstance(mask_source, str) else path)
-    model = UniAlignModel(transformer, autoencoder, t5, tok, scheduler, mask_id, path, mask_vector,
-                          parts.get("text_length", DEFAULT_TEXT_LENGTH))
-    return model.to(device)
+    return UniAlignModel(transformer, autoencoder, t5, tok, scheduler, mask_id, path, mask_vector,
+                         parts.get("text_length", DEFAULT_TEXT_LENGTH))
+
+
+def sd3_transformer_config(raw: dict, vocab_size: int, fp16_time_projection: bool = False, path: str = "") -> dict:
+    """Our transformer config from a diffusers SD3Transformer2DModel config (SD3-medium; SD3.5 is refused)."""
+    refuse_sd35(raw, path)
+    missing = [k for k in SD3_CONFIG_KEYS if k not in raw]
+    if missing:
+        raise CheckpointError(path, f"SD3 transformer config lacks {missing}")
+    config = {k: raw[k] for k in SD3_CONFIG_KEYS}
+    config.update(vocab_size=vocab_size, fp16_time_projection=fp16_time_projection)
+    return config
+
+
+def _read_sd3(path: str, components: dict):
+    """(transformer config, state, scheduler, component paths) of an SD3 pipeline folder, `transformer/` folder
+    or transformer file; `components` (text_encoder, vae, tokenizer paths or None) win over the folder's own."""
+    folder = path if os.path.isdir(path) else None
+    parts = dict(components)
+    scheduler = dict(DEFAULT_SCHEDULER)
+    if folder and os.path.isdir(os.path.join(folder, "transformer")):
+        for name, subs in (("text_encoder", ("text_encoder_3",)), ("vae", ("vae",)),
+                           ("tokenizer", ("tokenizer_3", "tokenizer"))):
+            parts[name] = parts[name] or _first_dir(folder, subs)
+        scheduler = read_scheduler(folder)
+        folder = os.path.join(folder, "transformer")
+    if folder:
+        with open(os.path.join(folder, "config.json")) as f:
+            raw = json.load(f)
+        state = read_weights_folder(folder, "diffusion_pytorch_model")
+    else:
+        state, meta = read_safetensors(path)
+        sibling = os.path.join(os.path.dirname(path), "config.json")
+        if "config" in meta:
+            raw = json.loads(meta["config"])
+        elif os.path.isfile(sibling):
+            with open(sibling) as f:
+                raw = json.load(f)
+        else:
+            raise CheckpointError(path, "an SD3 transformer file needs its config.json beside it")
+    missing = [n for n in ("text_encoder", "vae", "tokenizer") if parts[n] is None]
+    if missing:
+        raise CheckpointError(path, f"starting from SD3 needs {', '.join(missing)} (a training config's "
+                                    f"{', '.join('init.' + m for m in missing)}), or an SD3 pipeline folder with "
+                                    "text_encoder_3/, vae/, tokenizer_3/")
+    return raw, state, scheduler, parts
+
+
+def load_sd3_medium_start(
+    path: str, *, text_encoder: Optional[str] = None, vae: Optional[str] = None, tokenizer: Optional[str] = None,
+    mask_embedding: Optional[str] = None, fp16_time_projection: bool = False, align_dim: Optional[int] = None,
+):  # fmt: skip
+    """Plain SD3-medium (diffusers layout) as the start of a UniAlignment model: (model, sd3_state), on the CPU in
+    float32.
+
+    `path`: a pipeline folder (`transformer/ text_encoder_3/ tokenizer_3/ vae/ scheduler/`), a `transformer/`
+    folder or a transformer .safetensors (with its config.json beside it); the other arguments give or override
+    the T5 encoder, VAE, tokenizer and mask-token embedding. SD3.5 is refused. The model's transformer is a fresh
+    UniAlignTransformer of SD3-medium's shape (vocabulary: the tokenizer's; with alignment projectors of size
+    `align_dim`); no weights are loaded into it: `sd3_state` holds SD3's tensors under SD3's names, for the caller
+    to map (train/init.py does, with its report)."""
+    components = {"text_encoder": text_encoder, "vae": vae, "tokenizer": tokenizer}
+    raw, state, scheduler, parts = _read_sd3(path, components)
+    tok = load_tokenizer(parts["tokenizer"])
+    tok.pad_token = tok.pad_token or tok.eos_token
+    config = sd3_transformer_config(raw, len(tok), bool(fp16_time_projection), path)
+    transformer = UniAlignTransformer(**config, align_dim=align_dim)
+    parts.update(tokenizer=tok, mask_embedding=None)
+    model = _assemble(path, transformer, scheduler, parts, None, None, None, None, mask_embedding,
+                      torch.float32, None)
+    return model, state

@@ -16,6 +16,7 @@ import torch
 from .flow_sampler import flow_sigmas, sample_flow
 from .images import ImageInput, check_fits, check_size, resize_and_crop, resize_to_area, to_tensor
 from .text_sampler import CachedTextDenoiser, TextDenoiser, sample_confidence, sample_ddpm_cache
+from .model import VQA_TEMPLATE  # noqa: F401  (the template lives with the model; importable here as before)
 from .vae import cancellable
 
 PERCEPTION_PRESETS = {
@@ -23,7 +24,6 @@ PERCEPTION_PRESETS = {
     "canny": "Provide a detailed canny edge map of the entire scene.",
     "pose": "Provide a detailed human pose map of the entire scene.",
 }
-VQA_TEMPLATE = "Q: {question} A: "
 SHORT_ANSWER_SUFFIX = " Answer the question using a single word or phrase."
 SAMPLERS = ("confidence", "ddpm_cache")
 RESIZE_POLICIES = ("trained", "crop", "as_is")
@@ -66,10 +66,10 @@ def check_image_size(model, width: int, height: int, name: str = "image") -> Non
     check_fits(width, height, max_image_side(model), model.pixel_multiple, name)
 
 
-def prompt_overflow(model, prompt: str, max_sequence_length: Optional[int] = None) -> Optional[str]:
+def prompt_overflow(model, prompt: str, text_length: Optional[int] = None) -> Optional[str]:
     """The end of a prompt that does not fit the model's T5 length (`model.text_length` tokens, 256 for the
     released model) and is dropped, as text; None when it fits."""
-    limit = max_sequence_length or model.text_length
+    limit = text_length or model.text_length
     ids = model.tokenizer(prompt or "", add_special_tokens=True)["input_ids"]
     if len(ids) <= limit:
         return None
@@ -94,7 +94,7 @@ def _generate(
     guidance: float,
     image_guidance: Optional[float],
     generator: torch.Generator,
-    max_sequence_length: Optional[int],
+    text_length: Optional[int],
     callback,
     cancel,
     noise: Optional[torch.Tensor] = None,
@@ -112,10 +112,10 @@ def _generate(
     latents = noise.to(model.device, model.dtype)
     use_cfg = guidance > 1.0
     if use_cfg:  # one T5 call for both halves: [negative..., positive...]
-        context = model.encode_prompts([negative_prompt] * batch + prompts, max_sequence_length)
+        context = model.encode_prompts([negative_prompt] * batch + prompts, text_length)
         negative = context[:batch]
     else:
-        context = model.encode_prompts(prompts, max_sequence_length)
+        context = model.encode_prompts(prompts, text_length)
     conds = [torch.cat([c, c]) for c in conditions] if use_cfg else conditions
     use_image_cfg = bool(conditions) and image_guidance is not None and image_guidance != 1.0 and use_cfg
 
@@ -154,21 +154,21 @@ def text_to_image(
     guidance: float = 7.0,
     seed: int = 0,
     num_images: int = 1,
-    max_sequence_length: Optional[int] = None,
+    text_length: Optional[int] = None,
     noise: Optional[torch.Tensor] = None,
     callback: Optional[Callable] = None,
     cancel: Optional[Callable[[], bool]] = None,
 ) -> ImageResult:
     """Generate `num_images` images for a prompt (trained at 512x512; sides a multiple of 16).
 
-    `noise` replaces the seeded initial latents ([num_images, C, height/8, width/8]). `max_sequence_length` is the
+    `noise` replaces the seeded initial latents ([num_images, C, height/8, width/8]). `text_length` is the
     number of T5 tokens per prompt (default: what the model was trained with, `model.text_length`: 256 for the
     released weights, the trainer's `data.text_length` for its exports); the other image modes take it too.
     """
     _check_prompt(prompt)
     return _generate(
         model, [prompt] * num_images, negative_prompt, [], width, height, steps, guidance, None,
-        _generator(seed), max_sequence_length, callback, cancel, noise,
+        _generator(seed), text_length, callback, cancel, noise,
     )  # fmt: skip
 
 
@@ -183,7 +183,7 @@ def edit(
     image_guidance: Optional[float] = None,
     seed: int = 0,
     num_images: int = 1,
-    max_sequence_length: Optional[int] = None,
+    text_length: Optional[int] = None,
     callback: Optional[Callable] = None,
     cancel: Optional[Callable[[], bool]] = None,
 ) -> ImageResult:
@@ -200,7 +200,7 @@ def edit(
     height, width = (s * model.vae_scale for s in source.shape[-2:])
     return _generate(
         model, [instruction] * source.shape[0], negative_prompt, [source], width, height, steps, guidance,
-        image_guidance, generator, max_sequence_length, callback, cancel,
+        image_guidance, generator, text_length, callback, cancel,
     )  # fmt: skip
 
 
@@ -236,7 +236,7 @@ def compose(
     guidance: float = 7.0,
     seed: int = 0,
     num_images: int = 1,
-    max_sequence_length: Optional[int] = None,
+    text_length: Optional[int] = None,
     callback: Optional[Callable] = None,
     cancel: Optional[Callable[[], bool]] = None,
 ) -> ImageResult:
@@ -257,13 +257,13 @@ def compose(
         conditions.append(latents.expand(num_images, -1, -1, -1))
     return _generate(
         model, [prompt] * num_images, negative_prompt, conditions, width, height, steps, guidance, None,
-        generator, max_sequence_length, callback, cancel,
+        generator, text_length, callback, cancel,
     )  # fmt: skip
 
 
 def _understand(
-    model, image, prompt_ids: List[int], length, steps, sampler, seed, temperature, resolution, callback, cancel,
-    threshold=None, refresh=1,
+    model, image, prompt_ids: List[int], answer_tokens, steps, sampler, seed, temperature, resolution, callback,
+    cancel, threshold=None, refresh=1,
 ):
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler {sampler!r} is not one of {SAMPLERS}")
@@ -271,13 +271,15 @@ def _understand(
         raise ValueError("threshold and refresh apply to the confidence sampler only; ddpm_cache runs as published")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    if len(prompt_ids) >= length:
-        raise ValueError(f"the question uses {len(prompt_ids)} tokens; raise length above that (now {length})")
+    if len(prompt_ids) >= answer_tokens:
+        raise ValueError(
+            f"the question uses {len(prompt_ids)} tokens; raise answer_tokens above that (now {answer_tokens})"
+        )
     generator = _generator(seed)
     pixels = to_tensor(image, "image")  # caption/answer have applied the resize policy (understanding_input)
     latents = _source_latents(model, pixels, "image", generator, cancel)
     batch = latents.shape[0]
-    x = torch.full((batch, length), model.mask_id, dtype=torch.long)
+    x = torch.full((batch, answer_tokens), model.mask_id, dtype=torch.long)
     x[:, : len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
     if sampler == "ddpm_cache":
         ids = sample_ddpm_cache(TextDenoiser(model, latents), x, model.mask_id, steps, generator, callback, cancel)
@@ -322,7 +324,7 @@ def caption(
     model,
     image: ImageInput,
     *,
-    length: int = 128,
+    answer_tokens: int = 128,
     steps: int = 32,
     sampler: str = "confidence",
     seed: int = 0,
@@ -337,7 +339,8 @@ def caption(
     """One caption per image by masked text diffusion.
 
     Args:
-        length: generated tokens (published: 256; captions rarely need more than 128).
+        answer_tokens: the text tokens to generate (published: 256; captions rarely need more than 128); for
+            `answer` they include the question's.
         steps: denoising steps (published: 32). The confidence sampler may stop earlier.
         sampler: "confidence" (fast, stops at end-of-text) or "ddpm_cache" (the published MDLM sampler).
         temperature: confidence sampler only; 0 is greedy.
@@ -354,7 +357,8 @@ def caption(
     """
     image = understanding_input(model, image, resize, resolution)
     return _understand(
-        model, image, [], length, steps, sampler, seed, temperature, resolution, callback, cancel, threshold, refresh
+        model, image, [], answer_tokens, steps, sampler, seed, temperature, resolution, callback, cancel, threshold,
+        refresh,
     )
 
 
@@ -363,7 +367,7 @@ def answer(
     image: ImageInput,
     question: str,
     *,
-    length: int = 128,
+    answer_tokens: int = 128,
     steps: int = 32,
     sampler: str = "confidence",
     short: bool = False,
@@ -384,10 +388,8 @@ def answer(
     """
     _check_prompt(question, "question")
     image = understanding_input(model, image, resize, resolution)
-    text = VQA_TEMPLATE.format(question=question.strip() + (SHORT_ANSWER_SUFFIX if short else ""))
-    ids = model.tokenizer(text, add_special_tokens=True)["input_ids"]
-    if ids and ids[-1] == model.eos_id:
-        ids = ids[:-1]
+    ids = model.question_ids(question.strip() + (SHORT_ANSWER_SUFFIX if short else ""))
     return _understand(
-        model, image, ids, length, steps, sampler, seed, temperature, resolution, callback, cancel, threshold, refresh
+        model, image, ids, answer_tokens, steps, sampler, seed, temperature, resolution, callback, cancel, threshold,
+        refresh,
     )

@@ -501,7 +501,7 @@ def step_caption(paths, device) -> dict:
     details, total = {"load_s": load_s}, 0.0
     for sampler in SAMPLERS:
         clock = StepClock(sampler)
-        text = caption(model, image, length=256, steps=2, sampler=sampler, seed=0, callback=clock)
+        text = caption(model, image, answer_tokens=256, steps=2, sampler=sampler, seed=0, callback=clock)
         seconds = time.perf_counter() - clock.start
         total += seconds
         details[sampler] = {"run_s": seconds, "step_marks_s": clock.marks, "characters": len(text[0])}

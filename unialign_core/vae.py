@@ -1,6 +1,7 @@
 """The SD3 VAE: loading from a diffusers folder or a single file, and the latent scaling.
 
-Latents are `z = (encode(x) - shift_factor) * scaling_factor` with pixels in [-1, 1].
+The model's latents are the VAE's latents shifted and scaled by its config (`scale_latents`, with pixels in
+[-1, 1]; `unscale_latents` undoes it).
 """
 
 import json
@@ -73,17 +74,35 @@ def load_vae(path: str, dtype: torch.dtype = torch.float32, config: Optional[dic
     return vae_from_state_dict(state, config or SD3_VAE_CONFIG, path, dtype)
 
 
+def scale_latents(raw: torch.Tensor, config) -> torch.Tensor:
+    """Raw VAE latents -> the model's latents: `(z - shift_factor) * scaling_factor` (the one place of the rule;
+    `UniAlignModel.scale_latents` is the model's spelling). `config`: the VAE's config."""
+    return (raw - config.shift_factor) * config.scaling_factor
+
+
+def unscale_latents(latents: torch.Tensor, config) -> torch.Tensor:
+    """The model's latents -> raw VAE latents, the inverse of `scale_latents`."""
+    return latents / config.scaling_factor + config.shift_factor
+
+
 def encode(vae: AutoencoderKL, pixels: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Pixels [B, 3, H, W] in [0, 1] to scaled latents, sampling the posterior as published."""
     x = pixels.to(vae.device, vae.dtype) * 2 - 1
     dist = vae.encode(x).latent_dist
     z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator, device="cpu").to(dist.mean)
-    return (z - vae.config.shift_factor) * vae.config.scaling_factor
+    return scale_latents(z, vae.config)
+
+
+@torch.no_grad()
+def encode_mean(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Scaled latents of the posterior mean (no sampling noise)."""
+    x = pixels.to(vae.device, vae.dtype) * 2 - 1
+    return scale_latents(vae.encode(x).latent_dist.mean, vae.config)
 
 
 def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents to pixels [B, 3, H, W] in [0, 1]."""
-    z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    z = unscale_latents(latents.to(vae.device, vae.dtype), vae.config)
     return ((vae.decode(z).sample.float() + 1) / 2).clamp(0, 1)
 
 

@@ -47,7 +47,7 @@ def _batches(items, size):
 def score_setting(model, sampler, refresh, threshold, n=200, seed=0, batch=16, length=None, steps=None) -> dict:
     """Figures of one setting on ``n`` caption and ``n`` VQA held-out records (batched, rows leave when done)."""
     text = dict(TEXT, sampler=sampler, refresh=refresh, threshold=threshold)
-    text["length"] = length or text["length"]
+    text["answer_tokens"] = length or text["answer_tokens"]
     text["steps"] = steps or text["steps"]
     if sampler == "ddpm_cache":
         text.pop("refresh"), text.pop("threshold")
@@ -107,7 +107,7 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=200, help="held-out records per mode (the issue asks >= 200)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=16, help="images per caption call")
-    parser.add_argument("--length", type=int, default=None, help=f"text tokens (default {TEXT['length']})")
+    parser.add_argument("--length", type=int, default=None, help=f"text tokens (default {TEXT['answer_tokens']})")
     parser.add_argument("--steps", type=int, default=None, help=f"steps (default {TEXT['steps']})")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", default=None, help="also write the rows here")

@@ -36,7 +36,7 @@ EVAL_SEED_OFFSET = 1000  # evaluation records use seed + this: disjoint from the
 VAL_SEED_OFFSET = 3000  # validation records (sampler settings are chosen on them, never on the test records)
 # Defaults for the quick variant; the full job chooses its own on the validation split (tune.py).
 SAMPLING = dict(steps=20, guidance=3.0)  # prompts use the exported model's own text length (model.text_length)
-TEXT = dict(length=24, steps=24, sampler="confidence")
+TEXT = dict(answer_tokens=24, steps=24, sampler="confidence")
 
 
 @dataclass

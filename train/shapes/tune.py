@@ -12,7 +12,7 @@ import json
 import sys
 
 IMAGE_GRID = [dict(steps=20, guidance=g) for g in (2.0, 3.0, 5.0)]
-TEXT_GRID = [dict(length=24, steps=s, sampler="confidence") for s in (12, 24)]
+TEXT_GRID = [dict(answer_tokens=24, steps=s, sampler="confidence") for s in (12, 24)]
 IMAGE_KEYS = ("t2i_colour", "t2i_shape", "t2i_position", "edit_changed", "edit_kept", "perception_edge_f1",
               "compose_colour", "compose_position")
 TEXT_KEYS = ("caption_all", "vqa_exact")
