@@ -155,9 +155,9 @@ def test_vqa_prompt_has_no_end_of_text(model, monkeypatch):
     seen = {}
     real = modes._understand
 
-    def spy(m, image, prompt_ids, *args):
-        seen["ids"] = prompt_ids
-        return real(m, image, prompt_ids, *args)
+    def spy(m, image, **kwargs):
+        seen["ids"] = kwargs["prompt_ids"]
+        return real(m, image, **kwargs)
 
     monkeypatch.setattr(modes, "_understand", spy)
     answer(model, image(), "what colour?", length=16, steps=2)

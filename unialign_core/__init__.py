@@ -1,6 +1,6 @@
 """unialign_core: the UniAlignment model, its loader, samplers and modes. No ComfyUI imports."""
 
-from .errors import Cancelled, CheckpointError
+from .errors import Cancelled, CheckpointError, InputError
 from .lora import load_lora, lora_deltas, save_lora
 from .loader import UniAlignModel, load_model, load_tokenizer, load_transformer
 from .modes import (
@@ -22,6 +22,7 @@ __all__ = [
     "Cancelled",
     "CheckpointError",
     "ImageResult",
+    "InputError",
     "PERCEPTION_PRESETS",
     "TransformerOutput",
     "UniAlignModel",
