@@ -6,6 +6,7 @@ raises `Cancelled`, or raise your own exception), and leaves the model unchanged
 
 Images in and out are float tensors [B, 3, H, W] in [0, 1] (PIL images are accepted too).
 Sides must be multiples of `model.pixel_multiple` (16 for SD3's VAE with patch size 2).
+A bad argument raises `InputError` (a ValueError) whose `name` is the argument ("image", "reference 2", ...).
 """
 
 from dataclasses import dataclass

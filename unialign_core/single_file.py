@@ -6,7 +6,7 @@ are never written). A file may also bundle a small text encoder and VAE under th
 
 Metadata (all strings, JSON where structured):
     format            "unialignment"
-    format_version    "1"
+    format_version    "1" (the loader refuses a higher one, written by a newer pack: `check_format_version`)
     model_config      the transformer config
     vocab_size        text head size
     mask_id           id of the mask token
