@@ -115,12 +115,12 @@ class UniAlignLoader:
 
 
 def _loader_error(e, model, text_encoder, vae, te_path, vae_path) -> InputError:
-    """Name the input whose file is wrong."""
-    problem = e.problem.lower()
+    """Name the input whose file is wrong: by the error's file, or the component it names (none found, or a
+    text encoder that does not fit the transformer)."""
     shown = services.client_path(e)  # the file relative to its models folder, never the server's path
-    if (te_path and (e.path == te_path or "text encoder" in problem)) or problem.startswith("no text encoder"):
+    if (te_path and e.path == te_path) or e.component == "text_encoder":
         return InputError("text_encoder", f"{text_encoder!r} cannot be used with model {model!r}: {shown}")
-    if (vae_path and e.path == vae_path) or problem.startswith("no vae"):
+    if (vae_path and e.path == vae_path) or e.component == "vae":
         return InputError("vae", f"{vae!r} cannot be used with model {model!r}: {shown}")
     return InputError("model", f"{model!r} is not a usable UniAlignment model: {shown}")
 

@@ -57,11 +57,13 @@ def batch_input(what):
     return ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": f"How many images to make {what} (1-4 is typical)."})
 
 
-def _run(handle, mode, *args, texts=(), **kwargs):
+def _run(handle, mode, *args, texts=(), names=None, **kwargs):
     """Load the weights through ComfyUI, run a unialign_core mode with progress/preview/cancel, convert.
 
     `texts` are (input name, text) pairs fed to T5: any part past the model's token limit is named in the
-    node's UI output ("text", shown on the node by web/show_text.js, and in /history for API clients)."""
+    node's UI output ("text", shown on the node by web/show_text.js, and in /history for API clients).
+    `names` maps the mode's argument names to the node's inputs: the core's InputError about one of them is
+    raised naming the node input (`services.core_inputs`)."""
     warnings = []
     for name, text in texts:
         cut = prompt_overflow(handle.model, text)
@@ -72,7 +74,8 @@ def _run(handle, mode, *args, texts=(), **kwargs):
         services.log.warning("[UniAlign] %s", warning)
     model = handle.activate(text_encoder_each_step=False)  # T5 only around the prompt encoding
     progress = services.Progress(handle)
-    result = mode(model, *args, callback=progress, cancel=services.cancel, **kwargs)
+    with services.core_inputs(names or {}):
+        result = mode(model, *args, callback=progress, cancel=services.cancel, **kwargs)
     device = services.output_device()
     images = image_from_core(result.images, device), latent_to_comfy(result.latents, model, device)
     return {"ui": {"text": warnings}, "result": images}
@@ -90,9 +93,10 @@ def check_fits(handle, name, width, height=None):
 
 
 def _source(handle, image, name):
+    """The IMAGE as core pixels; its sides are checked here with a ComfyUI hint, the model's size limit by the
+    core before the VAE runs."""
     pixels = image_to_core(image, name)
     check_multiple(name, pixels.shape[-1], pixels.shape[-2], handle.pixel_multiple)
-    check_fits(handle, name, pixels.shape[-1], pixels.shape[-2])
     return pixels
 
 
@@ -133,7 +137,8 @@ class UniAlignTextToImage:
         _check_sides(model, width, height)
         return _run(model, core.text_to_image, prompt, negative_prompt=negative_prompt, width=width, height=height,
                     steps=steps, guidance=guidance, seed=seed, num_images=batch_size,
-                    texts=(("prompt", prompt), ("negative_prompt", negative_prompt)))
+                    texts=(("prompt", prompt), ("negative_prompt", negative_prompt)),
+                    names={"prompt": "prompt", "steps": "steps"})
 
 
 class UniAlignEdit:
@@ -173,7 +178,8 @@ class UniAlignEdit:
         return _run(model, core.edit, pixels, instruction, negative_prompt=negative_prompt, steps=steps,
                     guidance=guidance, image_guidance=None if image_guidance == 1.0 else image_guidance,
                     seed=seed, num_images=batch_size,
-                    texts=(("instruction", instruction), ("negative_prompt", negative_prompt)))
+                    texts=(("instruction", instruction), ("negative_prompt", negative_prompt)),
+                    names={"image": "image", "instruction": "instruction", "steps": "steps"})
 
 
 class UniAlignPerceive:
@@ -213,7 +219,8 @@ class UniAlignPerceive:
             custom = check_text("instruction", instruction, "task 'custom' needs your own instruction")
         pixels = _source(model, image, "image")
         return _run(model, core.perceive, pixels, task if custom is None else "custom", instruction=custom,
-                    steps=steps, guidance=guidance, seed=seed, texts=(("instruction", custom),) if custom else ())
+                    steps=steps, guidance=guidance, seed=seed, texts=(("instruction", custom),) if custom else (),
+                    names={"image": "image", "instruction": "instruction", "task": "task", "steps": "steps"})
 
 
 class UniAlignCompose:
@@ -254,14 +261,12 @@ class UniAlignCompose:
                 batch_size, reference_2=None, reference_3=None):
         check_text("prompt", prompt, "describe what to make from the references")
         _check_sides(model, width, height)
-        references = []
+        references, names = [], {"prompt": "prompt", "steps": "steps"}
         for name, image in zip(self.REFERENCES, (reference_1, reference_2, reference_3)):
             if image is None:
                 continue
-            pixels = _source(model, image, name)
-            if pixels.shape[0] != 1:
-                raise InputError(name, f"give one image per reference, got a batch of {pixels.shape[0]}")
-            references.append(pixels)
+            references.append(_source(model, image, name))
+            names[f"reference {len(references)}"] = name  # the core counts the references given
         return _run(model, core.compose, references, prompt, negative_prompt=negative_prompt, width=width,
                     height=height, steps=steps, guidance=guidance, seed=seed, num_images=batch_size,
-                    texts=(("prompt", prompt), ("negative_prompt", negative_prompt)))
+                    texts=(("prompt", prompt), ("negative_prompt", negative_prompt)), names=names)

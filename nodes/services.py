@@ -20,6 +20,7 @@ import comfy.utils
 import folder_paths
 
 from ..unialign_core import DTYPES, CheckpointError, load_lora, load_model, lora_deltas
+from ..unialign_core import InputError as CoreInputError
 from .image_types import InputError
 from .preview import latent_to_rgb_image
 
@@ -203,6 +204,19 @@ def file_signature(path) -> str:
         return f"{max(stamps, default=0)}:{len(stamps)}"
     except OSError:
         return ""
+
+
+@contextlib.contextmanager
+def core_inputs(names: dict):
+    """Inside, a unialign_core InputError about an argument in `names` (the core's argument name -> the node's
+    input name, e.g. {"reference 2": "reference_3"}) is raised as the node's InputError naming that input, with
+    the core's problem text. Other errors pass unchanged."""
+    try:
+        yield
+    except CoreInputError as e:
+        if e.name not in names:
+            raise
+        raise InputError(names[e.name], e.problem) from None
 
 
 # ---- dtype and devices --------------------------------------------------------------------

@@ -2,8 +2,7 @@
 
 from .. import unialign_core as core
 from . import services
-from .image_types import InputError, check_multiple, image_to_core
-from .sampling import check_fits
+from .image_types import InputError, image_to_core
 
 SAMPLERS = ["fast", "confidence", "ddpm_cache"]
 # "fast" = the confidence sampler with threshold commits and the image-stream cache (README, "Understanding samplers")
@@ -68,12 +67,10 @@ class UniAlignUnderstand:
                    resize="trained"):
         if sampler not in SAMPLERS:
             raise InputError("sampler", f"{sampler!r} is not one of {SAMPLERS}")
-        if resize not in RESIZE:
-            raise InputError("resize", f"{resize!r} is not one of {RESIZE}")
+        names = {"image": "image", "resize": "resize", "answer_tokens": "length", "steps": "steps", "question": "question"}
         pixels = image_to_core(image, "image")  # any size: sized by the core's resize policy
-        pixels = core.modes.understanding_input(model.model, pixels, resize)
-        check_multiple("image", pixels.shape[-1], pixels.shape[-2], model.pixel_multiple)
-        check_fits(model, "image", pixels.shape[-1], pixels.shape[-2])  # before any work
+        with services.core_inputs(names):  # the core checks resize; its sizes are multiples of the model's
+            pixels = core.modes.understanding_input(model.model, pixels, resize)
         weights = model.activate()
         progress = services.Progress(model, previews=False)
         chosen = FAST if sampler == "fast" else dict(sampler=sampler)
@@ -81,13 +78,9 @@ class UniAlignUnderstand:
                       **chosen)
         common["resize"] = "as_is"  # already sized by the policy above
         question = (question or "").strip()
-        try:
+        with services.core_inputs(names):  # e.g. length too short for the question, image past the model's limit
             if question:
                 texts = core.answer(weights, pixels, question, short=bool(short_answer), **common)
             else:
                 texts = core.caption(weights, pixels, **common)
-        except ValueError as e:
-            if "raise answer_tokens" in str(e):  # the core's name of this node's `length` input
-                raise InputError("length", str(e).replace("answer_tokens", "length")) from None
-            raise
         return {"ui": {"text": list(texts)}, "result": (list(texts),)}

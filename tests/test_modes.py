@@ -104,7 +104,7 @@ def test_caption_one_clean_string_per_image(model, sampler):
 def test_answer_uses_the_question_and_returns_only_the_answer(model):
     out = answer(model, image(), "what colour is the cube?", answer_tokens=24, steps=4)
     assert len(out) == 1 and "Q:" not in out[0]
-    with pytest.raises(ValueError, match="raise answer_tokens"):
+    with pytest.raises(ValueError, match="raise it above that"):
         answer(model, image(), "what colour is the cube?", answer_tokens=8)
 
 
@@ -155,9 +155,9 @@ def test_vqa_prompt_has_no_end_of_text(model, monkeypatch):
     seen = {}
     real = modes._understand
 
-    def spy(m, image, prompt_ids, *args):
-        seen["ids"] = prompt_ids
-        return real(m, image, prompt_ids, *args)
+    def spy(m, image, **kwargs):
+        seen["ids"] = kwargs["prompt_ids"]
+        return real(m, image, **kwargs)
 
     monkeypatch.setattr(modes, "_understand", spy)
     answer(model, image(), "what colour?", answer_tokens=16, steps=2)

@@ -772,9 +772,8 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self):
-        from PIL import Image
-
         from unialign_core import caption, text_to_image
+        from unialign_core.images import to_pil
 
         cfg, acc = self.cfg.validation, self.accelerator
         if self.params_sharded:
@@ -799,8 +798,7 @@ class Trainer:
                 for i, prompt in enumerate(cfg.prompts):
                     res = text_to_image(view, prompt, width=cfg.width, height=cfg.height, steps=cfg.steps,
                                         guidance=cfg.guidance, seed=cfg.seed, text_length=self.cfg.data.text_length)
-                    img = (res.images[0].permute(1, 2, 0).float().numpy() * 255).round().clip(0, 255).astype("uint8")
-                    Image.fromarray(img).save(os.path.join(folder, f"t2i_{i:02d}.png"))
+                    to_pil(res.images[:1])[0].save(os.path.join(folder, f"t2i_{i:02d}.png"))
                     if self.tb is not None:
                         self.tb.add_image(f"val/t2i_{i:02d}", res.images[0], self.step)
                 for path in cfg.images:

@@ -1,6 +1,6 @@
 """unialign_core: the UniAlignment model, its loader, samplers and modes. No ComfyUI imports."""
 
-from .errors import Cancelled, CheckpointError
+from .errors import Cancelled, CheckpointError, InputError
 from .lora import load_lora, lora_deltas, save_lora
 from .loader import load_model, load_tokenizer, load_transformer
 from .model import DTYPES, UniAlignModel
@@ -24,6 +24,7 @@ __all__ = [
     "CheckpointError",
     "DTYPES",
     "ImageResult",
+    "InputError",
     "PERCEPTION_PRESETS",
     "TransformerOutput",
     "UniAlignModel",

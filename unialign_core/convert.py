@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from .checkpoint import check_state_dict, read_weight_map
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .model import DTYPES
 from .loader import (
     DEFAULT_SCHEDULER, _find_mask_file, _first_dir, _mask_id, load_model, load_tokenizer,
@@ -133,7 +133,7 @@ def convert(source: str, output: str, dtype: str = "bf16", mask_embedding=None, 
     An upstream folder is converted tensor by tensor (`convert_folder_streaming`: never more than one shard's
     worth of memory, T5 and VAE untouched); `bundle`, or a source that is already a file, loads the model."""
     if not output.endswith(".safetensors"):
-        raise ValueError(f"output path {output!r} must end with .safetensors")
+        raise InputError("output", f"path {output!r} must end with .safetensors", sep=" ")
     if os.path.isdir(source) and not bundle:
         return convert_folder_streaming(source, output, DTYPES[dtype], mask_embedding)
     if not os.path.exists(source):

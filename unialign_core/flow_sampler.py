@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from .errors import Cancelled
+from .errors import Cancelled, InputError
 
 # velocity_fn(latents [B,C,h,w], timestep [B] on the 0..1000 scale) -> velocity [B,C,h,w]
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -29,7 +29,7 @@ def dynamic_shift_mu(image_seq_len: int, config: dict) -> float:
 def flow_sigmas(scheduler_config: dict, steps: int, image_seq_len: int) -> torch.Tensor:
     """The `steps + 1` noise levels, from ~1 down to 0, for this checkpoint's scheduler."""
     if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+        raise InputError("steps", f"must be at least 1, got {steps}", sep=" ")
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
     kwargs = {}
     if scheduler.config.use_dynamic_shifting:

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import InputError, InputTypeError
+
 ImageInput = Union[torch.Tensor, Image.Image, Sequence[Image.Image]]
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")  # PIL modes with an alpha channel
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -45,19 +47,19 @@ def to_tensor(images: ImageInput, name: str = "image") -> torch.Tensor:
         return pil_to_tensor(images)
     if isinstance(images, (list, tuple)):
         if not images:
-            raise ValueError(f"{name}: got an empty list of images")
+            raise InputError(name, "got an empty list of images")
         tensors = [to_tensor(i, name) for i in images]
         sizes = {tuple(t.shape[-2:]) for t in tensors}
         if len(sizes) > 1:
-            raise ValueError(f"{name}: images in one batch must share a size, got {sorted(sizes)}")
+            raise InputError(name, f"images in one batch must share a size, got {sorted(sizes)}")
         return torch.cat(tensors)
     if not isinstance(images, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor [B,3,H,W] or PIL image, got {type(images).__name__}")
+        raise InputTypeError(name, f"expected a tensor [B,3,H,W] or PIL image, got {type(images).__name__}")
     x = images
     if x.ndim == 3:
         x = x[None]
     if x.ndim != 4 or x.shape[1] not in (1, 3, 4):
-        raise ValueError(f"{name}: expected shape [B, 3, H, W], got {tuple(images.shape)}")
+        raise InputError(name, f"expected shape [B, 3, H, W], got {tuple(images.shape)}")
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     elif x.shape[1] == 4:
@@ -66,11 +68,12 @@ def to_tensor(images: ImageInput, name: str = "image") -> torch.Tensor:
 
 
 def check_size(width: int, height: int, multiple: int, name: str = "image") -> None:
-    """Raise a clear error unless both sides are positive multiples of `multiple`."""
+    """Raise InputError(name) unless both sides are positive multiples of `multiple`."""
     if width <= 0 or height <= 0 or width % multiple or height % multiple:
         fit = lambda v: max(multiple, round(v / multiple) * multiple)  # noqa: E731
-        raise ValueError(
-            f"{name}: size {width}x{height} is not a multiple of {multiple}; "
+        raise InputError(
+            name,
+            f"size {width}x{height} is not a multiple of {multiple}; "
             f"resize or crop it, e.g. to {fit(width)}x{fit(height)}"
         )
 
@@ -95,14 +98,15 @@ def to_pil(images: torch.Tensor) -> List[Image.Image]:
 
 
 def check_fits(width: int, height: int, limit: int, multiple: int, name: str = "image") -> None:
-    """Raise a clear error when a side is longer than `limit` pixels, the most the model's learned
+    """Raise InputError(name) when a side is longer than `limit` pixels, the most the model's learned
     position table covers (`pos_embed_max_size` patches; 3072 px for the released model)."""
     if width <= limit and height <= limit:
         return
     scale = limit / max(width, height)
     fit = lambda v: max(multiple, int(v * scale) // multiple * multiple)  # noqa: E731
-    raise ValueError(
-        f"{name}: size {width}x{height} is larger than this model allows (its position table covers at most "
+    raise InputError(
+        name,
+        f"size {width}x{height} is larger than this model allows (its position table covers at most "
         f"{limit}x{limit} pixels); scale it down, e.g. to {fit(width)}x{fit(height)}"
     )
 

@@ -33,7 +33,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast, T5Config
 from .checkpoint import load_into, read_safetensors, read_weights_folder
 from .errors import CheckpointError
 from .model import DEFAULT_TEXT_LENGTH, UniAlignModel
-from .single_file import BUNDLE_PREFIXES, FORMAT, decode_tensor
+from .single_file import BUNDLE_PREFIXES, FORMAT, check_format_version, decode_tensor
 from .text_encoder import load_mask_embedding, load_text_encoder, set_mask_embedding, t5_from_state_dict
 from .transformer import ALIGN_PREFIXES, CastOps, UniAlignTransformer, low_precision_keys, use_operations
 from .vae import load_vae, vae_from_state_dict
@@ -191,6 +191,7 @@ def _load_file(path, dtype, fp16_time_projection, operations=None, weight_dtype=
         raise CheckpointError(
             path, f"not a UniAlignment single file (no format={FORMAT!r} metadata; looks like {hint})"
         )
+    check_format_version(meta, path)
     try:
         config = json.loads(meta["model_config"])
         scheduler = json.loads(meta["scheduler_config"])
@@ -276,15 +277,17 @@ def _assemble(path, transformer, scheduler, parts, declared_mask, text_encoder, 
     if isinstance(t5, str):
         t5 = load_text_encoder(t5, dtype, operations)
     if t5 is None:
-        raise CheckpointError(path, "no text encoder: pass a T5 encoder file (e.g. models/text_encoders/t5xxl_fp16.safetensors)")
+        raise CheckpointError(path, "no text encoder: pass a T5 encoder file (e.g. models/text_encoders/t5xxl_fp16.safetensors)",
+                              component="text_encoder")
     autoencoder = load_vae(vae, vae_dtype(dtype)) if vae else parts["vae"]
     if isinstance(autoencoder, str):
         autoencoder = load_vae(autoencoder, vae_dtype(dtype))
     if autoencoder is None:
-        raise CheckpointError(path, "no VAE: pass an SD3 VAE file (e.g. models/vae/sd3_vae.safetensors)")
+        raise CheckpointError(path, "no VAE: pass an SD3 VAE file (e.g. models/vae/sd3_vae.safetensors)", component="vae")
     tok = tokenizer or parts["tokenizer"]
     if tok is None:
-        raise CheckpointError(path, "no tokenizer: put tokenizer/ next to the model or pass a tokenizer path")
+        raise CheckpointError(path, "no tokenizer: put tokenizer/ next to the model or pass a tokenizer path",
+                              component="tokenizer")
     if isinstance(tok, str):
         tok = load_tokenizer(tok)
     mask_id = _mask_id(tok, declared_mask)

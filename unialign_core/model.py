@@ -103,12 +103,14 @@ class UniAlignModel:
                 self.source,
                 f"vocabulary mismatch: mask id {self.mask_id}, text head {vocab}, T5 table {t5_rows} "
                 "(the text encoder does not belong to this model?)",
+                component="text_encoder",
             )
         if self.transformer.config.joint_attention_dim != self.text_encoder.config.d_model:
             raise CheckpointError(
                 self.source,
                 f"the text encoder's width {self.text_encoder.config.d_model} does not match the transformer's "
                 f"joint_attention_dim {self.transformer.config.joint_attention_dim}",
+                component="text_encoder",
             )
 
     @property

@@ -6,6 +6,7 @@ raises `Cancelled`, or raise your own exception), and leaves the model unchanged
 
 Images in and out are float tensors [B, 3, H, W] in [0, 1] (PIL images are accepted too).
 Sides must be multiples of `model.pixel_multiple` (16 for SD3's VAE with patch size 2).
+A bad argument raises `InputError` (a ValueError) whose `name` is the argument ("image", "reference 2", ...).
 """
 
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from .errors import InputError
 from .flow_sampler import flow_sigmas, sample_flow
 from .images import ImageInput, check_fits, check_size, resize_and_crop, resize_to_area, to_tensor
 from .text_sampler import CachedTextDenoiser, TextDenoiser, sample_confidence, sample_ddpm_cache
@@ -42,7 +44,7 @@ def _generator(seed: int) -> torch.Generator:
 
 def _check_prompt(prompt: str, name: str = "prompt") -> str:
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"{name} is empty; describe what you want")
+        raise InputError(name, "is empty; describe what you want", sep=" ")
     return prompt
 
 
@@ -85,6 +87,7 @@ def _source_latents(model, images: ImageInput, name: str, generator: torch.Gener
 
 def _generate(
     model,
+    *,
     prompts: List[str],
     negative_prompt: str,
     conditions: List[torch.Tensor],
@@ -108,7 +111,7 @@ def _generate(
     if noise is None:
         noise = torch.randn(shape, generator=generator)
     elif tuple(noise.shape) != shape:
-        raise ValueError(f"noise: expected shape {shape}, got {tuple(noise.shape)}")
+        raise InputError("noise", f"expected shape {shape}, got {tuple(noise.shape)}")
     latents = noise.to(model.device, model.dtype)
     use_cfg = guidance > 1.0
     if use_cfg:  # one T5 call for both halves: [negative..., positive...]
@@ -167,8 +170,9 @@ def text_to_image(
     """
     _check_prompt(prompt)
     return _generate(
-        model, [prompt] * num_images, negative_prompt, [], width, height, steps, guidance, None,
-        _generator(seed), text_length, callback, cancel, noise,
+        model, prompts=[prompt] * num_images, negative_prompt=negative_prompt, conditions=[], width=width,
+        height=height, steps=steps, guidance=guidance, image_guidance=None, generator=_generator(seed),
+        text_length=text_length, callback=callback, cancel=cancel, noise=noise,
     )  # fmt: skip
 
 
@@ -199,8 +203,9 @@ def edit(
     source = source.repeat_interleave(num_images, dim=0)
     height, width = (s * model.vae_scale for s in source.shape[-2:])
     return _generate(
-        model, [instruction] * source.shape[0], negative_prompt, [source], width, height, steps, guidance,
-        image_guidance, generator, text_length, callback, cancel,
+        model, prompts=[instruction] * source.shape[0], negative_prompt=negative_prompt, conditions=[source],
+        width=width, height=height, steps=steps, guidance=guidance, image_guidance=image_guidance,
+        generator=generator, text_length=text_length, callback=callback, cancel=cancel,
     )  # fmt: skip
 
 
@@ -219,7 +224,8 @@ def perceive(
     """
     if instruction is None:
         if task not in PERCEPTION_PRESETS:
-            raise ValueError(f"task {task!r} is not one of {sorted(PERCEPTION_PRESETS)}; or pass an instruction")
+            known = sorted(PERCEPTION_PRESETS)
+            raise InputError("task", f"{task!r} is not one of {known}; or pass an instruction", sep=" ")
         instruction = PERCEPTION_PRESETS[task]
     return edit(model, image, instruction, **kwargs)
 
@@ -243,37 +249,40 @@ def compose(
     """Personalise / compose: generate from a prompt and 1-3 reference images (any sizes, multiples of 16)."""
     _check_prompt(prompt)
     if not 1 <= len(references) <= 3:
-        raise ValueError(f"references: give 1 to 3 reference images, got {len(references)}")
+        raise InputError("references", f"give 1 to 3 reference images, got {len(references)}")
     check_image_size(model, width, height, "width/height")  # before any reference is encoded
     for i, ref in enumerate(references):
         pixels = to_tensor(ref, f"reference {i + 1}")
         check_image_size(model, pixels.shape[-1], pixels.shape[-2], f"reference {i + 1}")
+        if pixels.shape[0] != 1:
+            raise InputError(f"reference {i + 1}", f"give one image per reference, got a batch of {pixels.shape[0]}")
     generator = _generator(seed)
     conditions = []
     for i, ref in enumerate(references):
         latents = _source_latents(model, ref, f"reference {i + 1}", generator, cancel)
-        if latents.shape[0] != 1:
-            raise ValueError(f"reference {i + 1}: give one image per reference, got a batch of {latents.shape[0]}")
         conditions.append(latents.expand(num_images, -1, -1, -1))
     return _generate(
-        model, [prompt] * num_images, negative_prompt, conditions, width, height, steps, guidance, None,
-        generator, text_length, callback, cancel,
+        model, prompts=[prompt] * num_images, negative_prompt=negative_prompt, conditions=conditions, width=width,
+        height=height, steps=steps, guidance=guidance, image_guidance=None, generator=generator,
+        text_length=text_length, callback=callback, cancel=cancel,
     )  # fmt: skip
 
 
 def _understand(
-    model, image, prompt_ids: List[int], answer_tokens, steps, sampler, seed, temperature, resolution, callback,
-    cancel, threshold=None, refresh=1,
+    model, image, *, prompt_ids: List[int], answer_tokens, steps, sampler, seed, temperature, callback, cancel,
+    threshold=None, refresh=1,
 ):
     if sampler not in SAMPLERS:
-        raise ValueError(f"sampler {sampler!r} is not one of {SAMPLERS}")
+        raise InputError("sampler", f"{sampler!r} is not one of {SAMPLERS}", sep=" ")
     if sampler == "ddpm_cache" and (threshold is not None or refresh != 1):
-        raise ValueError("threshold and refresh apply to the confidence sampler only; ddpm_cache runs as published")
+        raise InputError("threshold" if threshold is not None else "refresh",
+                         "applies to the confidence sampler only; ddpm_cache runs as published", sep=" ")
     if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+        raise InputError("steps", f"must be at least 1, got {steps}", sep=" ")
     if len(prompt_ids) >= answer_tokens:
-        raise ValueError(
-            f"the question uses {len(prompt_ids)} tokens; raise answer_tokens above that (now {answer_tokens})"
+        raise InputError(
+            "answer_tokens",
+            f"the question uses {len(prompt_ids)} tokens; raise it above that (now {answer_tokens})"
         )
     generator = _generator(seed)
     pixels = to_tensor(image, "image")  # caption/answer have applied the resize policy (understanding_input)
@@ -301,7 +310,7 @@ def understanding_input(model, image: ImageInput, resize: str = "trained", resol
         model, 32 for the shapes model). None means "as_is" (as before).
     """
     if resize not in RESIZE_POLICIES:
-        raise ValueError(f"resize {resize!r} is not one of {RESIZE_POLICIES}")
+        raise InputError("resize", f"{resize!r} is not one of {RESIZE_POLICIES}", sep=" ")
     pixels = to_tensor(image, "image")
     if resolution is None:
         resize = "as_is"
@@ -357,8 +366,8 @@ def caption(
     """
     image = understanding_input(model, image, resize, resolution)
     return _understand(
-        model, image, [], answer_tokens, steps, sampler, seed, temperature, resolution, callback, cancel, threshold,
-        refresh,
+        model, image, prompt_ids=[], answer_tokens=answer_tokens, steps=steps, sampler=sampler, seed=seed, temperature=temperature,
+        callback=callback, cancel=cancel, threshold=threshold, refresh=refresh,
     )
 
 
@@ -390,6 +399,6 @@ def answer(
     image = understanding_input(model, image, resize, resolution)
     ids = model.question_ids(question.strip() + (SHORT_ANSWER_SUFFIX if short else ""))
     return _understand(
-        model, image, ids, answer_tokens, steps, sampler, seed, temperature, resolution, callback, cancel, threshold,
-        refresh,
+        model, image, prompt_ids=ids, answer_tokens=answer_tokens, steps=steps, sampler=sampler, seed=seed, temperature=temperature,
+        callback=callback, cancel=cancel, threshold=threshold, refresh=refresh,
     )

@@ -6,7 +6,7 @@ are never written). A file may also bundle a small text encoder and VAE under th
 
 Metadata (all strings, JSON where structured):
     format            "unialignment"
-    format_version    "1"
+    format_version    "1" (the loader refuses a higher one, written by a newer pack: `check_format_version`)
     model_config      the transformer config
     vocab_size        text head size
     mask_id           id of the mask token
@@ -28,11 +28,28 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from .checkpoint import _new_file_mode, save_safetensors_atomic
+from .errors import CheckpointError
 from .transformer import ALIGN_PREFIXES
 
 FORMAT = "unialignment"
 FORMAT_VERSION = "1"
 BUNDLE_PREFIXES = ("text_encoder.", "vae.")
+
+
+def check_format_version(metadata: Dict[str, str], path: str) -> None:
+    """Raise CheckpointError(path) unless this code reads the file's `format_version` (absent: the first, "1").
+
+    A newer version means the file was written by a newer release of this pack, which may store things this one
+    would misread; it is refused with what to do."""
+    version = metadata.get("format_version", "1")
+    if not version.isdigit():
+        raise CheckpointError(path, f"damaged metadata header: format_version {version!r}")
+    if int(version) > int(FORMAT_VERSION):
+        raise CheckpointError(
+            path,
+            f"made by a newer UniAlignment pack: its single-file format version is {version}, this pack reads "
+            f"versions up to {FORMAT_VERSION}; update the UniAlignment node pack (unialign_core) to load it",
+        )
 
 
 def encode_tensor(t: torch.Tensor) -> str:

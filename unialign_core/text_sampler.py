@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .errors import InputError
 from .flow_sampler import check_cancel
 
 NEG_INF = -1000000.0
@@ -61,7 +62,9 @@ class CachedTextDenoiser(TextDenoiser):
     def __init__(self, model, latents: Optional[torch.Tensor], refresh: int = 1):
         super().__init__(model, latents)
         if int(refresh) != refresh or refresh < 1:
-            raise ValueError(f"refresh must be a whole number of steps, at least 1 (1 = exact); got {refresh}")
+            raise InputError(
+                "refresh", f"must be a whole number of steps, at least 1 (1 = exact); got {refresh}", sep=" "
+            )
         self.refresh = int(refresh)
         self.calls = 0
         self.full_passes = 0
@@ -181,7 +184,9 @@ def sample_confidence(
     With `temperature > 0` the token at each position is drawn (Gumbel, seeded) instead of argmax.
     """
     if threshold is not None and not 0 < threshold <= 1:
-        raise ValueError(f"threshold is a probability in (0, 1], or None for the top-k schedule; got {threshold}")
+        raise InputError(
+            "threshold", f"is a probability in (0, 1], or None for the top-k schedule; got {threshold}", sep=" "
+        )
     log_threshold = None if threshold is None else math.log(threshold)
     x = x.clone()
     for step in range(steps):

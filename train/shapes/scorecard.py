@@ -88,8 +88,9 @@ def _generate_chunk(model, task: str, chunk, seeds, sampling: dict) -> list:
         noises.append(torch.randn((1, model.transformer.config.in_channels, 32 // side, 32 // side), generator=g))
         prompts.append(rec["prompt"] if task in ("t2i", "compose") else rec["instruction"])
     conds = [torch.cat(conditions)] if conditions else []
-    out = _generate(model, prompts, "", conds, 32, 32, sampling["steps"], sampling["guidance"], None, None, None,
-                    None, None, torch.cat(noises)).images
+    out = _generate(model, prompts=prompts, negative_prompt="", conditions=conds, width=32, height=32,
+                    steps=sampling["steps"], guidance=sampling["guidance"], image_guidance=None, generator=None,
+                    text_length=None, callback=None, cancel=None, noise=torch.cat(noises)).images
     return [_image(out[i : i + 1]) for i in range(out.shape[0])]
 
 
