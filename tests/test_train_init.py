@@ -13,7 +13,7 @@ from tiny_models import GOLDEN, REFERENCE
 from train.config import InitConfig, LossConfig
 from train.init import detect_kind, load_start
 from train.losses import Reducer, SampleRNG, TrainModule, compute_losses
-from train.loop import Encoders
+from train.batch import Encoders
 
 
 def generic(keys, last):

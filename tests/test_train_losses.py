@@ -15,7 +15,8 @@ from train.config import InitConfig, LossConfig, load_config
 from train.init import load_start
 from train.losses import (Reducer, SampleRNG, TrainModule, antithetic_t, compute_losses, sample_sigmas,
                           text_mdlm_loss)
-from train.loop import Encoders, caption_ids, pad_batch, prepare_batch
+from train.batch import Encoders, pad_batch, prepare_batch
+from unialign_core.model import caption_ids
 from train.teacher import CachedTeacher, Teacher
 
 

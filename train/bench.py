@@ -13,7 +13,7 @@ Sizes (built in memory from configs, random weights; nothing is downloaded or re
 
 Each step is what one micro-step of `train/loop.py` does with `train.grad_accum=1`: `losses.compute_losses`
 (the image pass, the text pass and the alignment projections through `losses.TrainModule`, all four loss
-terms at the published weights), backward, gradient clipping at 2.0, AdamW (`loop.make_optimizer_and_schedule`)
+terms at the published weights), backward, gradient clipping at 2.0, AdamW (`optim.make_optimizer_and_schedule`)
 and the scheduler step. What it leaves out: the frozen encoders. The batch holds ready-made latents, T5 states
 and teacher features (what the trainer's caches give back), and T5's re-encoding of the masked caption ids in
 the text pass, which the trainer runs on every micro-step, is a frozen embedding lookup here. So the figures are
@@ -126,8 +126,9 @@ def run(size_name="tiny", steps=10, warmup=2, batch=None, task="t2i", mode="full
         checkpointing=None, threads=None, seed=0) -> dict:
     """Build, warm up, time `steps` optimizer steps; returns the figures (also what `main` prints)."""
     from .config import Config, LossConfig
-    from .loop import apply_lora, make_optimizer_and_schedule
+    from .lora import apply_lora
     from .losses import Reducer, SampleRNG, TrainModule, compute_losses
+    from .optim import make_optimizer_and_schedule
 
     size = SIZES[size_name]
     if batch is not None:

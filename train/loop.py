@@ -6,12 +6,15 @@
 One optimizer step = `train.grad_accum` micro-batches of `train.batch_size` per process. Micro-batch number n of
 the run is global batch n of the HybridBatchSampler (rank r takes its slice), and all per-sample randomness is
 keyed by n (see losses.SampleRNG): a resumed run sees the data and noise the uninterrupted run would have seen.
+
+`Trainer.train` is the loop; the jobs around it live in modules named for them: batch (the frozen encoders and
+batch preparation), optim (AdamW and the schedule),
+lora, fsdp (FSDP2 sharding), ema, frozen (the frozen encoders' dtype and cache identity), attention (the kernel)
+and paths (absolute paths in the config).
 """
 
-import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -24,272 +27,24 @@ from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import load_file
 
 from unialign_core import DTYPES, UniAlignModel
-from unialign_core.model import caption_ids  # noqa: F401  (the rule lives in the model; importable here as before)
+from unialign_core.images import to_pil
 
 from . import data as D
 from . import runs
+from .attention import attention_backend
+from .batch import Encoders, pad_batch, prepare_batch
 from .config import Config, ConfigError, check_paths, dump_config, to_dict
+from .ema import EMA
+from .fsdp import autocast_forward, fsdp_settings, is_dtensor, shard_transformer
 from .init import load_start
+from .lora import apply_lora, cast_frozen_base
 from .losses import Prepared, Reducer, SampleRNG, TrainModule, compute_losses
+from .optim import make_optimizer_and_schedule
+from .paths import absolute_paths
 from .teacher import CachedTeacher, Teacher
 
 log = logging.getLogger("train")
 TERMS = ("loss", "img", "txt", "cross", "align")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Small pieces
-
-
-def attention_backend(device: torch.device):
-    """The attention kernel of a training step. On the CPU, PyTorch's flash-attention backward is several times
-    slower than the plain matmul-softmax path at the short sequences of small models (measured in the shapes
-    world: 51 ms of a 99 ms block step), so CPU steps use the math path; GPUs keep PyTorch's choice."""
-    from contextlib import nullcontext
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()
-
-
-def fingerprint(module: torch.nn.Module) -> str:
-    """A cheap identity of a frozen encoder for cache keys: names, shapes and a sample of every tensor."""
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        flat = t.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(sample.numpy().tobytes())
-        h.update(str(float(flat.float().sum())).encode())
-    return h.hexdigest()[:16]
-
-
-def cast_frozen(module: torch.nn.Module, dtype: torch.dtype):
-    """Cast a frozen encoder's float tensors to `dtype`; fp8 weights (ComfyUI's fp8 T5) stay fp8."""
-    for t in list(module.parameters()) + list(module.buffers()):
-        if t.is_floating_point() and t.dtype.itemsize > 1 and t.dtype != dtype:
-            t.data = t.data.to(dtype)
-    return module
-
-
-class EMA:
-    """Exponential moving average of the trainable parameters (fp32 copies)."""
-
-    def __init__(self, named_params, decay: float):
-        self.decay = decay
-        self.params = dict(named_params)
-        self.shadow = {k: p.detach().float().clone() for k, p in self.params.items()}
-
-    @torch.no_grad()
-    def update(self):
-        for k, p in self.params.items():
-            self.shadow[k].lerp_(p.detach().float(), 1 - self.decay)
-
-    def state_dict(self):
-        """Full tensors. Under FSDP the shadows are sharded like their parameters (DTensors: each process keeps
-        the average of its own shard, no communication per step); this gathers them (a collective)."""
-        return {k: v.full_tensor() if is_dtensor(v) else v for k, v in self.shadow.items()}
-
-    def load_state_dict(self, state):
-        missing = set(self.shadow) - set(state)
-        if missing:
-            raise ValueError(f"EMA state lacks {sorted(missing)[:3]}")
-        for k, v in self.shadow.items():
-            if is_dtensor(v):
-                from torch.distributed.tensor import distribute_tensor
-
-                v.copy_(distribute_tensor(state[k].to(v.device, v.dtype), v.device_mesh, v.placements))
-            else:
-                v.copy_(state[k])
-
-
-def is_dtensor(t) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# FSDP2. `accelerate launch` with distributed_type FSDP exports the config's fsdp_* keys as FSDP_* variables. The
-# trainer applies torch's FSDP2 `fully_shard` itself (one unit per transformer block, then the transformer) and
-# hides ACCELERATE_USE_FSDP from accelerate, which then runs as plain multi-process (MULTI_GPU / MULTI_CPU):
-# accelerate 1.15 selects FSDP only on accelerator devices (never with gloo on CPU), so this is the one code path
-# that runs both on GPUs and in the CPU tests.
-
-
-def fsdp_settings():
-    """The launch's FSDP settings ({block, reshard, offload}) or None; FSDP1 is refused."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
-        return None
-    version = os.environ.get("FSDP_VERSION", "1")
-    if version != "2":
-        raise ConfigError(f"accelerate config: fsdp_version {version} is not supported; the trainer runs FSDP2 "
-                          f"(set fsdp_version: 2, as train/configs/accelerate/fsdp.yaml does)")
-    strategy = os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD")
-    if strategy not in ("FULL_SHARD", "1"):
-        raise ConfigError(f"accelerate config: fsdp_sharding_strategy {strategy}: only FULL_SHARD is supported "
-                          f"(use the DDP config to replicate)")
-    flag = lambda name, default: os.environ.get(name, default).lower() == "true"  # noqa: E731
-    return {"block": os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP") or "JointTransformerBlock",
-            "reshard": flag("FSDP_RESHARD_AFTER_FORWARD", "true"), "offload": flag("FSDP_OFFLOAD_PARAMS", "false")}
-
-
-def shard_transformer(transformer, settings: dict) -> int:
-    """fully_shard each block (one FSDP unit per block) and then the transformer (the rest). Returns #blocks."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard, register_fsdp_forward_method
-
-    names = {n.strip() for n in settings["block"].split(",") if n.strip()}
-    kwargs = {"reshard_after_forward": settings["reshard"]}
-    if settings["offload"]:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
-    units = [m for m in transformer.modules() if type(m).__name__ in names]
-    if not units:
-        raise ConfigError(f"accelerate config: fsdp_transformer_layer_cls_to_wrap {settings['block']}: no such module "
-                          f"in the transformer (its blocks are JointTransformerBlock)")
-    for m in units:
-        fully_shard(m, **kwargs)
-    fully_shard(transformer, **kwargs)
-    # called by TrainModule.forward outside transformer.forward: unshard the transformer's own parameters for it
-    register_fsdp_forward_method(transformer, "project_for_alignment")
-    return len(units)
-
-
-def _autocast(forward, device_type: str, dtype):
-    def wrapped(*args, **kwargs):
-        with torch.autocast(device_type=device_type, dtype=dtype):
-            return forward(*args, **kwargs)
-    return wrapped
-
-
-class Encoders:
-    """The frozen encoders (VAE, T5, teacher) with their optional disk caches."""
-
-    def __init__(self, bundle: UniAlignModel, device, frozen_dtype, compute_dtype, cfg: Config, teacher=None):
-        self.bundle, self.device, self.compute_dtype = bundle, device, compute_dtype
-        self.vae, self.t5, self.tokenizer = bundle.vae, bundle.text_encoder, bundle.tokenizer
-        for module in (self.vae, self.t5):
-            cast_frozen(module.to(device).eval().requires_grad_(False), frozen_dtype)
-        self.text_length = cfg.data.text_length
-        self.cache = D.FeatureCache(cfg.data.cache_dir) if cfg.data.cache_dir else None
-        self.vae_id = fingerprint(self.vae) if self.cache else ""
-        self.t5_id = fingerprint(self.t5) if self.cache else ""
-        self.teacher = teacher
-        self.null_context = self.encode_prompts([" "])
-
-    @torch.no_grad()
-    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.t5(input_ids=ids.to(self.device))[0].to(self.compute_dtype)
-
-    @torch.no_grad()
-    def encode_prompts(self, texts):
-        keys = [D.FeatureCache.key("t5", self.t5_id, t, self.text_length) for t in texts] if self.cache else None
-        out, _ = D.cached(len(texts), self.cache, keys, lambda todo: self.encode_ids(
-            self.bundle.tokenize([texts[i] for i in todo], self.text_length)))
-        return torch.stack([o.to(self.device, self.compute_dtype) for o in out])
-
-    @torch.no_grad()
-    def moments(self, pixels: torch.Tensor):
-        """VAE posterior (mean, std) per image, cached by the image's pixels."""
-        keys = None
-        if self.cache:
-            q = (pixels.float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-            keys = [D.FeatureCache.key("vae", self.vae_id, tuple(x.shape), x.numpy().tobytes()) for x in q]
-
-        def compute(todo):
-            dist = self.vae.encode(pixels[todo].to(self.device, self.vae.dtype) * 2 - 1).latent_dist
-            return torch.cat([dist.mean, dist.std], dim=1).float()
-
-        out, _ = D.cached(pixels.shape[0], self.cache, keys, compute)
-        both = torch.stack([o.to(self.device) for o in out])
-        return both.chunk(2, dim=1)
-
-    def latents(self, pixels: torch.Tensor, rng: SampleRNG, purpose: str) -> torch.Tensor:
-        """Scaled latents, sampling the posterior with per-sample noise (as published: `.sample()`)."""
-        mean, std = self.moments(pixels)
-        z = mean + std * rng.randn(purpose, mean.shape[1:]).to(self.device)
-        return self.bundle.scale_latents(z).to(self.compute_dtype)
-
-
-def pad_batch(batch: dict, size: int) -> dict:
-    """Repeat the last sample until the batch has `size` samples; `present` marks the real ones."""
-    n = len(batch["index"])
-    batch["present"] = [True] * n + [False] * (size - n)
-    if n == size:
-        return batch
-    def grow(t):
-        return torch.cat([t, t[-1:].expand(size - n, *t.shape[1:])]) if t is not None else None
-    batch["target"] = grow(batch["target"])
-    batch["sources"] = [grow(s) for s in batch["sources"]]
-    for key in ("text", "caption", "index"):
-        batch[key] = batch[key] + [batch[key][-1]] * (size - n)
-    return batch
-
-
-def prepare_batch(batch: dict, enc: Encoders, rng: SampleRNG, need_teacher: bool) -> Prepared:
-    """Run the frozen encoders on one collated micro-batch."""
-    task, device = batch["task"], enc.device
-    present = torch.tensor(batch["present"], device=device)
-    target = enc.latents(batch["target"], rng, "vae_target") if batch["target"] is not None else None
-    sources = [enc.latents(s, rng, f"vae_source{k}") for k, s in enumerate(batch["sources"])]
-    conditions = sources if target is not None else []
-    rows = [enc.bundle.caption_ids(task, t, c, enc.text_length) for t, c in zip(batch["text"], batch["caption"])]
-    ids, maskable, not_pad = (torch.tensor([r[i] for r in rows], device=device) for i in range(3))
-    caption_valid = torch.tensor([bool(c.strip()) for c in batch["caption"]], device=device) & present
-    prepared = Prepared(
-        target=target, conditions=conditions,
-        prompt_context=enc.encode_prompts(batch["text"]) if target is not None else None,
-        null_context=enc.null_context, understand=target if target is not None else sources[0],
-        ids=ids, maskable=maskable, not_pad=not_pad, caption_valid=caption_valid, sample_valid=present)
-    if need_teacher and enc.teacher is not None:
-        pixels = batch["target"] if batch["target"] is not None else batch["sources"][0]
-        texts = [f"{t} {c}" if task == "vqa" else c for t, c in zip(batch["text"], batch["caption"])]
-        texts = [t if t.strip() else " " for t in texts]
-        prepared.teacher_image = enc.teacher.image_features(pixels).to(device)
-        prepared.teacher_text = enc.teacher.text_features(texts).to(device)
-    return prepared
-
-
-def make_optimizer_and_schedule(params, cfg: Config):
-    from diffusers.optimization import get_scheduler
-
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                                  weight_decay=cfg.train.weight_decay)
-    name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[cfg.train.schedule]
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=cfg.train.warmup_steps,
-                              num_training_steps=cfg.train.max_steps)
-    return optimizer, scheduler
-
-
-def apply_lora(transformer, cfg: Config):
-    from peft import LoraConfig, inject_adapter_in_model
-
-    lora = cfg.train.lora
-    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.targets), init_lora_weights=True)
-    transformer.requires_grad_(False)
-    try:
-        inject_adapter_in_model(config, transformer)
-    except ValueError as e:
-        raise ConfigError(f"train.lora.targets: {e}") from None
-    if cfg.train.train_projectors and transformer.config.align_dim is not None:
-        for name in ("siglip_adapter_img", "siglip_adapter_text"):
-            getattr(transformer, name).requires_grad_(True)
-    return transformer
-
-
-def absolute_paths(cfg: Config) -> Config:
-    """Resolve relative paths against the working directory (the saved config must work from anywhere)."""
-    def fix(p):
-        return os.path.abspath(p) if isinstance(p, str) and p else p
-    cfg.run_dir = fix(cfg.run_dir)
-    for name in ("path", "text_encoder", "vae", "tokenizer", "mask_embedding"):
-        setattr(cfg.init, name, fix(getattr(cfg.init, name)))
-    cfg.data.files = [dict(f, path=fix(f["path"]), **({"root": fix(f["root"])} if f.get("root") else {}))
-                      if isinstance(f, dict) else fix(f) for f in cfg.data.files]
-    cfg.data.cache_dir = fix(cfg.data.cache_dir)
-    cfg.teacher.path = fix(cfg.teacher.path)
-    cfg.validation.images = [fix(p) for p in cfg.validation.images]
-    return cfg
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -318,11 +73,7 @@ class Trainer:
             frozen = "bf16" if cfg.train.mixed_precision == "bf16" and self.device.type == "cuda" else "fp32"
         self.frozen_dtype = DTYPES[frozen]
 
-        teacher = None
-        if cfg.teacher.path and cfg.loss.align > 0:
-            raw = Teacher.load(cfg.teacher.path, self.device, self.frozen_dtype, cfg.teacher.image_size)
-            cache_dir = cfg.data.cache_dir or os.path.join(self.run_dir, "cache")
-            teacher = CachedTeacher(raw, D.FeatureCache(cache_dir) if cfg.teacher.cache else None)
+        teacher = self._teacher()
         bundle, transformer, report = load_start(cfg.init, teacher.dim if teacher else None)
         self.report = report
         if self.main:
@@ -337,42 +88,23 @@ class Trainer:
         if cfg.train.mode == "lora":
             apply_lora(transformer, cfg)
             if acc.mixed_precision != "no" and not self.fsdp and acc.distributed_type != DistributedType.DEEPSPEED:
-                # the frozen base weights need no fp32 master copy: at full size this halves the transformer's
-                # memory (4.3 GB in bf16 instead of 8.6 GB); the LoRA and projector weights stay fp32
-                frozen_base = [p for p in transformer.parameters() if not p.requires_grad]
-                for p in frozen_base:
-                    if p.is_floating_point() and p.dtype != self.frozen_dtype:
-                        p.data = p.data.to(self.frozen_dtype)
+                cast_frozen_base(transformer, self.frozen_dtype)
         if cfg.train.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         self.validation_copy = None
         if self.fsdp:
-            if acc.mixed_precision == "fp16":
-                raise ConfigError("train.mixed_precision: fp16 is not supported under FSDP; use bf16 (or fp32)")
-            if self.main and cfg.validation.every:
-                import copy
-
-                # an unsharded twin on the CPU: validation loads the gathered weights into it (rank 0)
-                self.validation_copy = copy.deepcopy(transformer).requires_grad_(False)
-            units = shard_transformer(transformer, self.fsdp)  # parameters become DTensor shards (on acc.device)
-            log.info("FSDP2: %d %s units + the transformer's other parameters, sharded over %d process(es)",
-                     units, self.fsdp["block"], acc.num_processes)
+            self._shard(transformer)
         self.trainable = [(n, p) for n, p in transformer.named_parameters() if p.requires_grad]
         n_train = sum(p.numel() for _, p in self.trainable)
         n_all = sum(p.numel() for p in transformer.parameters())
         log.info("mode %s: %s of %s transformer parameters train", cfg.train.mode, f"{n_train:,}", f"{n_all:,}")
         self.optimizer, self.scheduler = make_optimizer_and_schedule([p for _, p in self.trainable], cfg)
         if acc.distributed_type == DistributedType.DEEPSPEED:
-            ds = acc.state.deepspeed_plugin.deepspeed_config
-            ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
-            ds["gradient_accumulation_steps"] = cfg.train.grad_accum
-            ds["train_batch_size"] = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
-            if ds.get("gradient_clipping", "auto") == "auto":
-                ds["gradient_clipping"] = cfg.train.grad_clip
+            self._configure_deepspeed()
         if self.fsdp:
             module = TrainModule(transformer)  # not prepared: accelerate would wrap it in DDP
             if acc.mixed_precision != "no":
-                module.forward = _autocast(module.forward, acc.device.type, DTYPES[acc.mixed_precision])
+                module.forward = autocast_forward(module.forward, acc.device.type, DTYPES[acc.mixed_precision])
             self.module, self.optimizer = module, acc.prepare(self.optimizer)
         else:
             self.module, self.optimizer = acc.prepare(TrainModule(transformer), self.optimizer)
@@ -422,6 +154,39 @@ class Trainer:
             except ImportError:
                 logging.getLogger("train").warning("tensorboard is not installed: no TensorBoard logs")
         return Accelerator(**kwargs)
+
+    def _teacher(self):
+        """The alignment teacher with its feature cache, or None (no teacher.path, or loss.align 0)."""
+        cfg = self.cfg
+        if not (cfg.teacher.path and cfg.loss.align > 0):
+            return None
+        raw = Teacher.load(cfg.teacher.path, self.device, self.frozen_dtype, cfg.teacher.image_size)
+        cache_dir = cfg.data.cache_dir or os.path.join(self.run_dir, "cache")
+        return CachedTeacher(raw, D.FeatureCache(cache_dir) if cfg.teacher.cache else None)
+
+    def _shard(self, transformer):
+        """FSDP2: shard the transformer over the processes (after a CPU twin for validation is kept on rank 0)."""
+        acc = self.accelerator
+        if acc.mixed_precision == "fp16":
+            raise ConfigError("train.mixed_precision: fp16 is not supported under FSDP; use bf16 (or fp32)")
+        if self.main and self.cfg.validation.every:
+            import copy
+
+            # an unsharded twin on the CPU: validation loads the gathered weights into it (rank 0)
+            self.validation_copy = copy.deepcopy(transformer).requires_grad_(False)
+        units = shard_transformer(transformer, self.fsdp)  # parameters become DTensor shards (on acc.device)
+        log.info("FSDP2: %d %s units + the transformer's other parameters, sharded over %d process(es)",
+                 units, self.fsdp["block"], acc.num_processes)
+
+    def _configure_deepspeed(self):
+        """Fill DeepSpeed's batch sizes and clipping from the config."""
+        cfg, acc = self.cfg, self.accelerator
+        ds = acc.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+        ds["gradient_accumulation_steps"] = cfg.train.grad_accum
+        ds["train_batch_size"] = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
+        if ds.get("gradient_clipping", "auto") == "auto":
+            ds["gradient_clipping"] = cfg.train.grad_clip
 
     def _find_resume(self, resume):
         if not resume:
@@ -665,46 +430,15 @@ class Trainer:
         batches = self._batches()
         block = cfg.teacher.block if self.encoders.teacher is not None else None
         need_teacher = cfg.loss.align > 0 and self.encoders.teacher is not None
-        bar = None
-        if self.main and cfg.log.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
-                       mininterval=0.1 if sys.stderr.isatty() else 10)  # a log file gets a line every 10 s
-        last_good, speed, final = None, None, {}
-        metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
+        bar = self._progress_bar()
+        self.last_good, self.speed, final = None, None, {}
         self.module.train()
         while self.step < cfg.train.max_steps:
             started = time.perf_counter()
             sums, seen, grad_norm, good = defaultdict(float), [], None, 0
             for _ in range(cfg.train.grad_accum):
-                batch = next(batches)
-                empty = batch is None or batch.get("empty", False)
-                if empty:
-                    # no image of this micro-batch decoded: counted as skipped under its own task; the step runs
-                    # it with zero weight on the last good batch so that every process makes the same calls
-                    task = batch["task"] if batch is not None else self.sampler.task_at(self.batch_no)
-                    self.skips.merge(batch.get("skipped", []) if batch is not None else [])
-                    self.empty_batches[task] += 1
-                    if last_good is None:
-                        raise runs.TrainingError(f"data: no image of the first micro-batch ({task}) could be "
-                                                 f"decoded ({self.skips.summary()}); check that task's image files")
-                    log.warning("micro-batch %d (%s): no image could be decoded; skipped", self.batch_no, task)
-                    batch = dict(last_good, index=last_good["index"][:1], text=last_good["text"][:1],
-                                 caption=last_good["caption"][:1], skipped=[])
-                    batch["target"] = batch["target"][:1] if batch["target"] is not None else None
-                    batch["sources"] = [s[:1] for s in batch["sources"]]
-                    batch = pad_batch(batch, cfg.train.batch_size)
-                    batch["present"] = [False] * cfg.train.batch_size
-                else:
-                    self.skips.merge(batch.get("skipped", []))
-                    batch = pad_batch(batch, cfg.train.batch_size)
-                    last_good = batch
+                batch, empty = self._next_batch(batches, seen)
                 rng = SampleRNG(cfg.seed, self.batch_no, self.positions, self.global_batch)
-                if self.main:
-                    seen.append({"task": task if empty else batch["task"],
-                                 "batch": self.sampler.global_batch_at(self.batch_no),
-                                 **({"skipped": True} if empty else {})})
                 prepared = prepare_batch(batch, self.encoders, rng, need_teacher)
                 with acc.accumulate(self.module), attention_backend(self.device):
                     if self.fsdp:  # reduce-scatter the gradients only on the micro-batch that steps
@@ -713,9 +447,7 @@ class Trainer:
                                                    self.bundle.mask_id, reducer, block)
                     acc.backward(total)
                     if acc.sync_gradients:
-                        grad_norm = acc.clip_grad_norm_([p for _, p in self.trainable], cfg.train.grad_clip)
-                        if is_dtensor(grad_norm):
-                            grad_norm = grad_norm.full_tensor()
+                        grad_norm = self._clip_gradients()
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 if not empty:
@@ -728,36 +460,98 @@ class Trainer:
                 self.ema.update()
             self.step += 1
 
-            values = torch.tensor([sums[k] for k in TERMS] + [good], device=self.device)
-            values = acc.reduce(values, "sum") if acc.num_processes > 1 else values
-            values, good = values[:-1], int(values[-1])
-            if good == acc.num_processes * cfg.train.grad_accum:
-                values = values / acc.num_processes  # every micro-batch had data: the mean over processes
-            elif good:
-                values = values * cfg.train.grad_accum / good  # the mean over micro-batches that had data
-            elapsed = time.perf_counter() - started
-            rate = self.global_batch * cfg.train.grad_accum / max(elapsed, 1e-9)
-            speed = rate if speed is None else 0.9 * speed + 0.1 * rate
-            final = {k: float(v) if good else None for k, v in zip(TERMS, values)}  # None: nothing decoded
-            final.update(step=self.step, lr=self.scheduler.get_last_lr()[0], samples_per_s=rate,
-                         grad_norm=float(grad_norm) if grad_norm is not None else None)
-            if self.main:
-                with open(metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(dict(final, micro=seen)) + "\n")
-                if bar is not None:
-                    bar.set_postfix({k: f"{final[k]:.4f}" for k in TERMS if final[k] is not None}
-                                    | {"samples/s": f"{speed:.2f}"},
-                                    refresh=False)
-                    bar.update(1)
-                if self.tb is not None and (self.step % cfg.log.every == 0 or self.step == 1):
-                    acc.log({f"loss/{k}": final[k] for k in TERMS if final[k] is not None}
-                            | {"lr": final["lr"], "samples_per_s": rate}
-                            | ({"grad_norm": final["grad_norm"]} if grad_norm is not None else {}), step=self.step)
+            final = self._step_metrics(sums, good, grad_norm, started)
+            self._log(final, seen, bar)
             if cfg.validation.every and self.step % cfg.validation.every == 0:
                 self.validate()
             every = cfg.checkpoint.every
             if (every and self.step % every == 0) or self.step == cfg.train.max_steps:
                 self.save_checkpoint()
+        self._finish(bar)
+        return final
+
+    def _progress_bar(self):
+        cfg = self.cfg
+        if not (self.main and cfg.log.progress):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                    mininterval=0.1 if sys.stderr.isatty() else 10)  # a log file gets a line every 10 s
+
+    def _next_batch(self, batches, seen):
+        """The next micro-batch, padded to train.batch_size, and whether it is empty; notes it in `seen` (rank 0).
+        An empty one (no image decoded) is counted as skipped under its own task; the step runs it with zero
+        weight on the last good batch so that every process makes the same calls."""
+        cfg = self.cfg
+        batch = next(batches)
+        empty = batch is None or batch.get("empty", False)
+        if empty:
+            last_good = self.last_good
+            task = batch["task"] if batch is not None else self.sampler.task_at(self.batch_no)
+            self.skips.merge(batch.get("skipped", []) if batch is not None else [])
+            self.empty_batches[task] += 1
+            if last_good is None:
+                raise runs.TrainingError(f"data: no image of the first micro-batch ({task}) could be "
+                                         f"decoded ({self.skips.summary()}); check that task's image files")
+            log.warning("micro-batch %d (%s): no image could be decoded; skipped", self.batch_no, task)
+            batch = dict(last_good, index=last_good["index"][:1], text=last_good["text"][:1],
+                         caption=last_good["caption"][:1], skipped=[])
+            batch["target"] = batch["target"][:1] if batch["target"] is not None else None
+            batch["sources"] = [s[:1] for s in batch["sources"]]
+            batch = pad_batch(batch, cfg.train.batch_size)
+            batch["present"] = [False] * cfg.train.batch_size
+        else:
+            self.skips.merge(batch.get("skipped", []))
+            batch = pad_batch(batch, cfg.train.batch_size)
+            self.last_good = batch
+        if self.main:
+            seen.append({"task": task if empty else batch["task"],
+                         "batch": self.sampler.global_batch_at(self.batch_no),
+                         **({"skipped": True} if empty else {})})
+        return batch, empty
+
+    def _clip_gradients(self):
+        grad_norm = self.accelerator.clip_grad_norm_([p for _, p in self.trainable], self.cfg.train.grad_clip)
+        return grad_norm.full_tensor() if is_dtensor(grad_norm) else grad_norm
+
+    def _step_metrics(self, sums, good, grad_norm, started):
+        """The step's loss terms (the mean over processes and over the micro-batches that had data), lr, speed."""
+        cfg, acc = self.cfg, self.accelerator
+        values = torch.tensor([sums[k] for k in TERMS] + [good], device=self.device)
+        values = acc.reduce(values, "sum") if acc.num_processes > 1 else values
+        values, good = values[:-1], int(values[-1])
+        if good == acc.num_processes * cfg.train.grad_accum:
+            values = values / acc.num_processes  # every micro-batch had data: the mean over processes
+        elif good:
+            values = values * cfg.train.grad_accum / good  # the mean over micro-batches that had data
+        elapsed = time.perf_counter() - started
+        rate = self.global_batch * cfg.train.grad_accum / max(elapsed, 1e-9)
+        self.speed = rate if self.speed is None else 0.9 * self.speed + 0.1 * rate
+        final = {k: float(v) if good else None for k, v in zip(TERMS, values)}  # None: nothing decoded
+        final.update(step=self.step, lr=self.scheduler.get_last_lr()[0], samples_per_s=rate,
+                     grad_norm=float(grad_norm) if grad_norm is not None else None)
+        return final
+
+    def _log(self, final, seen, bar):
+        """metrics.jsonl, the progress bar and TensorBoard (rank 0)."""
+        if not self.main:
+            return
+        cfg = self.cfg
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(dict(final, micro=seen)) + "\n")
+        if bar is not None:
+            bar.set_postfix({k: f"{final[k]:.4f}" for k in TERMS if final[k] is not None}
+                            | {"samples/s": f"{self.speed:.2f}"},
+                            refresh=False)
+            bar.update(1)
+        if self.tb is not None and (self.step % cfg.log.every == 0 or self.step == 1):
+            self.accelerator.log({f"loss/{k}": final[k] for k in TERMS if final[k] is not None}
+                                 | {"lr": final["lr"], "samples_per_s": final["samples_per_s"]}
+                                 | ({"grad_norm": final["grad_norm"]} if final["grad_norm"] is not None else {}),
+                                 step=self.step)
+
+    def _finish(self, bar):
         if bar is not None:
             bar.close()
         if self.skips.total:
@@ -765,15 +559,13 @@ class Trainer:
         if self.empty_batches:
             log.warning("data: %d micro-batches had no decodable image and were skipped: %s",
                         sum(self.empty_batches.values()), dict(sorted(self.empty_batches.items())))
-        acc.end_training()
-        return final
+        self.accelerator.end_training()
 
     # -- validation ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def validate(self):
         from unialign_core import caption, text_to_image
-        from unialign_core.images import to_pil
 
         cfg, acc = self.cfg.validation, self.accelerator
         if self.params_sharded:

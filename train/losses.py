@@ -200,7 +200,7 @@ class TrainModule(nn.Module):
 
 @dataclass
 class Prepared:
-    """One micro-batch with everything the frozen encoders produce (see `loop.prepare_batch`)."""
+    """One micro-batch with everything the frozen encoders produce (see `batch.prepare_batch`)."""
 
     target: Optional[torch.Tensor]  # [B, C, h, w] clean target latents, or None (caption / vqa)
     conditions: List[torch.Tensor]  # condition latents (edit source, perception source, compose references)

@@ -36,8 +36,9 @@ def run(paths: dict, device: str = "cpu") -> dict:
 
     from .config import Config, LossConfig
     from .init import add_projectors
-    from .loop import apply_lora, make_optimizer_and_schedule
+    from .lora import apply_lora
     from .losses import Prepared, Reducer, SampleRNG, TrainModule, compute_losses
+    from .optim import make_optimizer_and_schedule
 
     started = time.perf_counter()
     model = load_for_modes(paths, device)

@@ -14,7 +14,6 @@ The teacher and the projectors exist only in training; exports never contain the
 """
 
 import hashlib
-import json
 import logging
 import os
 from typing import List, Optional
@@ -144,7 +143,3 @@ class CachedTeacher:
     def text_features(self, texts: List[str]) -> torch.Tensor:
         keys = [FeatureCache.key("teacher-text", self.teacher.identity, t) for t in texts]
         return self._cached(keys, lambda idx: self.teacher.text_features([texts[i] for i in idx]))
-
-
-def describe(teacher: Teacher) -> str:
-    return json.dumps({"kind": teacher.kind, "dim": teacher.dim, "identity": teacher.identity})

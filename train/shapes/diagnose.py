@@ -47,7 +47,7 @@ def diagnose(model, n: int = 50, seed: int = 0) -> dict:
     from . import evaluate as ev
     from .scorecard import TEXT, _generate_chunk, _tensor, SAMPLING, records
     from .world import Scene
-    from ..loop import caption_ids
+    from unialign_core.model import caption_ids
 
     result = {"split": "val", "n": n, "sigmas": list(SIGMAS)}
     dev = model.device

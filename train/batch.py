@@ -1,0 +1,99 @@
+"""Batch preparation: the frozen encoders (VAE, T5, teacher) with their optional disk caches, and one collated
+micro-batch turned into the tensors the losses take (`losses.Prepared`)."""
+
+import torch
+
+from unialign_core import UniAlignModel
+
+from . import data as D
+from .config import Config
+from .frozen import cast_frozen, fingerprint
+from .losses import Prepared, SampleRNG
+
+
+class Encoders:
+    """The frozen encoders (VAE, T5, teacher) with their optional disk caches."""
+
+    def __init__(self, bundle: UniAlignModel, device, frozen_dtype, compute_dtype, cfg: Config, teacher=None):
+        self.bundle, self.device, self.compute_dtype = bundle, device, compute_dtype
+        self.vae, self.t5, self.tokenizer = bundle.vae, bundle.text_encoder, bundle.tokenizer
+        for module in (self.vae, self.t5):
+            cast_frozen(module.to(device).eval().requires_grad_(False), frozen_dtype)
+        self.text_length = cfg.data.text_length
+        self.cache = D.FeatureCache(cfg.data.cache_dir) if cfg.data.cache_dir else None
+        self.vae_id = fingerprint(self.vae) if self.cache else ""
+        self.t5_id = fingerprint(self.t5) if self.cache else ""
+        self.teacher = teacher
+        self.null_context = self.encode_prompts([" "])
+
+    @torch.no_grad()
+    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.t5(input_ids=ids.to(self.device))[0].to(self.compute_dtype)
+
+    @torch.no_grad()
+    def encode_prompts(self, texts):
+        keys = [D.FeatureCache.key("t5", self.t5_id, t, self.text_length) for t in texts] if self.cache else None
+        out, _ = D.cached(len(texts), self.cache, keys, lambda todo: self.encode_ids(
+            self.bundle.tokenize([texts[i] for i in todo], self.text_length)))
+        return torch.stack([o.to(self.device, self.compute_dtype) for o in out])
+
+    @torch.no_grad()
+    def moments(self, pixels: torch.Tensor):
+        """VAE posterior (mean, std) per image, cached by the image's pixels."""
+        keys = None
+        if self.cache:
+            q = (pixels.float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+            keys = [D.FeatureCache.key("vae", self.vae_id, tuple(x.shape), x.numpy().tobytes()) for x in q]
+
+        def compute(todo):
+            dist = self.vae.encode(pixels[todo].to(self.device, self.vae.dtype) * 2 - 1).latent_dist
+            return torch.cat([dist.mean, dist.std], dim=1).float()
+
+        out, _ = D.cached(pixels.shape[0], self.cache, keys, compute)
+        both = torch.stack([o.to(self.device) for o in out])
+        return both.chunk(2, dim=1)
+
+    def latents(self, pixels: torch.Tensor, rng: SampleRNG, purpose: str) -> torch.Tensor:
+        """Scaled latents, sampling the posterior with per-sample noise (as published: `.sample()`)."""
+        mean, std = self.moments(pixels)
+        z = mean + std * rng.randn(purpose, mean.shape[1:]).to(self.device)
+        return self.bundle.scale_latents(z).to(self.compute_dtype)
+
+
+def pad_batch(batch: dict, size: int) -> dict:
+    """Repeat the last sample until the batch has `size` samples; `present` marks the real ones."""
+    n = len(batch["index"])
+    batch["present"] = [True] * n + [False] * (size - n)
+    if n == size:
+        return batch
+    def grow(t):
+        return torch.cat([t, t[-1:].expand(size - n, *t.shape[1:])]) if t is not None else None
+    batch["target"] = grow(batch["target"])
+    batch["sources"] = [grow(s) for s in batch["sources"]]
+    for key in ("text", "caption", "index"):
+        batch[key] = batch[key] + [batch[key][-1]] * (size - n)
+    return batch
+
+
+def prepare_batch(batch: dict, enc: Encoders, rng: SampleRNG, need_teacher: bool) -> Prepared:
+    """Run the frozen encoders on one collated micro-batch."""
+    task, device = batch["task"], enc.device
+    present = torch.tensor(batch["present"], device=device)
+    target = enc.latents(batch["target"], rng, "vae_target") if batch["target"] is not None else None
+    sources = [enc.latents(s, rng, f"vae_source{k}") for k, s in enumerate(batch["sources"])]
+    conditions = sources if target is not None else []
+    rows = [enc.bundle.caption_ids(task, t, c, enc.text_length) for t, c in zip(batch["text"], batch["caption"])]
+    ids, maskable, not_pad = (torch.tensor([r[i] for r in rows], device=device) for i in range(3))
+    caption_valid = torch.tensor([bool(c.strip()) for c in batch["caption"]], device=device) & present
+    prepared = Prepared(
+        target=target, conditions=conditions,
+        prompt_context=enc.encode_prompts(batch["text"]) if target is not None else None,
+        null_context=enc.null_context, understand=target if target is not None else sources[0],
+        ids=ids, maskable=maskable, not_pad=not_pad, caption_valid=caption_valid, sample_valid=present)
+    if need_teacher and enc.teacher is not None:
+        pixels = batch["target"] if batch["target"] is not None else batch["sources"][0]
+        texts = [f"{t} {c}" if task == "vqa" else c for t, c in zip(batch["text"], batch["caption"])]
+        texts = [t if t.strip() else " " for t in texts]
+        prepared.teacher_image = enc.teacher.image_features(pixels).to(device)
+        prepared.teacher_text = enc.teacher.text_features(texts).to(device)
+    return prepared
