@@ -39,7 +39,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert [m["step"] for m in b] == [1, 2, 3]
     for x, y in zip(a, b):
         assert x["micro"] == y["micro"]  # the same global batches
-        for key in ("loss", "img", "txt", "cross"):
+        for key in ("loss", "image", "text", "cross"):
             assert abs(x[key] - y[key]) <= 1e-4 * max(1.0, abs(x[key])), (x["step"], key, x[key], y[key])
     assert any(m["cross"] > 0 for m in a)
     wa = runs.read_trainable(runs.checkpoint_dir(one["run_dir"], 3))[0]

@@ -37,7 +37,7 @@ from unialign_core import load_lora, load_model
 RTOL = 1e-4
 
 
-def close_losses(a, b, keys=("loss", "img", "txt", "cross", "align"), rtol=RTOL):
+def close_losses(a, b, keys=("loss", "image", "text", "cross", "align"), rtol=RTOL):
     assert [m["step"] for m in a] == [m["step"] for m in b]
     for x, y in zip(a, b):
         assert x["micro"] == y["micro"], x["step"]  # the same global batches
@@ -84,7 +84,7 @@ def test_fsdp_full_matches_one_process_and_ddp_export(tmp_path):
     # losses (all four terms) and weights as one process
     a, b = H.read_metrics(one["run_dir"]), H.read_metrics(fsdp)
     close_losses(a, b)
-    assert all(any(m[k] > 0 for m in a) for k in ("img", "txt", "cross", "align"))  # all four losses ran
+    assert all(any(m[k] > 0 for m in a) for k in ("image", "text", "cross", "align"))  # all four losses ran
     ckpt = runs.checkpoint_dir(fsdp, 3)
     runs.refuse_pickles(ckpt)  # no pickles, no .distcp shards: full tensors in safetensors
     assert os.path.isfile(os.path.join(ckpt, runs.OPTIMIZER))
@@ -159,7 +159,7 @@ def test_fsdp_lora_sigkill_resume_and_lora_export(tmp_path):
     assert f"resumed from {runs.checkpoint_dir(victim, resumed_from)}" in proc.stderr
 
     ref = cfgs["ref"]["run_dir"]
-    close_losses(H.read_metrics(ref), H.read_metrics(victim), keys=("loss", "img", "txt", "cross", "align", "lr"),
+    close_losses(H.read_metrics(ref), H.read_metrics(victim), keys=("loss", "image", "text", "cross", "align", "lr"),
                  rtol=1e-6)
     for ema in (False, True):
         close_tensors(runs.read_trainable(runs.checkpoint_dir(ref, 5), ema)[0],
@@ -202,7 +202,7 @@ def test_two_machines_on_localhost_train_like_one_process(tmp_path):
     errors = [m.communicate(timeout=900)[1] for m in machines]
     assert [m.returncode for m in machines] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
     assert "2 process(es), DistributedType.MULTI_CPU" in errors[0]
-    close_losses(H.read_metrics(one["run_dir"]), H.read_metrics(two["run_dir"]), keys=("loss", "img", "txt", "cross"))
+    close_losses(H.read_metrics(one["run_dir"]), H.read_metrics(two["run_dir"]), keys=("loss", "image", "text", "cross"))
     close_tensors(runs.read_trainable(runs.checkpoint_dir(one["run_dir"], 3))[0],
                   runs.read_trainable(runs.checkpoint_dir(two["run_dir"], 3))[0])
 

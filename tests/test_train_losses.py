@@ -42,8 +42,8 @@ def setup(tmp_path_factory):
 
 
 WEIGHTS = {
-    "img": dict(image=1.0, text=0.0, cross=0.0, align=0.0),
-    "txt": dict(image=0.0, text=1.0, cross=0.0, align=0.0),
+    "image": dict(image=1.0, text=0.0, cross=0.0, align=0.0),
+    "text": dict(image=0.0, text=1.0, cross=0.0, align=0.0),
     "cross": dict(image=0.0, text=0.0, cross=1.0, align=0.0),
     "align": dict(image=0.0, text=0.0, cross=0.0, align=1.0),
     "all": dict(image=1.0, text=0.2, cross=0.05, align=0.1),
@@ -74,7 +74,7 @@ def test_each_loss_and_all_fall_on_a_fixed_batch(setup, which):
     assert history[-1] < history[0], history
     changed = {n for n, p in s.transformer.named_parameters() if not torch.equal(p, before[n])}
     assert changed
-    heads = {"img": "image_proj_out.weight", "txt": "text_proj_out.weight", "align": "siglip_adapter_img.fc.0.weight"}
+    heads = {"image": "image_proj_out.weight", "text": "text_proj_out.weight", "align": "siglip_adapter_img.fc.0.weight"}
     if which in heads:
         assert heads[which] in changed
     if which == "align":  # only blocks up to the aligned one (2 of 3) get gradients
@@ -108,7 +108,7 @@ def test_vqa_question_is_never_masked_and_padding_option(setup):
     long_ids, _, long_pad = caption_ids(tok, "caption", "", "word " * 40, 16)
     assert len(long_ids) == 16 and long_ids[-1] == tok.eos_token_id and all(long_pad)
 
-    # L_txt by hand: uniform logits give -log p = log(V - 1) at masked positions (the mask id is excluded)
+    # L_text by hand: uniform logits give -log p = log(V - 1) at masked positions (the mask id is excluded)
     vocab, mask = 10, 9
     ids = torch.tensor([[3, 4, 5, 1, 1, 1]])  # 3 tokens, EOS, 2 padding EOS
     xt = torch.tensor([[3, mask, 5, mask, 1, mask]])

@@ -53,7 +53,7 @@ def test_resume_after_sigkill_continues_the_same_curve(tmp_path):
     assert [m["step"] for m in curve] == list(range(1, 8))
     for got, want in zip(curve, reference):
         assert got["micro"] == want["micro"], got["step"]  # data order
-        for key in ("loss", "img", "txt", "cross", "align", "lr"):
+        for key in ("loss", "image", "text", "cross", "align", "lr"):
             assert abs(got[key] - want[key]) <= 1e-6 * max(1.0, abs(want[key])), (got["step"], key)
     for name in (runs.TRAINABLE, runs.EMA):
         a = runs.read_trainable(runs.checkpoint_dir(cfg["run_dir"], 7), ema=name == runs.EMA)[0]

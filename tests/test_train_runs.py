@@ -53,7 +53,7 @@ def test_lora_run_through_cli_skips_bad_records(lora_run):
     assert "skipped 4 {" in log  # the load summary; the corrupt PNG is met (or not) at decode time
     metrics = H.read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(1, 7))
-    assert all(m["txt"] > 0 for m in metrics) and all(m["loss"] > 0 for m in metrics)
+    assert all(m["text"] > 0 for m in metrics) and all(m["loss"] > 0 for m in metrics)
     assert {m["micro"][0]["task"] for m in metrics} == {"t2i", "edit", "vqa"}
     assert [s for s, _ in runs.list_checkpoints(run_dir)] == [4, 6]  # keep=2 pruned step 2
     assert not [n for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.startswith(".tmp")]

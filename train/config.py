@@ -56,16 +56,16 @@ IMAGE_TARGETS = ("x0", "velocity")
 
 @dataclass
 class LossConfig:
-    image: float = 1.0  # L_img weight
-    text: float = 0.2  # lambda1, L_txt
+    image: float = 1.0  # L_image weight
+    text: float = 0.2  # lambda1, L_text
     cross: float = 0.05  # lambda2, L_cross
     align: float = 0.1  # lambda3, L_align
     temperature: float = 0.07
     text_dropout: float = 0.1  # share of prompts replaced by the T5 states of " "
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    ignore_padding: bool = False  # L_txt: False counts padding positions, as upstream
-    image_target: str = "x0"  # L_img: "x0" (MSE on x0 = sigma^2-weighted velocity error, as upstream) or "velocity"
+    ignore_padding: bool = False  # L_text: False counts padding positions, as upstream
+    image_target: str = "x0"  # L_image: "x0" (MSE on x0 = sigma^2-weighted velocity error, as upstream) or "velocity"
 
 
 @dataclass

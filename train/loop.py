@@ -44,7 +44,7 @@ from .paths import absolute_paths
 from .teacher import CachedTeacher, Teacher
 
 log = logging.getLogger("train")
-TERMS = ("loss", "img", "txt", "cross", "align")
+TERMS = ("loss", "image", "text", "cross", "align")  # the loss section's names, in config, logs and metrics
 
 
 # --------------------------------------------------------------------------------------------------------------

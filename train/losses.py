@@ -1,4 +1,4 @@
-"""The four UniAlignment losses: L = w_img L_img + l1 L_txt + l2 L_cross + l3 L_align (defaults 1, 0.2, 0.05, 0.1).
+"""The four UniAlignment losses: L = w_image L_image + l1 L_text + l2 L_cross + l3 L_align (defaults 1, 0.2, 0.05, 0.1).
 
 Per micro-batch there are two forward passes of the transformer, as published:
   * the image pass: noisy target latents (+ condition latents for edit / perception / compose) with the prompt's
@@ -250,23 +250,23 @@ def compute_losses(module, batch: Prepared, rng: SampleRNG, cfg, encode_ids: Cal
 
     out = module(image_pass, text_pass, block if align else None, align)
     zero = torch.zeros((), device=device)
-    terms = {"img": zero, "txt": zero, "cross": zero, "align": zero}
+    terms = {"image": zero, "text": zero, "cross": zero, "align": zero}
     valid = batch.caption_valid.float().to(device)
     present = batch.sample_valid.float().to(device)
     if image_pass is not None:
-        terms["img"] = image_flow_loss(out["velocity"], batch.target, noise, sigmas, present, reducer,
+        terms["image"] = image_flow_loss(out["velocity"], batch.target, noise, sigmas, present, reducer,
                                        cfg.image_target)
     if text_pass is not None:
         count = (batch.not_pad if cfg.ignore_padding else torch.ones_like(batch.not_pad)) & batch.maskable
         count = count & batch.caption_valid[:, None]
-        terms["txt"] = text_mdlm_loss(out["text_logits"], batch.ids, xt, t, count.float(), mask_id, reducer)
+        terms["text"] = text_mdlm_loss(out["text_logits"], batch.ids, xt, t, count.float(), mask_id, reducer)
         if cfg.cross > 0 and "image_states" in out:
             terms["cross"] = contrastive_loss(out["image_states"], out["text_states"], valid, cfg.temperature,
                                               reducer)
     if align and "align_image" in out:
         terms["align"] = (align_loss(out["align_image"], batch.teacher_image, present, reducer)
                           + align_loss(out["align_text"], batch.teacher_text, valid, reducer))
-    weights = {"img": cfg.image, "txt": cfg.text, "cross": cfg.cross, "align": cfg.align}
+    weights = {"image": cfg.image, "text": cfg.text, "cross": cfg.cross, "align": cfg.align}
     total = sum(weights[k] * v for k, v in terms.items())
     logged = {k: v.detach().float() for k, v in terms.items()}
     logged["cross"] = logged["cross"] / reducer.world  # the logged value without the gradient factor
