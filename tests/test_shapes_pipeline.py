@@ -51,9 +51,9 @@ def test_teacher_is_a_clip_folder_the_trainer_loads(tmp_path):
 
 
 def test_start_folder_loads_as_an_upstream_checkpoint(tmp_path):
-    from unialign_core import load_model
     from train.shapes.autoencoder import make_vae
     from train.shapes.text_encoder import make_t5
+    from unialign_core import load_model
 
     tok = vocab.build_tokenizer()
     folder = start.write_start(str(tmp_path / "start"), tok, make_vae(), make_t5(len(tok)))

@@ -25,8 +25,15 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from unialign_core import UniAlignModel, UniAlignTransformer, load_model, load_mask_embedding, load_text_encoder
-from unialign_core import load_tokenizer, load_vae
+from unialign_core import (
+    UniAlignModel,
+    UniAlignTransformer,
+    load_mask_embedding,
+    load_model,
+    load_text_encoder,
+    load_tokenizer,
+    load_vae,
+)
 from unialign_core.checkpoint import read_safetensors, read_weights_folder
 from unialign_core.errors import CheckpointError
 from unialign_core.loader import DEFAULT_SCHEDULER, T5_MASK_TOKEN

@@ -11,7 +11,6 @@ keyed by n (see losses.SampleRNG): a resumed run sees the data and noise the uni
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import sys
