@@ -4,6 +4,7 @@ import pytest
 
 from comfy_server import PACK_NAME, PromptError
 
+pytestmark = pytest.mark.slow  # a real ComfyUI server
 
 @pytest.fixture(scope="module")
 def server(start_comfy_server):

@@ -2,14 +2,29 @@
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tiny_models import GOLDEN, REFERENCE, copy_tree, golden_model, golden_vectors, write_single_file, write_t5_file, write_vae_file
-from unialign_core import CheckpointError, load_mask_embedding, load_model, load_text_encoder, load_vae, save_single_file
+from tiny_models import (
+    GOLDEN,
+    REFERENCE,
+    copy_tree,
+    golden_model,
+    golden_vectors,
+    write_single_file,
+    write_t5_file,
+    write_vae_file,
+)
+from unialign_core import (
+    CheckpointError,
+    load_mask_embedding,
+    load_model,
+    load_text_encoder,
+    load_vae,
+    save_single_file,
+)
 from unialign_core.single_file import FORMAT
 
 MASK_ID = 32099

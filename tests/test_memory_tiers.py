@@ -13,7 +13,6 @@ import torch.nn as nn
 
 from nodes_support import REPO, SIDE, TINY_LORA, TINY_MODEL, make_models_dir
 from tiny_models import GOLDEN
-
 from unialign_core import load_model, text_to_image
 from unialign_core.transformer import FP8_SCOPE
 
@@ -186,7 +185,7 @@ def test_partial_load_streams_part_of_the_weights_and_computes_the_same(pack, mo
 def test_partial_load_applies_a_lora_per_call(pack):
     services = _services(pack)
     mm = pack[1]
-    if not hasattr(mm.load_models_gpu, "__call__") or "force_full_load" not in mm.load_models_gpu.__code__.co_varnames:
+    if not callable(mm.load_models_gpu) or "force_full_load" not in mm.load_models_gpu.__code__.co_varnames:
         pytest.skip("the March 2024 ComfyUI casts a streamed weight without a copy when the load and offload "
                     "devices are the same (CPU) and then adds the LoRA to it in place; on a GPU the cast copies")
     lora_node = pack[0].NODE_CLASS_MAPPINGS["UniAlignLoRA"]()

@@ -41,6 +41,8 @@ from nodes_support import (
 sys.path.insert(0, str(__import__("nodes_support").WORKFLOWS))
 import make_api  # noqa: E402
 
+pytestmark = pytest.mark.slow  # one real ComfyUI server for the whole file
+
 NODE_IDS = ["UniAlignLoader", "UniAlignLoRA", "UniAlignTextToImage", "UniAlignEdit", "UniAlignPerceive",
             "UniAlignCompose", "UniAlignUnderstand"]
 SAMPLING = {"model": "UNIALIGN_MODEL", "steps": "INT", "guidance": "FLOAT", "seed": "INT"}

@@ -134,6 +134,7 @@ sys.exit(s.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_valid_pngs_only(tmp_path, clean_run):
     # file 10 is row 1's edit_multi result (its _SRCIMG, file 9, is already written)
     proc = subprocess.run([sys.executable, "-c", KILLER, *args_for(tmp_path, "k")], cwd=REPO,
@@ -155,6 +156,7 @@ def test_killed_run_resumes_with_valid_pngs_only(tmp_path, clean_run):
         np.testing.assert_array_equal(pixels(run_dir / rel), pixels(clean_run / rel), err_msg=rel)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_write_each_file_once(tmp_path, clean_run):
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                            str(REPO / "train/configs/accelerate/ddp.yaml"), "--num_processes", "2",

@@ -2,9 +2,11 @@
 variant end to end (it must clear floors that an untrained or broken model misses)."""
 
 import json
+import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tiny_models import REPO
@@ -51,9 +53,9 @@ def test_teacher_is_a_clip_folder_the_trainer_loads(tmp_path):
 
 
 def test_start_folder_loads_as_an_upstream_checkpoint(tmp_path):
-    from unialign_core import load_model
     from train.shapes.autoencoder import make_vae
     from train.shapes.text_encoder import make_t5
+    from unialign_core import load_model
 
     tok = vocab.build_tokenizer()
     folder = start.write_start(str(tmp_path / "start"), tok, make_vae(), make_t5(len(tok)))
@@ -63,6 +65,7 @@ def test_start_folder_loads_as_an_upstream_checkpoint(tmp_path):
     assert model.pixel_multiple <= 16
 
 
+@pytest.mark.slow  # minutes: the whole quick job in a subprocess
 def test_quick_main_job_learns_every_mode(tmp_path):
     out = tmp_path / "shapes"
     proc = subprocess.run([sys.executable, "-m", "train.shapes", "--quick", "--out", str(out)], cwd=REPO,
@@ -74,8 +77,22 @@ def test_quick_main_job_learns_every_mode(tmp_path):
     for mode in ("t2i", "caption", "vqa", "edit", "perception", "compose"):
         assert any(k.startswith(mode + "_") for k in report["figures"]), mode
     assert (out / "contact_sheet.png").stat().st_size > 0 and (out / "report.md").is_file()
-    # the export is our single file with T5, VAE and tokenizer bundled: the ComfyUI Loader needs nothing else
+    # the export is our single file with T5, VAE and tokenizer bundled: the ComfyUI Loader needs nothing else.
+    # (load_model raises when a part is missing, so check the file itself, then load a copy alone in a new folder,
+    # where no tokenizer/ beside it can stand in for the bundled one)
+    check_bundled_export(out / "shapes.safetensors", tmp_path / "alone")
+
+
+def check_bundled_export(export, alone):
+    from safetensors import safe_open
+
     from unialign_core import load_model
 
-    model = load_model(str(out / "shapes.safetensors"))
-    assert model.tokenizer is not None and model.vae is not None
+    with safe_open(str(export), framework="pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert {"tokenizer", "text_encoder_config", "vae_config"} <= set(meta), sorted(meta)
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("vae.") for k in keys)
+    alone.mkdir()
+    shutil.copy(export, alone / export.name)
+    model = load_model(str(alone / export.name))
+    assert len(model.tokenizer) == len(vocab.build_tokenizer())

@@ -9,12 +9,14 @@ passes cpu=True to accelerate when CUDA is absent, which selects MULTI_CPU with 
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import train_helpers as H
 from train import runs
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path):
     data = H.make_dataset(tmp_path / "data", tasks=("t2i", "edit", "caption"), per_task=8)
     common = dict(train={"mode": "full", "max_steps": 3, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0},

@@ -207,6 +207,7 @@ def test_two_machines_on_localhost_train_like_one_process(tmp_path):
                   runs.read_trainable(runs.checkpoint_dir(two["run_dir"], 3))[0])
 
 
+@pytest.mark.slow
 def test_deepspeed_on_cpu_is_refused_not_run_as_ddp(tmp_path):
     """accelerate 1.15 would silently run a zero2/zero3 launch as DDP on CPUs (cpu=True ignores DeepSpeed)."""
     data = H.make_dataset(tmp_path / "data", tasks=("t2i",), per_task=2)

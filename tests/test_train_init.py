@@ -8,7 +8,6 @@ import shutil
 import pytest
 import torch
 
-import train_helpers as H
 from tiny_models import GOLDEN, REFERENCE
 from train.config import InitConfig, LossConfig
 from train.init import detect_kind, load_start

@@ -6,12 +6,14 @@ import signal
 import subprocess
 import time
 
+import pytest
 import torch
 
 import train_helpers as H
 from train import runs
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_continues_the_same_curve(tmp_path):
     data = H.make_dataset(tmp_path / "data", tasks=("t2i", "edit", "caption"), per_task=4)
     teacher = H.make_teacher(tmp_path / "clip")

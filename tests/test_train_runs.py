@@ -44,6 +44,7 @@ def lora_run(tmp_path_factory):
     return tmp, cfg, proc
 
 
+@pytest.mark.slow
 def test_lora_run_through_cli_skips_bad_records(lora_run):
     tmp, cfg, proc = lora_run
     run_dir = cfg["run_dir"]
@@ -63,6 +64,7 @@ def test_lora_run_through_cli_skips_bad_records(lora_run):
     assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
 
 
+@pytest.mark.slow
 def test_lora_export_round_trip(lora_run, tmp_path):
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 

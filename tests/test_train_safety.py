@@ -42,6 +42,7 @@ def lora_run(tmp_path_factory):
     return tmp, cfg, path, proc
 
 
+@pytest.mark.slow
 def test_checkpoint_is_safetensors_and_json_only(lora_run):
     _, cfg, _, proc = lora_run
     (step, folder), = runs.list_checkpoints(cfg["run_dir"])
@@ -55,6 +56,7 @@ def test_checkpoint_is_safetensors_and_json_only(lora_run):
     assert sum(f"checkpoint {folder}" in line for line in proc.stderr.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_booby_trapped_pickle(lora_run, tmp_path):
     _, cfg, path, _ = lora_run
     # the trap works: plain unpickling runs it
@@ -111,6 +113,7 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, monkeypatch):
     assert runs.read_state(previous)["step"] == 2 and runs.read_trainable(previous)[0]
 
 
+@pytest.mark.slow
 def test_missing_files_are_one_line_errors(tmp_path):
     data = H.make_dataset(tmp_path / "data", tasks=("t2i",), per_task=2)
     cfg = H.base_config(tmp_path, data)

@@ -72,8 +72,8 @@ def make_dataset(root: Path, tasks=("t2i", "edit"), per_task=8, bad=False) -> st
 
 def make_teacher(path: Path, projection_dim=24) -> str:
     """A tiny random CLIP saved as a local Hugging Face folder (the T5 tokenizer stands in for CLIP's)."""
-    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
     import torch
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
     torch.manual_seed(0)
     config = CLIPConfig(

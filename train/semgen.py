@@ -108,7 +108,8 @@ def read_bench(bench_dir) -> List[Row]:
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SemGenError(f"{path}: line {key + 1} is not JSON ({e}); use the benchmark's file unchanged")
+                raise SemGenError(f"{path}: line {key + 1} is not JSON ({e}); use the benchmark's file "
+                                  "unchanged") from e
             missing = [k for k in ("image_id",) + TASKS if k not in item]
             if missing:
                 raise SemGenError(f"{path}: line {key + 1} lacks {missing}; use the benchmark's file unchanged")

@@ -119,7 +119,8 @@ def run(size: str, device: str, dtype: torch.dtype, steps: int, caption_steps: i
     }  # fmt: skip
     for sampler, n in (("ddpm_cache", length), ("confidence", length), ("confidence", length // 4)):
         before = TextDenoiser.total_calls
-        _, seconds = timed(lambda: caption(model, image, answer_tokens=n, steps=caption_steps, sampler=sampler), device)
+        _, seconds = timed(lambda n=n, sampler=sampler: caption(model, image, answer_tokens=n, steps=caption_steps,
+                                                                sampler=sampler), device)
         calls = TextDenoiser.total_calls - before
         results["caption"][f"{sampler}@{n}"] = {"s": seconds, "forward_passes": calls}
     base = results["caption"][f"ddpm_cache@{length}"]["s"]

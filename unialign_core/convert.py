@@ -117,7 +117,7 @@ def convert_folder_streaming(source: str, output: str, dtype: torch.dtype, mask_
     metadata = single_file_metadata(_config_dict(model), scheduler, mask_id, mask_vector, tokenizer)
 
     with StreamingSafetensorsWriter(output, entries, metadata) as writer:
-        for shard, keys in shards:
+        for shard, _keys in shards:
             wanted = [key for s, key in plan if s == shard]
             with safe_open(shard, framework="pt", device="cpu") as f:
                 for key in wanted:

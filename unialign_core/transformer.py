@@ -54,7 +54,7 @@ def use_operations(module: nn.Module, operations=None) -> nn.Module:
     Call it on a model built on the meta device, before its weights are loaded."""
     if operations is None or operations is nn or getattr(operations, "Linear", nn.Linear) is nn.Linear:
         return module
-    for name, child in list(module.named_modules()):
+    for child in list(module.modules()):
         for attr, layer in list(child.named_children()):
             if type(layer) is nn.Linear:
                 new = operations.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,

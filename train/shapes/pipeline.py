@@ -16,13 +16,13 @@ L_align (run_ablation/), and the report puts both side by side.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import sys
 import time
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -183,9 +183,9 @@ class Stages:
 
     # 5
     def train(self, name: str, tokenizer, vae, t5, jsonl: str, teacher_dir: str, ablation: bool) -> str:
+        from .. import runs
         from ..config import load_config
         from ..loop import run
-        from .. import runs
 
         start_dir = self.build("start", lambda tmp: start.write_start(
             tmp, tokenizer, vae, t5, seed=self.seed, transformer_overrides=dict(
