@@ -64,7 +64,9 @@ def check_side(name: str, value: int, multiple: int) -> None:
     if value > 0 and value % multiple == 0:
         return
     fit = max(multiple, round(value / multiple) * multiple)
-    raise InputError(name, f"{value} is not a multiple of {multiple} (this model needs multiples of {multiple}); try {fit}")
+    raise InputError(
+        name, f"{value} is not a multiple of {multiple} (this model needs multiples of {multiple}); try {fit}"
+    )
 
 
 def check_text(name: str, text: str, hint: str) -> str:

@@ -26,29 +26,49 @@ class UniAlignLoader:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (services.list_models(), {
-                    "tooltip": "A file or folder in models/unialignment: our single .safetensors file (made with "
-                    "`python -m unialign_core.convert` or by the trainer), or the upstream folder of "
-                    "glimmer16/UniAlignment or a DualDiffusion model, as downloaded."}),
-                "text_encoder": ([services.FROM_MODEL] + services.list_text_encoders(), {
-                    "default": services.FROM_MODEL,
-                    "tooltip": "The T5-XXL encoder. '(from model)' uses the one bundled in the single file or "
-                    "the model folder's text_encoder/. Pick your existing t5xxl_fp16 (or fp8) file from "
-                    "models/text_encoders to share it with SD3/Flux workflows."}),
-                "vae": ([services.FROM_MODEL] + services.list_files("vae"), {
-                    "default": services.FROM_MODEL,
-                    "tooltip": "The SD3 VAE. '(from model)' uses the one bundled in the single file or the "
-                    "model folder's vae/. Otherwise pick an SD3 VAE file from models/vae."}),
-                "dtype": (services.DTYPE_CHOICES, {
-                    "default": "auto",
-                    "tooltip": "Weight precision. auto picks what ComfyUI picks for SD3 on this device (bf16 "
-                    "on recent GPUs, fp32 on the CPU). fp16 keeps the VAE in fp32. fp32 needs ~2x the memory."}),
-                "weight_dtype": (services.WEIGHT_DTYPE_CHOICES, {
-                    "default": "default",
-                    "tooltip": "How the transformer's block weights are stored. default: in the dtype above. "
-                    "fp8_e4m3fn / fp8_e5m2: in fp8 (about 2 GB less on the GPU for the released model), "
-                    "computed in the dtype above, each layer upcast when it runs; outputs change slightly. "
-                    "For 8-12 GB cards (see the README's memory tiers)."}),
+                "model": (
+                    services.list_models(),
+                    {
+                        "tooltip": "A file or folder in models/unialignment: our single .safetensors file (made with "
+                        "`python -m unialign_core.convert` or by the trainer), or the upstream folder of "
+                        "glimmer16/UniAlignment or a DualDiffusion model, as downloaded."
+                    },
+                ),
+                "text_encoder": (
+                    [services.FROM_MODEL] + services.list_text_encoders(),
+                    {
+                        "default": services.FROM_MODEL,
+                        "tooltip": "The T5-XXL encoder. '(from model)' uses the one bundled in the single file or "
+                        "the model folder's text_encoder/. Pick your existing t5xxl_fp16 (or fp8) file from "
+                        "models/text_encoders to share it with SD3/Flux workflows.",
+                    },
+                ),
+                "vae": (
+                    [services.FROM_MODEL] + services.list_files("vae"),
+                    {
+                        "default": services.FROM_MODEL,
+                        "tooltip": "The SD3 VAE. '(from model)' uses the one bundled in the single file or the "
+                        "model folder's vae/. Otherwise pick an SD3 VAE file from models/vae.",
+                    },
+                ),
+                "dtype": (
+                    services.DTYPE_CHOICES,
+                    {
+                        "default": "auto",
+                        "tooltip": "Weight precision. auto picks what ComfyUI picks for SD3 on this device (bf16 "
+                        "on recent GPUs, fp32 on the CPU). fp16 keeps the VAE in fp32. fp32 needs ~2x the memory.",
+                    },
+                ),
+                "weight_dtype": (
+                    services.WEIGHT_DTYPE_CHOICES,
+                    {
+                        "default": "default",
+                        "tooltip": "How the transformer's block weights are stored. default: in the dtype above. "
+                        "fp8_e4m3fn / fp8_e5m2: in fp8 (about 2 GB less on the GPU for the released model), "
+                        "computed in the dtype above, each layer upcast when it runs; outputs change slightly. "
+                        "For 8-12 GB cards (see the README's memory tiers).",
+                    },
+                ),
             }
         }
 
@@ -64,8 +84,9 @@ class UniAlignLoader:
         return True
 
     @classmethod
-    def IS_CHANGED(cls, model, text_encoder=services.FROM_MODEL, vae=services.FROM_MODEL, dtype="auto",
-                   weight_dtype="default", **_):
+    def IS_CHANGED(
+        cls, model, text_encoder=services.FROM_MODEL, vae=services.FROM_MODEL, dtype="auto", weight_dtype="default", **_
+    ):
         paths = cls._paths(model, text_encoder, vae, strict=False)
         return "|".join(services.file_signature(p) for p in paths) + "|" + dtype + "|" + weight_dtype
 
@@ -75,27 +96,33 @@ class UniAlignLoader:
         if model_path is None and strict:
             raise InputError("model", services.model_missing_message(model)[len("model: ") :])
         if strict and services.pickle_message("model", model, services.FOLDER):
-            raise InputError("model", services.pickle_message("model", model, services.FOLDER)[len("model: "):])
+            raise InputError("model", services.pickle_message("model", model, services.FOLDER)[len("model: ") :])
         te_path = None
         if text_encoder != services.FROM_MODEL:
             refused = services.pickle_message("text_encoder", text_encoder, "text_encoders")
             if refused and strict:
-                raise InputError("text_encoder", refused[len("text_encoder: "):])
+                raise InputError("text_encoder", refused[len("text_encoder: ") :])
             te_path = None if refused else services.resolve_file(services.text_encoder_folders(), text_encoder)
             if te_path is None and strict:
-                raise InputError("text_encoder", f"{text_encoder!r} is not in models/text_encoders or models/clip; "
-                                 "put the T5-XXL file you use for SD3/Flux there (t5xxl_fp16.safetensors or "
-                                 "t5xxl_fp8_e4m3fn.safetensors), or pick '(from model)'")
+                raise InputError(
+                    "text_encoder",
+                    f"{text_encoder!r} is not in models/text_encoders or models/clip; "
+                    "put the T5-XXL file you use for SD3/Flux there (t5xxl_fp16.safetensors or "
+                    "t5xxl_fp8_e4m3fn.safetensors), or pick '(from model)'",
+                )
         vae_path = None
         if vae != services.FROM_MODEL:
             refused = services.pickle_message("vae", vae, "vae")
             if refused and strict:
-                raise InputError("vae", refused[len("vae: "):])
+                raise InputError("vae", refused[len("vae: ") :])
             vae_path = None if refused else services.resolve_file(["vae"], vae)
             if vae_path is None and strict:
-                raise InputError("vae", f"{vae!r} is not in models/vae; download vae/diffusion_pytorch_model."
-                                 "safetensors of glimmer16/UniAlignment (SD3's VAE; any SD3 VAE file works) and save "
-                                 f"it as models/vae/{vae}, or pick '(from model)'")
+                raise InputError(
+                    "vae",
+                    f"{vae!r} is not in models/vae; download vae/diffusion_pytorch_model."
+                    "safetensors of glimmer16/UniAlignment (SD3's VAE; any SD3 VAE file works) and save "
+                    f"it as models/vae/{vae}, or pick '(from model)'",
+                )
         return model_path, te_path, vae_path
 
     def load(self, model, text_encoder, vae, dtype, weight_dtype="default"):
@@ -105,8 +132,11 @@ class UniAlignLoader:
             raise InputError("weight_dtype", f"{weight_dtype!r} is not one of {services.WEIGHT_DTYPE_CHOICES}")
         stored = services.WEIGHT_DTYPES[weight_dtype]
         if weight_dtype != "default" and stored is None:
-            raise InputError("weight_dtype", f"{weight_dtype} needs PyTorch 2.1 or newer (this one has no fp8 "
-                             f"dtypes, {services.torch.__version__}); pick 'default'")
+            raise InputError(
+                "weight_dtype",
+                f"{weight_dtype} needs PyTorch 2.1 or newer (this one has no fp8 "
+                f"dtypes, {services.torch.__version__}); pick 'default'",
+            )
         try:
             handle = services.load_handle(model, model_path, te_path, vae_path, torch_dtype, stored)
         except CheckpointError as e:
@@ -142,12 +172,18 @@ class UniAlignLoRA:
         return {
             "required": {
                 "model": ("UNIALIGN_MODEL", {"tooltip": "The model from UniAlign Loader (or another LoRA node)."}),
-                "lora_name": (services.list_files("loras"), {
-                    "tooltip": "A LoRA .safetensors file in models/loras."}),
-                "strength": ("FLOAT", {
-                    "default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05,
-                    "tooltip": "How strongly the LoRA applies: 1.0 as trained, 0 = off, 0.5-1.0 to tone it "
-                    "down; negative values invert it."}),
+                "lora_name": (services.list_files("loras"), {"tooltip": "A LoRA .safetensors file in models/loras."}),
+                "strength": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": -4.0,
+                        "max": 4.0,
+                        "step": 0.05,
+                        "tooltip": "How strongly the LoRA applies: 1.0 as trained, 0 = off, 0.5-1.0 to tone it "
+                        "down; negative values invert it.",
+                    },
+                ),
             }
         }
 

@@ -32,8 +32,11 @@ WEIGHT_EXTENSIONS = (".safetensors", ".sft")
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")  # never loaded: unpickling runs code
 DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
 # How the transformer's block weights are stored ("default": in the compute dtype); computed in the dtype above.
-WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": getattr(torch, "float8_e4m3fn", None),
-                 "fp8_e5m2": getattr(torch, "float8_e5m2", None)}
+WEIGHT_DTYPES = {
+    "default": None,
+    "fp8_e4m3fn": getattr(torch, "float8_e4m3fn", None),
+    "fp8_e5m2": getattr(torch, "float8_e5m2", None),
+}
 WEIGHT_DTYPE_CHOICES = list(WEIGHT_DTYPES)
 MAX_DEPTH = 3  # how deep the model folder is searched
 
@@ -171,11 +174,18 @@ def pickle_message(input_name: str, name: str, folder: str) -> Optional[str]:
     if not str(name).lower().endswith(PICKLE_EXTENSIONS):
         return None
     ext = os.path.splitext(str(name))[1]
-    hint = CONVERT_HINT if folder == FOLDER else (
-        f"use the .safetensors release of that file in models/{folder} (for T5: t5xxl_fp16.safetensors; for the "
-        "VAE: the SD3 VAE's diffusion_pytorch_model.safetensors, renamed)")
-    return (f"{input_name}: {name!r} is a pickle file ({ext}), which this pack never loads (unpickling a file "
-            f"can run code in it); {hint}")
+    hint = (
+        CONVERT_HINT
+        if folder == FOLDER
+        else (
+            f"use the .safetensors release of that file in models/{folder} (for T5: t5xxl_fp16.safetensors; for the "
+            "VAE: the SD3 VAE's diffusion_pytorch_model.safetensors, renamed)"
+        )
+    )
+    return (
+        f"{input_name}: {name!r} is a pickle file ({ext}), which this pack never loads (unpickling a file "
+        f"can run code in it); {hint}"
+    )
 
 
 def model_missing_message(name: str) -> str:
@@ -289,7 +299,7 @@ def place_unmanaged(patcher) -> int:
     for module in patcher.model.modules():
         if getattr(module, "comfy_cast_weights", False):
             continue
-        for name, param in module.named_parameters(recurse=False):
+        for param in module.parameters(recurse=False):
             if not _same_device(param.device, device):
                 param.data = param.data.to(device)
                 moved += 1
@@ -384,13 +394,20 @@ def load_handle(name, model_path, text_encoder_path, vae_path, dtype, weight_dty
     _last.clear()  # let a model nobody uses any more go before loading the next
     started = time.monotonic()
     model = load_model(
-        model_path, text_encoder=text_encoder_path, vae=vae_path, device=offload_device, dtype=dtype,
-        weight_dtype=weight_dtype, operations=operations_for(weight_dtype),
+        model_path,
+        text_encoder=text_encoder_path,
+        vae=vae_path,
+        device=offload_device,
+        dtype=dtype,
+        weight_dtype=weight_dtype,
+        operations=operations_for(weight_dtype),
     )
     patcher = comfy.model_patcher.ModelPatcher(
-        UniAlignWeights(model), load_device=load_device, offload_device=offload_device)
+        UniAlignWeights(model), load_device=load_device, offload_device=offload_device
+    )
     t5_patcher = comfy.model_patcher.ModelPatcher(
-        TextEncoderWeights(model), load_device=load_device, offload_device=offload_device)
+        TextEncoderWeights(model), load_device=load_device, offload_device=offload_device
+    )
     handle = UniAlignHandle(model, patcher, key, name, t5_patcher=t5_patcher)
     _cache[key] = handle
     _last["handle"] = handle
@@ -413,8 +430,9 @@ def with_lora(handle: UniAlignHandle, lora_name: str, lora_path: str, strength: 
     if deltas is None:
         try:
             layers = load_lora(lora_path)
-            deltas = lora_deltas(_ComputeDtypeView(handle.model.transformer, handle.model.dtype), layers, 1.0,
-                                 lora_path)
+            deltas = lora_deltas(
+                _ComputeDtypeView(handle.model.transformer, handle.model.dtype), layers, 1.0, lora_path
+            )
         except CheckpointError as e:
             raise InputError("lora_name", client_path(f"{lora_name!r} does not fit this model: {e.problem}")) from None
         deltas = {f"transformer.{k}": v.to(handle.patcher.offload_device) for k, v in deltas.items()}
@@ -425,8 +443,14 @@ def with_lora(handle: UniAlignHandle, lora_name: str, lora_path: str, strength: 
     if len(patched) != len(deltas):
         missing = sorted(set(deltas) - {k if isinstance(k, str) else k[0] for k in patched})
         raise InputError("lora_name", f"{lora_name!r}: ComfyUI could not patch {missing[:5]}")
-    clone = UniAlignHandle(handle.model, patcher, handle.key, handle.name, handle.loras + ((lora_name, strength),),
-                           t5_patcher=handle.t5_patcher)
+    clone = UniAlignHandle(
+        handle.model,
+        patcher,
+        handle.key,
+        handle.name,
+        handle.loras + ((lora_name, strength),),
+        t5_patcher=handle.t5_patcher,
+    )
     clone._preview_factors = handle._preview_factors
     return clone
 

@@ -132,14 +132,31 @@ class ComfyServer:
         args = self._prepare_layout()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--disable-auto-launch", *args, *self.extra_args]
+        cmd = [
+            sys.executable,
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-auto-launch",
+            *args,
+            *self.extra_args,
+        ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         started = time.monotonic()
         with open(self.log_path, "wb") as log:  # the server writes to its own copy of the handle
-            self._proc = subprocess.Popen(cmd, cwd=self.comfyui_dir, env=env, stdin=subprocess.DEVNULL,
-                                          stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True, preexec_fn=_die_with_parent)
+            self._proc = subprocess.Popen(
+                cmd,
+                cwd=self.comfyui_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
         atexit.register(self.stop)
         try:
             self._wait_until_ready()
@@ -192,17 +209,24 @@ class ComfyServer:
         config = base / "extra_model_paths.yaml"
         config.write_text("\n".join(lines) + "\n", encoding="utf-8")
         # --temp-directory X uses X/temp, and ComfyUI deletes its temp folder on start and exit.
-        return ["--extra-model-paths-config", str(config),
-                "--input-directory", str(base / "input"),
-                "--output-directory", str(base / "output"),
-                "--temp-directory", str(base)]
+        return [
+            "--extra-model-paths-config",
+            str(config),
+            "--input-directory",
+            str(base / "input"),
+            "--output-directory",
+            str(base / "output"),
+            "--temp-directory",
+            str(base),
+        ]
 
     def _wait_until_ready(self):
         deadline = time.monotonic() + self.startup_timeout
         while True:
             if self._proc.poll() is not None:
                 raise ComfyServerError(
-                    f"ComfyUI exited with code {self._proc.returncode} while starting.\n{self.log_tail()}")
+                    f"ComfyUI exited with code {self._proc.returncode} while starting.\n{self.log_tail()}"
+                )
             try:
                 self._request("/object_info", timeout=30)
                 return
@@ -210,20 +234,23 @@ class ComfyServer:
                 pass
             if time.monotonic() > deadline:
                 raise ComfyServerError(
-                    f"ComfyUI did not answer /object_info within {self.startup_timeout:.0f} s.\n{self.log_tail()}")
+                    f"ComfyUI did not answer /object_info within {self.startup_timeout:.0f} s.\n{self.log_tail()}"
+                )
             time.sleep(0.5)
 
     def import_failed_lines(self):
         """Log lines that report `IMPORT FAILED` for our pack."""
         suffix = os.sep + PACK_NAME
-        return [line for line in self.log_text().splitlines()
-                if "IMPORT FAILED" in line and line.rstrip().endswith(suffix)]
+        return [
+            line for line in self.log_text().splitlines() if "IMPORT FAILED" in line and line.rstrip().endswith(suffix)
+        ]
 
     def _check_pack_imported(self):
         failed = self.import_failed_lines()
         if failed:
-            raise ComfyServerError(f"ComfyUI could not import {PACK_NAME}: {failed[0].strip()}\n"
-                                   f"---- server log ----\n{self.log_text()}")
+            raise ComfyServerError(
+                f"ComfyUI could not import {PACK_NAME}: {failed[0].strip()}\n---- server log ----\n{self.log_text()}"
+            )
 
     # ---- log ------------------------------------------------------------------------------
 
@@ -241,8 +268,9 @@ class ComfyServer:
 
     def _request(self, path, payload=None, timeout=60):
         data = None if payload is None else json.dumps(payload).encode("utf-8")
-        request = urllib.request.Request(self.url + path, data=data,
-                                         headers={"Content-Type": "application/json"} if data else {})
+        request = urllib.request.Request(
+            self.url + path, data=data, headers={"Content-Type": "application/json"} if data else {}
+        )
         with _opener.open(request, timeout=timeout) as reply:
             body = reply.read()
         return json.loads(body) if body.strip() else None

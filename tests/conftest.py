@@ -18,12 +18,12 @@ PACK_DIR = Path(__file__).resolve().parent.parent
 def comfyui_dir():
     value = os.environ.get("COMFYUI_DIR")
     if not value:
-        pytest.skip("COMFYUI_DIR is not set: provision ComfyUI with `.ci/get_comfyui.sh DIR`, "
-                    "then set COMFYUI_DIR=DIR")
+        pytest.skip("COMFYUI_DIR is not set: provision ComfyUI with `.ci/get_comfyui.sh DIR`, then set COMFYUI_DIR=DIR")
     path = Path(value)
     if not (path / "main.py").is_file():
-        pytest.skip(f"COMFYUI_DIR={value} is not a ComfyUI folder (no main.py): "
-                    "provision it with `.ci/get_comfyui.sh DIR`")
+        pytest.skip(
+            f"COMFYUI_DIR={value} is not a ComfyUI folder (no main.py): provision it with `.ci/get_comfyui.sh DIR`"
+        )
     return path
 
 
@@ -36,8 +36,7 @@ def start_comfy_server(comfyui_dir, tmp_path_factory):
     servers = []
 
     def start(models_dir=None, extra_args=()):
-        server = ComfyServer(comfyui_dir, PACK_DIR, models_dir, tmp_path_factory.mktemp("comfy"),
-                             extra_args=extra_args)
+        server = ComfyServer(comfyui_dir, PACK_DIR, models_dir, tmp_path_factory.mktemp("comfy"), extra_args=extra_args)
         servers.append(server)
         return server.start()
 

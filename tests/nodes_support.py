@@ -23,8 +23,15 @@ TINY_MULTIPLE = 4  # the tiny VAE downsamples x2, patch size 2
 SIDE = 64  # image sides for the tiny model (its position table allows up to 128)
 INPUT_IMAGES = ("example.png", "example_2.png")
 
-WORKFLOW_NAMES = ("text_to_image", "edit", "perception", "personalisation", "understanding", "edit_caption_loop",
-                  "multi_edit")
+WORKFLOW_NAMES = (
+    "text_to_image",
+    "edit",
+    "perception",
+    "personalisation",
+    "understanding",
+    "edit_caption_loop",
+    "multi_edit",
+)
 
 
 def make_models_dir(models: Path) -> Path:
@@ -48,7 +55,11 @@ def write_tiny_lora(path: Path) -> Path:
 
     g = torch.Generator().manual_seed(3)
     layers = {}
-    for module in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v", "transformer_blocks.1.attn.to_out.0"):
+    for module in (
+        "transformer_blocks.0.attn.to_q",
+        "transformer_blocks.0.attn.to_v",
+        "transformer_blocks.1.attn.to_out.0",
+    ):
         layers[module] = LoraLayer(torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g), 2.0)
     save_lora(str(path), layers)
     return path
@@ -112,8 +123,9 @@ def run(server, api, timeout=120):
     prompt_id = server.queue_prompt(api)
     entry = server.wait(prompt_id, timeout=timeout)
     if entry["status"]["status_str"] != "success":
-        raise AssertionError(f"prompt failed: {json.dumps(entry['status']['messages'], indent=1)[:4000]}\n"
-                             f"{server.log_tail(40)}")
+        raise AssertionError(
+            f"prompt failed: {json.dumps(entry['status']['messages'], indent=1)[:4000]}\n{server.log_tail(40)}"
+        )
     return entry
 
 

@@ -21,8 +21,16 @@ def max_diff(a, b):
 
 def test_text_guidance_one_is_the_conditional_pass():
     def out(guidance):
-        return text_to_image(golden_model(), "a red cube", negative_prompt="blurry", width=16, height=16, steps=1,
-                             guidance=guidance, seed=3).latents
+        return text_to_image(
+            golden_model(),
+            "a red cube",
+            negative_prompt="blurry",
+            width=16,
+            height=16,
+            steps=1,
+            guidance=guidance,
+            seed=3,
+        ).latents
 
     one, two, three = out(1.0), out(2.0), out(3.0)
     assert max_diff(two, one) > 1e-3  # the two prompts differ, so the check below is not 0 = 0
@@ -33,8 +41,9 @@ def test_image_guidance_one_is_the_two_way_cfg():
     source = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
     def out(image_guidance):
-        return edit(golden_model(), source, "make it blue", steps=1, guidance=3.0, image_guidance=image_guidance,
-                    seed=3).latents
+        return edit(
+            golden_model(), source, "make it blue", steps=1, guidance=3.0, image_guidance=image_guidance, seed=3
+        ).latents
 
     one, two, three = out(1.0), out(2.0), out(3.0)
     assert max_diff(two, one) > 1e-3  # the branch without the source differs, so the check is not 0 = 0

@@ -6,6 +6,7 @@ from comfy_server import PACK_NAME, PromptError
 
 pytestmark = pytest.mark.slow  # a real ComfyUI server
 
+
 @pytest.fixture(scope="module")
 def server(start_comfy_server):
     server = start_comfy_server()
@@ -21,10 +22,12 @@ def test_server_starts_with_pack(server):
 
 
 def test_prompt_round_trip(server):
-    prompt_id = server.queue_prompt({
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "harness"}},
-    })
+    prompt_id = server.queue_prompt(
+        {
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "harness"}},
+        }
+    )
     entry = server.wait(prompt_id, timeout=60)
     assert entry["status"]["status_str"] == "success"
     assert entry["outputs"]["2"]["images"][0]["filename"].startswith("harness")

@@ -13,19 +13,22 @@ from tiny_models import DATA, GOLDEN, REFERENCE, SHARED
 # Every file the suite reads, relative to tests/data (and to ../shared).
 FILES = [
     "golden/README.md",
-    *(f"golden/tiny_unialignment/{name}" for name in (
-        "scheduler/scheduler_config.json",
-        "text_encoder/config.json",
-        "text_encoder/model.safetensors",
-        "tokenizer/tokenizer.json",
-        "tokenizer/tokenizer_config.json",
-        "transformer/config.json",
-        "transformer/diffusion_pytorch_model.safetensors",
-        "vae/config.json",
-        "vae/diffusion_pytorch_model.safetensors",
-        "vectors.json",
-        "vectors.safetensors",
-    )),
+    *(
+        f"golden/tiny_unialignment/{name}"
+        for name in (
+            "scheduler/scheduler_config.json",
+            "text_encoder/config.json",
+            "text_encoder/model.safetensors",
+            "tokenizer/tokenizer.json",
+            "tokenizer/tokenizer_config.json",
+            "transformer/config.json",
+            "transformer/diffusion_pytorch_model.safetensors",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.safetensors",
+            "vectors.json",
+            "vectors.safetensors",
+        )
+    ),
     "reference/mask_token_emb.00-of-01.pth",
     "reference/sd3_medium_transformer_keys.tsv",
     "reference/unialignment_sd3m_transformer_keys.tsv",

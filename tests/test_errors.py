@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from nodes_support import REPO, SIDE, TINY_MODEL, make_models_dir
-from tiny_models import GOLDEN, golden_model, write_single_file
+from tiny_models import golden_model, write_single_file
 from unialign_core import CheckpointError, InputError, answer, caption, compose, load_model, text_to_image
 from unialign_core.errors import InputTypeError
 from unialign_core.single_file import FORMAT_VERSION
@@ -54,17 +54,32 @@ def test_a_bad_image_to_caption_is_an_input_error_named_image():
     "call, name, message",
     [
         (lambda m: text_to_image(m, " ", width=16, height=16), "prompt", "prompt is empty; describe what you want"),
-        (lambda m: text_to_image(m, "a cat", width=19, height=16), "width/height",
-         "width/height: size 19x16 is not a multiple of 4; resize or crop it, e.g. to 20x16"),
-        (lambda m: caption(m, image(), sampler="beam"), "sampler",
-         "sampler 'beam' is not one of ('confidence', 'ddpm_cache')"),
+        (
+            lambda m: text_to_image(m, "a cat", width=19, height=16),
+            "width/height",
+            "width/height: size 19x16 is not a multiple of 4; resize or crop it, e.g. to 20x16",
+        ),
+        (
+            lambda m: caption(m, image(), sampler="beam"),
+            "sampler",
+            "sampler 'beam' is not one of ('confidence', 'ddpm_cache')",
+        ),
         (lambda m: caption(m, image(), steps=0), "steps", "steps must be at least 1, got 0"),
-        (lambda m: caption(m, image(), sampler="ddpm_cache", refresh=2), "refresh",
-         "refresh applies to the confidence sampler only; ddpm_cache runs as published"),
-        (lambda m: caption(m, image(), resize="bigger"), "resize",
-         "resize 'bigger' is not one of ('trained', 'crop', 'as_is')"),
-        (lambda m: compose(m, [image()] * 4, "too many"), "references",
-         "references: give 1 to 3 reference images, got 4"),
+        (
+            lambda m: caption(m, image(), sampler="ddpm_cache", refresh=2),
+            "refresh",
+            "refresh applies to the confidence sampler only; ddpm_cache runs as published",
+        ),
+        (
+            lambda m: caption(m, image(), resize="bigger"),
+            "resize",
+            "resize 'bigger' is not one of ('trained', 'crop', 'as_is')",
+        ),
+        (
+            lambda m: compose(m, [image()] * 4, "too many"),
+            "references",
+            "references: give 1 to 3 reference images, got 4",
+        ),
     ],
 )
 def test_input_errors_name_the_argument(call, name, message):
@@ -130,8 +145,9 @@ def pack(comfyui_dir, tmp_path_factory):
 
     models = make_models_dir(tmp_path_factory.mktemp("models"))
     with_format_version(models / "unialignment" / TINY_MODEL, models / "unialignment" / "newer.safetensors", NEWER)
-    spec = importlib.util.spec_from_file_location("unialign_pack_errors", REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
+    spec = importlib.util.spec_from_file_location(
+        "unialign_pack_errors", REPO / "__init__.py", submodule_search_locations=[str(REPO)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -174,8 +190,20 @@ def test_core_input_errors_become_the_nodes_by_name_not_by_text(pack):
 def test_compose_names_its_own_input_for_the_core_reference(pack, handle):
     """The core counts the references given (reference 2); the node names the input it came from."""
     with pytest.raises(part(pack, "image_types").InputError) as excinfo:
-        node(pack, "UniAlignCompose").compose(handle, comfy_image(), "these together", "", SIDE, SIDE, 2, 3.0, 0, 1,
-                                              reference_2=None, reference_3=comfy_image(batch=2))
+        node(pack, "UniAlignCompose").compose(
+            handle,
+            comfy_image(),
+            "these together",
+            "",
+            SIDE,
+            SIDE,
+            2,
+            3.0,
+            0,
+            1,
+            reference_2=None,
+            reference_3=comfy_image(batch=2),
+        )
     assert excinfo.value.input_name == "reference_3"
     assert str(excinfo.value) == "reference_3: give one image per reference, got a batch of 2"
 
@@ -192,9 +220,18 @@ def test_understand_names_length_and_resize(pack, handle):
     understand = node(pack, "UniAlignUnderstand").understand
     node_error = part(pack, "image_types").InputError
     with pytest.raises(node_error) as excinfo:
-        understand(handle, comfy_image(), "confidence", 8, 2, 0,
-                   question="what colour is the cube in the middle of the picture?")
-    assert str(excinfo.value).startswith("length: the question uses") and "raise it above that (now 8)" in str(excinfo.value)
+        understand(
+            handle,
+            comfy_image(),
+            "confidence",
+            8,
+            2,
+            0,
+            question="what colour is the cube in the middle of the picture?",
+        )
+    assert str(excinfo.value).startswith("length: the question uses") and "raise it above that (now 8)" in str(
+        excinfo.value
+    )
     assert excinfo.value.input_name == "length"
     with pytest.raises(node_error) as excinfo:
         understand(handle, comfy_image(), "confidence", 16, 2, 0, resize="bigger")

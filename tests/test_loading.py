@@ -216,7 +216,9 @@ def test_wrong_shapes_are_listed(tmp_path):
         meta = f.metadata()
     state["context_embedder.weight"] = torch.zeros(32, 64)
     save_file(state, str(path), metadata=meta)
-    with pytest.raises(CheckpointError, match=r"1 wrong shapes.*context_embedder.weight: file \(32, 64\) vs model \(32, 32\)"):
+    with pytest.raises(
+        CheckpointError, match=r"1 wrong shapes.*context_embedder.weight: file \(32, 64\) vs model \(32, 32\)"
+    ):
         load_model(str(path))
 
 
@@ -228,7 +230,10 @@ def test_t5_that_is_not_a_t5(tmp_path):
 
 
 def test_mask_embedding_of_wrong_size_is_named(tmp_path):
-    with pytest.raises(CheckpointError, match="mask_token_emb.00-of-01.pth: mask embedding has size 4096 but the T5 encoder's width is 32"):
+    with pytest.raises(
+        CheckpointError,
+        match="mask_token_emb.00-of-01.pth: mask embedding has size 4096 but the T5 encoder's width is 32",
+    ):
         load_model(str(GOLDEN), mask_embedding=str(REFERENCE / "mask_token_emb.00-of-01.pth"))
 
 

@@ -84,17 +84,25 @@ def infonce_by_hand(temperature):
     # cosine similarities: image 0 . text 0 = 1, image 0 . text 1 = 0.6, image 1 . text 0 = 0, image 1 . text 1 = 0.8
     logits = [[1 / temperature, 0.6 / temperature], [0 / temperature, 0.8 / temperature]]
     # cross-entropy of a row with its diagonal entry as the label: -log(e^own / (e^own + e^other))
-    image_to_text = [-math.log(math.exp(logits[0][0]) / (math.exp(logits[0][0]) + math.exp(logits[0][1]))),
-                     -math.log(math.exp(logits[1][1]) / (math.exp(logits[1][0]) + math.exp(logits[1][1])))]
-    text_to_image = [-math.log(math.exp(logits[0][0]) / (math.exp(logits[0][0]) + math.exp(logits[1][0]))),
-                     -math.log(math.exp(logits[1][1]) / (math.exp(logits[0][1]) + math.exp(logits[1][1])))]
+    image_to_text = [
+        -math.log(math.exp(logits[0][0]) / (math.exp(logits[0][0]) + math.exp(logits[0][1]))),
+        -math.log(math.exp(logits[1][1]) / (math.exp(logits[1][0]) + math.exp(logits[1][1]))),
+    ]
+    text_to_image = [
+        -math.log(math.exp(logits[0][0]) / (math.exp(logits[0][0]) + math.exp(logits[1][0]))),
+        -math.log(math.exp(logits[1][1]) / (math.exp(logits[0][1]) + math.exp(logits[1][1]))),
+    ]
     return (sum(image_to_text) / 2 + sum(text_to_image) / 2) / 2
 
 
 def test_infonce_by_hand_in_closed_form():
     # at temperature 0.5 the four terms are log(1 + e^-0.8), log(1 + e^-1.6), log(1 + e^-2), log(1 + e^-0.4)
-    closed = (math.log(1 + math.exp(-0.8)) + math.log(1 + math.exp(-1.6)) + math.log(1 + math.exp(-2))
-              + math.log(1 + math.exp(-0.4))) / 4
+    closed = (
+        math.log(1 + math.exp(-0.8))
+        + math.log(1 + math.exp(-1.6))
+        + math.log(1 + math.exp(-2))
+        + math.log(1 + math.exp(-0.4))
+    ) / 4
     assert infonce_by_hand(0.5) == pytest.approx(closed, rel=1e-12)
 
 

@@ -100,8 +100,9 @@ def pack(comfyui_dir, tmp_path_factory):
     import folder_paths
 
     models = make_models_dir(tmp_path_factory.mktemp("models"))
-    spec = importlib.util.spec_from_file_location("unialign_pack_tiers", REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
+    spec = importlib.util.spec_from_file_location(
+        "unialign_pack_tiers", REPO / "__init__.py", submodule_search_locations=[str(REPO)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -146,8 +147,7 @@ def test_nodes_give_todays_output_when_everything_fits(pack):
     core = text_to_image(plain, PROMPT, width=SIDE, height=SIDE, steps=3, guidance=3.0, seed=1).images
     assert torch.equal(image, core.movedim(1, -1))
     comfy_ops = sys.modules["comfy.ops"]
-    assert all(isinstance(m, comfy_ops.disable_weight_init.Linear)
-               for m in _linears(handle.model.transformer).values())
+    assert all(isinstance(m, comfy_ops.disable_weight_init.Linear) for m in _linears(handle.model.transformer).values())
 
 
 def test_partial_load_streams_part_of_the_weights_and_computes_the_same(pack, monkeypatch):
@@ -186,8 +186,10 @@ def test_partial_load_applies_a_lora_per_call(pack):
     services = _services(pack)
     mm = pack[1]
     if not callable(mm.load_models_gpu) or "force_full_load" not in mm.load_models_gpu.__code__.co_varnames:
-        pytest.skip("the March 2024 ComfyUI casts a streamed weight without a copy when the load and offload "
-                    "devices are the same (CPU) and then adds the LoRA to it in place; on a GPU the cast copies")
+        pytest.skip(
+            "the March 2024 ComfyUI casts a streamed weight without a copy when the load and offload "
+            "devices are the same (CPU) and then adds the LoRA to it in place; on a GPU the cast copies"
+        )
     lora_node = pack[0].NODE_CLASS_MAPPINGS["UniAlignLoRA"]()
     handle = lora_node.apply(_handle(pack), TINY_LORA, 1.0)[0]
     handle.activate()
@@ -196,8 +198,8 @@ def test_partial_load_applies_a_lora_per_call(pack):
     base = {k: v.clone() for k, v in handle.model.transformer.state_dict().items()}
     _partial_load(handle.patcher, handle.patcher.model_size() // 2)
     services.place_unmanaged(handle.patcher)
-    patched = {k[len("transformer."):] for k in handle.patcher.patches}
-    streamed = {n[len("transformer."):] + ".weight" for n in services.streamed_layers(handle.patcher)}
+    patched = {k[len("transformer.") :] for k in handle.patcher.patches}
+    streamed = {n[len("transformer.") :] + ".weight" for n in services.streamed_layers(handle.patcher)}
     assert patched & streamed  # some LoRA layers are streamed: their patch is applied as they are cast
     assert all(torch.equal(handle.model.transformer.state_dict()[k], base[k]) for k in patched & streamed)
     torch.testing.assert_close(_velocity(handle.model, text=True), v_full, rtol=1e-4, atol=1e-5)
@@ -241,7 +243,7 @@ def test_image_mode_leaves_t5_unloadable_and_understanding_keeps_it(pack, monkey
 
 @pytest.mark.parametrize("name", ["fp8_e4m3fn", "fp8_e5m2"])
 def test_loader_fp8_weights_stay_fp8_through_comfyui(pack, name):
-    stored = getattr(torch, "float8_" + name[len("fp8_"):])
+    stored = getattr(torch, "float8_" + name[len("fp8_") :])
     comfy_ops = sys.modules["comfy.ops"]
     handle = _handle(pack, "bf16", name)
     blocks = _linears(handle.model.transformer, FP8_SCOPE)

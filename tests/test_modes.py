@@ -202,7 +202,9 @@ def test_understanding_default_reads_at_the_trained_size(model, monkeypatch):
     assert modes.trained_side(model) == 32
     sizes = []
     real = modes._source_latents
-    monkeypatch.setattr(modes, "_source_latents", lambda m, px, *a: sizes.append(tuple(px.shape[-2:])) or real(m, px, *a))
+    monkeypatch.setattr(
+        modes, "_source_latents", lambda m, px, *a: sizes.append(tuple(px.shape[-2:])) or real(m, px, *a)
+    )
     caption(model, image(16, 16), answer_tokens=8, steps=1)
     answer(model, image(16, 16), "what colour?", answer_tokens=16, steps=1)
     caption(model, image(24, 40), answer_tokens=8, steps=1, resize="crop")
@@ -252,7 +254,9 @@ def test_cancel_reaches_the_vae_encode_and_decode(model):
         done["sampled"] = step == total
 
     with pytest.raises(Cancelled, match="VAE"):  # sampling finishes; Cancel is pressed during the decode
-        text_to_image(model, "a cube", width=16, height=16, callback=callback, cancel=lambda: done.get("sampled", False), **FAST)
+        text_to_image(
+            model, "a cube", width=16, height=16, callback=callback, cancel=lambda: done.get("sampled", False), **FAST
+        )
     assert steps == [1, 2]
     hooked = [m for m in model.vae.modules() if m._forward_pre_hooks]
     assert hooked == [], "the cancel hooks stay on the VAE"
@@ -270,6 +274,8 @@ def test_prompt_overflow_names_what_is_cut(model):
     cut = prompt_overflow(model, "a red cube on a wooden table next to a blue ball", 8)
     ids = model.tokenizer("a red cube on a wooden table next to a blue ball")["input_ids"]
     assert len(ids) > 8 and cut and cut.endswith("blue ball")
-    assert model.tokenizer.decode(ids[:7], skip_special_tokens=True).strip() + " " + cut == \
-        "a red cube on a wooden table next to a blue ball"
+    assert (
+        model.tokenizer.decode(ids[:7], skip_special_tokens=True).strip() + " " + cut
+        == "a red cube on a wooden table next to a blue ball"
+    )
     assert prompt_overflow(model, "word " * 300) is not None  # the model's own limit (256 tokens)

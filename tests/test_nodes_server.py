@@ -43,26 +43,66 @@ import make_api  # noqa: E402
 
 pytestmark = pytest.mark.slow  # one real ComfyUI server for the whole file
 
-NODE_IDS = ["UniAlignLoader", "UniAlignLoRA", "UniAlignTextToImage", "UniAlignEdit", "UniAlignPerceive",
-            "UniAlignCompose", "UniAlignUnderstand"]
+NODE_IDS = [
+    "UniAlignLoader",
+    "UniAlignLoRA",
+    "UniAlignTextToImage",
+    "UniAlignEdit",
+    "UniAlignPerceive",
+    "UniAlignCompose",
+    "UniAlignUnderstand",
+]
 SAMPLING = {"model": "UNIALIGN_MODEL", "steps": "INT", "guidance": "FLOAT", "seed": "INT"}
 EXPECTED = {
-    "UniAlignLoader": ({"model": "COMBO", "text_encoder": "COMBO", "vae": "COMBO", "dtype": "COMBO",
-                        "weight_dtype": "COMBO"},
-                       ["UNIALIGN_MODEL"]),
+    "UniAlignLoader": (
+        {"model": "COMBO", "text_encoder": "COMBO", "vae": "COMBO", "dtype": "COMBO", "weight_dtype": "COMBO"},
+        ["UNIALIGN_MODEL"],
+    ),
     "UniAlignLoRA": ({"model": "UNIALIGN_MODEL", "lora_name": "COMBO", "strength": "FLOAT"}, ["UNIALIGN_MODEL"]),
-    "UniAlignTextToImage": (dict(SAMPLING, prompt="STRING", negative_prompt="STRING", width="INT", height="INT",
-                                 batch_size="INT"), ["IMAGE", "LATENT"]),
-    "UniAlignEdit": (dict(SAMPLING, image="IMAGE", instruction="STRING", negative_prompt="STRING",
-                          image_guidance="FLOAT", batch_size="INT"), ["IMAGE", "LATENT"]),
+    "UniAlignTextToImage": (
+        dict(SAMPLING, prompt="STRING", negative_prompt="STRING", width="INT", height="INT", batch_size="INT"),
+        ["IMAGE", "LATENT"],
+    ),
+    "UniAlignEdit": (
+        dict(
+            SAMPLING,
+            image="IMAGE",
+            instruction="STRING",
+            negative_prompt="STRING",
+            image_guidance="FLOAT",
+            batch_size="INT",
+        ),
+        ["IMAGE", "LATENT"],
+    ),
     "UniAlignPerceive": (dict(SAMPLING, image="IMAGE", task="COMBO", instruction="STRING"), ["IMAGE", "LATENT"]),
-    "UniAlignCompose": (dict(SAMPLING, reference_1="IMAGE", reference_2="IMAGE", reference_3="IMAGE",
-                             prompt="STRING", negative_prompt="STRING", width="INT", height="INT",
-                             batch_size="INT"), ["IMAGE", "LATENT"]),
-    "UniAlignUnderstand": ({"model": "UNIALIGN_MODEL", "image": "IMAGE", "question": "STRING", "sampler": "COMBO",
-                            "length": "INT", "steps": "INT", "sampler_seed": "INT", "short_answer": "BOOLEAN",
-                            "resize": "COMBO"},
-                           ["STRING"]),
+    "UniAlignCompose": (
+        dict(
+            SAMPLING,
+            reference_1="IMAGE",
+            reference_2="IMAGE",
+            reference_3="IMAGE",
+            prompt="STRING",
+            negative_prompt="STRING",
+            width="INT",
+            height="INT",
+            batch_size="INT",
+        ),
+        ["IMAGE", "LATENT"],
+    ),
+    "UniAlignUnderstand": (
+        {
+            "model": "UNIALIGN_MODEL",
+            "image": "IMAGE",
+            "question": "STRING",
+            "sampler": "COMBO",
+            "length": "INT",
+            "steps": "INT",
+            "sampler_seed": "INT",
+            "short_answer": "BOOLEAN",
+            "resize": "COMBO",
+        },
+        ["STRING"],
+    ),
 }
 _ids = itertools.count(1)
 
@@ -89,20 +129,49 @@ def fresh(api):
     return renumber(api, f"r{next(_ids)}_")
 
 
-def t2i_prompt(prompt="a red cube on a table", model=TINY_MODEL, steps=4, width=SIDE, height=SIDE, dtype="auto",
-               lora=None, batch_size=1, weight_dtype="default"):
+def t2i_prompt(
+    prompt="a red cube on a table",
+    model=TINY_MODEL,
+    steps=4,
+    width=SIDE,
+    height=SIDE,
+    dtype="auto",
+    lora=None,
+    batch_size=1,
+    weight_dtype="default",
+):
     api = {
-        "1": {"class_type": "UniAlignLoader", "inputs": {"model": model, "text_encoder": "(from model)",
-                                                         "vae": "(from model)", "dtype": dtype,
-                                                         "weight_dtype": weight_dtype}},
-        "2": {"class_type": "UniAlignTextToImage", "inputs": {
-            "model": ["1", 0], "prompt": prompt, "negative_prompt": "", "width": width, "height": height,
-            "steps": steps, "guidance": 5.0, "seed": 7, "batch_size": batch_size}},
+        "1": {
+            "class_type": "UniAlignLoader",
+            "inputs": {
+                "model": model,
+                "text_encoder": "(from model)",
+                "vae": "(from model)",
+                "dtype": dtype,
+                "weight_dtype": weight_dtype,
+            },
+        },
+        "2": {
+            "class_type": "UniAlignTextToImage",
+            "inputs": {
+                "model": ["1", 0],
+                "prompt": prompt,
+                "negative_prompt": "",
+                "width": width,
+                "height": height,
+                "steps": steps,
+                "guidance": 5.0,
+                "seed": 7,
+                "batch_size": batch_size,
+            },
+        },
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "t2i"}},
     }
     if lora is not None:
-        api["4"] = {"class_type": "UniAlignLoRA", "inputs": {"model": ["1", 0], "lora_name": TINY_LORA,
-                                                             "strength": lora}}
+        api["4"] = {
+            "class_type": "UniAlignLoRA",
+            "inputs": {"model": ["1", 0], "lora_name": TINY_LORA, "strength": lora},
+        }
         api["2"]["inputs"]["model"] = ["4", 0]
     return fresh(api)
 
@@ -212,9 +281,19 @@ def test_batched_images_give_one_text_each(server):
     api = t2i_prompt(batch_size=3)
     sampler = next(k for k, n in api.items() if n["class_type"] == "UniAlignTextToImage")
     loader = api[sampler]["inputs"]["model"][0]
-    api["u"] = {"class_type": "UniAlignUnderstand", "inputs": {
-        "model": [loader, 0], "image": [sampler, 0], "sampler": "ddpm_cache", "length": 24, "steps": 6,
-        "sampler_seed": 0, "question": "What is this?", "short_answer": True}}
+    api["u"] = {
+        "class_type": "UniAlignUnderstand",
+        "inputs": {
+            "model": [loader, 0],
+            "image": [sampler, 0],
+            "sampler": "ddpm_cache",
+            "length": 24,
+            "steps": 6,
+            "sampler_seed": 0,
+            "question": "What is this?",
+            "short_answer": True,
+        },
+    }
     entry = run(server, api)
     assert len(entry["outputs"]["u"]["text"]) == 3
     assert len(output_files(server, entry, save_image_nodes(api)[0])) == 3
@@ -269,8 +348,9 @@ def test_latent_output_is_sd3_format(server):
     files = sorted((server.base_dir / "output").glob("latent_*.latent"))
     assert files, entry["outputs"]
     samples = load_file(str(files[-1]))["latent_tensor"]
-    expected = text_to_image(golden_model(), "latent test: a red cube", width=SIDE, height=SIDE, steps=4,
-                             guidance=5.0, seed=7).latents
+    expected = text_to_image(
+        golden_model(), "latent test: a red cube", width=SIDE, height=SIDE, steps=4, guidance=5.0, seed=7
+    ).latents
     assert samples.shape == (1, 16, SIDE // 2, SIDE // 2)
     torch.testing.assert_close((samples - 0.0609) * 1.5305, expected, atol=1e-4, rtol=1e-4)
 
@@ -347,7 +427,7 @@ def bad_missing_model(server):
     with pytest.raises(PromptError) as excinfo:
         server.queue_prompt(t2i_prompt(model="no_such_model.safetensors"))
     assert excinfo.value.status == 400
-    (node_id, errors), = excinfo.value.body["node_errors"].items()
+    ((node_id, errors),) = excinfo.value.body["node_errors"].items()
     assert errors["class_type"] == "UniAlignLoader"
     text = json.dumps(errors["errors"])
     assert "model" in text and "no_such_model.safetensors" in text and "models/unialignment" in text
@@ -378,7 +458,10 @@ def bad_image_size(server):
 def bad_width(server):
     error = error_of(server.wait(server.queue_prompt(t2i_prompt(width=30))))
     assert error["node_type"] == "UniAlignTextToImage"
-    assert error["exception_message"].startswith("width: ") and f"multiple of {TINY_MULTIPLE}" in error["exception_message"]
+    assert (
+        error["exception_message"].startswith("width: ")
+        and f"multiple of {TINY_MULTIPLE}" in error["exception_message"]
+    )
     return error["exception_message"]
 
 
@@ -451,9 +534,21 @@ def bad_interrupt(server):
     return f"interrupted after {elapsed:.1f} s"
 
 
-@pytest.mark.parametrize("case", [bad_missing_model, bad_wrong_architecture, bad_image_size, bad_width,
-                                  bad_empty_prompt, bad_pickle_by_name, bad_oversized_source,
-                                  bad_width_past_the_model, bad_interrupt], ids=lambda f: f.__name__[4:])
+@pytest.mark.parametrize(
+    "case",
+    [
+        bad_missing_model,
+        bad_wrong_architecture,
+        bad_image_size,
+        bad_width,
+        bad_empty_prompt,
+        bad_pickle_by_name,
+        bad_oversized_source,
+        bad_width_past_the_model,
+        bad_interrupt,
+    ],
+    ids=lambda f: f.__name__[4:],
+)
 def test_bad_input_then_same_good_output(server, baseline, case):
     print(f"\n{case.__name__}: {case(server)}")
     np.testing.assert_array_equal(good_run(server), baseline)

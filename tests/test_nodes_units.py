@@ -172,8 +172,10 @@ def test_only_workflows_at_the_top_of_workflows_with_a_thumbnail_each():
             assert im.format == "JPEG" and im.width >= 256 and im.height >= 192
 
 
-@pytest.mark.parametrize("name", ["perception", "understanding", "edit_caption_loop", "edit", "text_to_image",
-                                  "personalisation", "multi_edit"])
+@pytest.mark.parametrize(
+    "name",
+    ["perception", "understanding", "edit_caption_loop", "edit", "text_to_image", "personalisation", "multi_edit"],
+)
 def test_stacked_nodes_leave_room_for_the_title_and_badge(name):
     """A node's title bar (30 px) and badge sit above its pos: the node above must end 50 px higher."""
     nodes = json.loads((WORKFLOWS / f"{name}.json").read_text())["nodes"]
@@ -236,7 +238,11 @@ def test_edit_caption_loop_feeds_the_caption_into_a_new_generation():
     by_class = {}
     for node_id, node in api.items():
         by_class.setdefault(node["class_type"], []).append(node_id)
-    (edit,), (understand,), (generate,) = by_class["UniAlignEdit"], by_class["UniAlignUnderstand"], by_class["UniAlignTextToImage"]
+    (edit,), (understand,), (generate,) = (
+        by_class["UniAlignEdit"],
+        by_class["UniAlignUnderstand"],
+        by_class["UniAlignTextToImage"],
+    )
     assert api[understand]["inputs"]["image"] == [edit, 0]
     assert api[generate]["inputs"]["prompt"] == [understand, 0]
     saved = {api[s]["inputs"]["images"][0] for s in by_class["SaveImage"]}
@@ -256,8 +262,10 @@ def test_ui_to_api_reports_a_broken_workflow():
 
 def test_pack_never_installs_or_downloads():
     sources = [REPO / "__init__.py", *sorted((REPO / "nodes").glob("*.py"))]
-    forbidden = re.compile(r"\b(import pip|pip install|subprocess|urllib|requests|hf_hub_download|"
-                           r"snapshot_download|os\.system)\b")
+    forbidden = re.compile(
+        r"\b(import pip|pip install|subprocess|urllib|requests|hf_hub_download|"
+        r"snapshot_download|os\.system)\b"
+    )
     for path in sources:
         match = forbidden.search(path.read_text())
         assert match is None, f"{path.name}: {match.group(0)}"

@@ -35,7 +35,9 @@ def test_upstream_folder_layout(written):
     spec, paths = written
     folder = paths["folder"]
     index = json.load(open(f"{folder}/transformer/diffusion_pytorch_model.safetensors.index.json"))
-    assert len(paths["transformer_shards"]) >= 2 and len(set(index["weight_map"].values())) == len(paths["transformer_shards"])
+    assert len(paths["transformer_shards"]) >= 2 and len(set(index["weight_map"].values())) == len(
+        paths["transformer_shards"]
+    )
     found = {}
     for shard in paths["transformer_shards"]:
         found.update(_keys(shard))
@@ -86,8 +88,9 @@ def test_streaming_writer_refuses_the_wrong_order_and_leaves_no_file(tmp_path):
         with StreamingSafetensorsWriter(str(path), [("a", torch.float32, (2,)), ("b", torch.float16, (3,))]) as w:
             w.write("b", torch.zeros(3, dtype=torch.float16))
     assert not path.exists() and not list(tmp_path.iterdir())
-    with StreamingSafetensorsWriter(str(path), [("a", torch.float32, (2,)), ("b", torch.bfloat16, (1, 3))],
-                                    {"k": "v"}) as w:
+    with StreamingSafetensorsWriter(
+        str(path), [("a", torch.float32, (2,)), ("b", torch.bfloat16, (1, 3))], {"k": "v"}
+    ) as w:
         w.write("a", torch.tensor([1.0, 2.0]))
         w.write("b", torch.ones(1, 3, dtype=torch.bfloat16))
     with safe_open(str(path), "pt") as f:

@@ -32,8 +32,21 @@ def env():
 
 
 def args_for(out, name, *extra):
-    return ["--bench", str(DATA), "--model", str(GOLDEN), "--out", str(out), "--name", name, "--rows", "0-2",
-            "--no-progress", *FAST, *extra]
+    return [
+        "--bench",
+        str(DATA),
+        "--model",
+        str(GOLDEN),
+        "--out",
+        str(out),
+        "--name",
+        name,
+        "--rows",
+        "0-2",
+        "--no-progress",
+        *FAST,
+        *extra,
+    ]
 
 
 def expected_files():
@@ -81,10 +94,12 @@ def test_official_layout_and_names(clean_run):
                 want = np.asarray(im.convert("RGB").resize((32, 32)))
             np.testing.assert_array_equal(pixels(clean_run / f"fullset/{task}/{key}_SRCIMG.png"), want)
     # different prompts give different images; the edits differ from their source
-    assert not np.array_equal(pixels(clean_run / "fullset/t2i_long/0.png"),
-                              pixels(clean_run / "fullset/t2i_long/1.png"))
-    assert not np.array_equal(pixels(clean_run / "fullset/edit_complex/0.png"),
-                              pixels(clean_run / "fullset/edit_complex/0_SRCIMG.png"))
+    assert not np.array_equal(
+        pixels(clean_run / "fullset/t2i_long/0.png"), pixels(clean_run / "fullset/t2i_long/1.png")
+    )
+    assert not np.array_equal(
+        pixels(clean_run / "fullset/edit_complex/0.png"), pixels(clean_run / "fullset/edit_complex/0_SRCIMG.png")
+    )
     m = meta(clean_run)
     assert m["settings"]["steps"] == 2 and m["settings"]["size"] == 32 and m["settings"]["seed"] == 0
     assert m["settings"]["multi_edit"] == "single" and m["settings"]["keep_aspect"] is False
@@ -137,8 +152,14 @@ sys.exit(s.main(sys.argv[1:]))
 @pytest.mark.slow
 def test_killed_run_resumes_with_valid_pngs_only(tmp_path, clean_run):
     # file 10 is row 1's edit_multi result (its _SRCIMG, file 9, is already written)
-    proc = subprocess.run([sys.executable, "-c", KILLER, *args_for(tmp_path, "k")], cwd=REPO,
-                          env=dict(env(), KILL_AT="10"), capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, *args_for(tmp_path, "k")],
+        cwd=REPO,
+        env=dict(env(), KILL_AT="10"),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     run_dir = tmp_path / "k"
     pngs = [p for p in run_dir.rglob("*.png")]
@@ -158,10 +179,27 @@ def test_killed_run_resumes_with_valid_pngs_only(tmp_path, clean_run):
 
 @pytest.mark.slow
 def test_two_gloo_processes_write_each_file_once(tmp_path, clean_run):
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                           str(REPO / "train/configs/accelerate/ddp.yaml"), "--num_processes", "2",
-                           "--main_process_port", "29533", "-m", "train.semgen", *args_for(tmp_path, "ddp")],
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / "train/configs/accelerate/ddp.yaml"),
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            "29533",
+            "-m",
+            "train.semgen",
+            *args_for(tmp_path, "ddp"),
+        ],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dir = tmp_path / "ddp"
     assert tree(run_dir) == expected_files()
@@ -220,20 +258,29 @@ def test_published_settings_by_default(tmp_path, fake_modes):
                 want = np.asarray(im.resize((512, 512)))  # what the official script feeds
             np.testing.assert_array_equal(src, want)
             np.testing.assert_array_equal((c["input"][0].permute(1, 2, 0) * 255).round().byte().numpy(), src)
-    assert semgen.NEGATIVE_PROMPT == ("low quality, blurry, low resolution, backlit, cartoon, animated, deformed, "
-                                      "oversaturated, undersaturated, out of frame")
+    assert semgen.NEGATIVE_PROMPT == (
+        "low quality, blurry, low resolution, backlit, cartoon, animated, deformed, "
+        "oversaturated, undersaturated, out of frame"
+    )
     assert meta(tmp_path / "pub")["settings"]["published_protocol"] is True
 
 
 def test_multi_edit_chain_and_keep_aspect(tmp_path, fake_modes):
-    assert semgen.main(published_args(tmp_path, "chain", "--rows", "0", "--tasks", "edit_multi",
-                                      "--multi-edit", "chain", "--keep-aspect")) == 0
+    assert (
+        semgen.main(
+            published_args(
+                tmp_path, "chain", "--rows", "0", "--tasks", "edit_multi", "--multi-edit", "chain", "--keep-aspect"
+            )
+        )
+        == 0
+    )
     run_dir = tmp_path / "chain"
     text = semgen.read_bench(DATA)[0].texts["edit_multi"]
     assert [c["text"] for c in fake_modes] == [
         "Change the green light's color to yellow for better visibility.",
         "Make the street sign text bold and larger for easier reading.",
-        "Add a reflective texture to the traffic light casing."]
+        "Add a reflective texture to the traffic light casing.",
+    ]
     assert "".join(c["text"] for c in fake_modes) == text
     for before, after in zip(fake_modes, fake_modes[1:]):  # each edit starts from the previous result
         assert torch.equal(after["input"], before["output"])
@@ -249,8 +296,14 @@ def test_multi_edit_chain_and_keep_aspect(tmp_path, fake_modes):
     assert s["multi_edit"] == "chain" and s["keep_aspect"] is True and s["published_protocol"] is False
     # a rerun finds the chain complete (steps included) and makes nothing
     fake_modes.clear()
-    assert semgen.main(published_args(tmp_path, "chain", "--rows", "0", "--tasks", "edit_multi",
-                                      "--multi-edit", "chain", "--keep-aspect")) == 0
+    assert (
+        semgen.main(
+            published_args(
+                tmp_path, "chain", "--rows", "0", "--tasks", "edit_multi", "--multi-edit", "chain", "--keep-aspect"
+            )
+        )
+        == 0
+    )
     assert fake_modes == []
 
 
@@ -263,8 +316,11 @@ def test_splitter_on_all_150_rows():
         assert len(pieces) == 3, (row.key, pieces)
         assert all(p.strip() for p in pieces) and "".join(pieces) == text
         assert all(p.strip()[0].isupper() and p.strip()[-1] in ".!?" for p in pieces), pieces
-    assert semgen.split_instructions('Say "hi." Then add a dog!Make it red.') == ['Say "hi." ', "Then add a dog!",
-                                                                                 "Make it red."]
+    assert semgen.split_instructions('Say "hi." Then add a dog!Make it red.') == [
+        'Say "hi." ',
+        "Then add a dog!",
+        "Make it red.",
+    ]
     assert semgen.split_instructions("make it 3.5 times larger") == ["make it 3.5 times larger"]
 
 
@@ -282,8 +338,9 @@ def write_scores(folder: Path, name: str, task: str, pairs):
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / f"{name}_{task}_score.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["data_type", "source_image", "generated_image", "instruction", "sementics_score",
-                         "quality_score"])
+        writer.writerow(
+            ["data_type", "source_image", "generated_image", "instruction", "sementics_score", "quality_score"]
+        )
         for i, (s, q) in enumerate(pairs):
             src = "" if task.startswith("t2i") else f"x/fullset/{task}/{i}_SRCIMG.png"
             writer.writerow([task, src, f"x/fullset/{task}/{i}.png", "an instruction, with a comma", s, q])
@@ -299,8 +356,12 @@ def test_summarize_hand_computed(tmp_path, capsys):
     assert semgen.main(["--summarize", str(method)]) == 0
     out = capsys.readouterr().out
     result = json.loads((method / "semgen_summary.json").read_text())
-    want = {"t2i_long": (2, 2.5, 5.0, 3.5), "t2i_complex": (3, 10 / 3, 7.0, 4.0), "edit_multi": (1, 9.0, 4.0, 6.0),
-            "edit_complex": (2, 7.5, 7.5, 7.5)}
+    want = {
+        "t2i_long": (2, 2.5, 5.0, 3.5),
+        "t2i_complex": (3, 10 / 3, 7.0, 4.0),
+        "edit_multi": (1, 9.0, 4.0, 6.0),
+        "edit_complex": (2, 7.5, 7.5, 7.5),
+    }
     for task, (n, sem, qual, overall) in want.items():
         t = result["tasks"][task]
         assert t["n"] == n

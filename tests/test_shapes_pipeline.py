@@ -68,8 +68,13 @@ def test_start_folder_loads_as_an_upstream_checkpoint(tmp_path):
 @pytest.mark.slow  # minutes: the whole quick job in a subprocess
 def test_quick_main_job_learns_every_mode(tmp_path):
     out = tmp_path / "shapes"
-    proc = subprocess.run([sys.executable, "-m", "train.shapes", "--quick", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.shapes", "--quick", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     report = json.loads((out / "report.json").read_text())
     assert proc.returncode == 0, (report["figures"], proc.stderr[-3000:])
     for key, floor in QUICK_FLOORS.items():

@@ -1,4 +1,5 @@
 """Shapes world: determinism, held-out split, pixel evaluator accuracy, texts, edits and dataset files."""
+
 import json
 import os
 import re
@@ -137,8 +138,9 @@ def test_evaluator_accepts_tensors_and_arrays():
     assert ev.read_scene(arr.astype(np.float32)) == ev.read_scene(tensor[0].permute(1, 2, 0)) == s
 
 
-@pytest.mark.parametrize("kind,key", [("recolour", "colour"), ("reshape", "shape"), ("move", "position"),
-                                      ("background", "background")])
+@pytest.mark.parametrize(
+    "kind,key", [("recolour", "colour"), ("reshape", "shape"), ("move", "position"), ("background", "background")]
+)
 def test_evaluator_rejects_wrong_image(kind, key):
     rng = np.random.default_rng(21)
     for s in scenes(25, seed=20):

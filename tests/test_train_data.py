@@ -44,19 +44,46 @@ def truncated_png(path, size=(40, 24)):
 def test_both_formats_parse_to_same_records(tmp_path):
     for name in ("a", "src", "tgt", "r1", "r2", "out"):
         png(tmp_path / f"{name}.png")
-    up = write_jsonl(tmp_path / "up.jsonl", [
-        {"image": ["a.png"], "conversations": [{"from": "human", "value": "a red cat"}, {"from": "gpt", "value": "<image>"}]},
-        {"image": ["src.png", "tgt.png"], "instruction": "make it blue",
-         "conversations": [{"from": "human", "value": "a blue cat"}, {"from": "gpt", "value": "<image>"}]},
-        {"original_images": ["r1.png", "r2.png"], "generated_images": ["out.png"], "edit_prompt": ' \\"put them together\\" ',
-         "caption": "two things"},
-    ])
-    native = write_jsonl(tmp_path / "native.jsonl", [
-        {"task": "t2i", "prompt": "a red cat", "target": "a.png", "meta": {"x": 1}},
-        {"task": "edit", "instruction": "make it blue", "sources": ["src.png"], "target": "tgt.png", "caption": "a blue cat"},
-        {"task": "compose", "prompt": "put them together", "sources": ["r1.png", "r2.png"], "target": "out.png",
-         "caption": "two things"},
-    ])
+    up = write_jsonl(
+        tmp_path / "up.jsonl",
+        [
+            {
+                "image": ["a.png"],
+                "conversations": [{"from": "human", "value": "a red cat"}, {"from": "gpt", "value": "<image>"}],
+            },
+            {
+                "image": ["src.png", "tgt.png"],
+                "instruction": "make it blue",
+                "conversations": [{"from": "human", "value": "a blue cat"}, {"from": "gpt", "value": "<image>"}],
+            },
+            {
+                "original_images": ["r1.png", "r2.png"],
+                "generated_images": ["out.png"],
+                "edit_prompt": ' \\"put them together\\" ',
+                "caption": "two things",
+            },
+        ],
+    )
+    native = write_jsonl(
+        tmp_path / "native.jsonl",
+        [
+            {"task": "t2i", "prompt": "a red cat", "target": "a.png", "meta": {"x": 1}},
+            {
+                "task": "edit",
+                "instruction": "make it blue",
+                "sources": ["src.png"],
+                "target": "tgt.png",
+                "caption": "a blue cat",
+            },
+            {
+                "task": "compose",
+                "prompt": "put them together",
+                "sources": ["r1.png", "r2.png"],
+                "target": "out.png",
+                "caption": "two things",
+            },
+        ],
+    )
     skips = D.SkipLog()
     a, b = D.read_jsonl(up, skips), D.read_jsonl(native, skips)
     assert skips.total == 0
@@ -73,11 +100,14 @@ def test_native_tasks_and_paths(tmp_path):
     (tmp_path / "img").mkdir()
     png(tmp_path / "img" / "x.png")
     absolute = png(tmp_path / "abs.png")
-    f = write_jsonl(tmp_path / "n.jsonl", [
-        {"task": "caption", "sources": ["img/x.png"], "caption": "a photo"},
-        {"task": "vqa", "prompt": "what colour?", "sources": [absolute], "caption": "red"},
-        {"task": "perception", "instruction": "depth map", "sources": ["img/x.png"], "target": absolute},
-    ])
+    f = write_jsonl(
+        tmp_path / "n.jsonl",
+        [
+            {"task": "caption", "sources": ["img/x.png"], "caption": "a photo"},
+            {"task": "vqa", "prompt": "what colour?", "sources": [absolute], "caption": "red"},
+            {"task": "perception", "instruction": "depth map", "sources": ["img/x.png"], "target": absolute},
+        ],
+    )
     recs, skips = D.load_records([f])
     assert skips.total == 0
     assert [r.task for r in recs] == ["caption", "vqa", "perception"]
@@ -89,34 +119,48 @@ def test_bad_records_are_skipped_counted_and_logged(tmp_path, caplog):
     png(tmp_path / "ok.png")
     png(tmp_path / "s.png")
     rows = [
-        {"task": "t2i", "prompt": "fine", "target": "ok.png"},                           # 1 ok
-        "{not json",                                                                        # 2 bad_json
-        {"task": "t2i", "prompt": "   ", "target": "ok.png"},                             # 3 empty_text
-        {"task": "edit", "instruction": "x", "sources": ["s.png"]},                         # 4 bad_field (no target)
-        {"task": "t2i", "prompt": 5, "target": "ok.png"},                                 # 5 bad_field (type)
-        {"task": "dance", "prompt": "x", "target": "ok.png"},                             # 6 unknown_task
-        {"task": "compose", "prompt": "x", "sources": [], "target": "ok.png"},            # 7 bad_source_count
-        {"task": "compose", "prompt": "x", "sources": ["s.png"] * 4, "target": "ok.png"}, # 8 bad_source_count
-        {"task": "t2i", "prompt": "x", "target": "nope.png"},                             # 9 missing_image
-        "[1, 2]",                                                                           # 10 bad_field (not object)
-        {"image": ["ok.png"]},                                                              # 11 bad_field (no caption)
-        {"image": ["s.png", "ok.png"], "instruction": ""},                                 # 12 empty_text
-        {"hello": 1},                                                                       # 13 bad_field
-        "",                                                                                 # 14 blank: ignored
-        {"task": "vqa", "prompt": "q?", "sources": ["s.png"]},                             # 15 bad_field (no answer)
+        {"task": "t2i", "prompt": "fine", "target": "ok.png"},  # 1 ok
+        "{not json",  # 2 bad_json
+        {"task": "t2i", "prompt": "   ", "target": "ok.png"},  # 3 empty_text
+        {"task": "edit", "instruction": "x", "sources": ["s.png"]},  # 4 bad_field (no target)
+        {"task": "t2i", "prompt": 5, "target": "ok.png"},  # 5 bad_field (type)
+        {"task": "dance", "prompt": "x", "target": "ok.png"},  # 6 unknown_task
+        {"task": "compose", "prompt": "x", "sources": [], "target": "ok.png"},  # 7 bad_source_count
+        {"task": "compose", "prompt": "x", "sources": ["s.png"] * 4, "target": "ok.png"},  # 8 bad_source_count
+        {"task": "t2i", "prompt": "x", "target": "nope.png"},  # 9 missing_image
+        "[1, 2]",  # 10 bad_field (not object)
+        {"image": ["ok.png"]},  # 11 bad_field (no caption)
+        {"image": ["s.png", "ok.png"], "instruction": ""},  # 12 empty_text
+        {"hello": 1},  # 13 bad_field
+        "",  # 14 blank: ignored
+        {"task": "vqa", "prompt": "q?", "sources": ["s.png"]},  # 15 bad_field (no answer)
     ]
     f = write_jsonl(tmp_path / "bad.jsonl", rows)
     with open(f, "ab") as fh:
-        fh.write(b"\xff\xfe bad utf8\n")                                                     # 16 bad_json
+        fh.write(b"\xff\xfe bad utf8\n")  # 16 bad_json
     with caplog.at_level(logging.INFO, logger="train.data"):
         recs, skips = D.load_records([f])
     assert len(recs) == 1
-    assert skips.summary() == {"bad_json": 2, "bad_field": 6, "empty_text": 2, "unknown_task": 1,
-                               "bad_source_count": 2, "missing_image": 1}
+    assert skips.summary() == {
+        "bad_json": 2,
+        "bad_field": 6,
+        "empty_text": 2,
+        "unknown_task": 1,
+        "bad_source_count": 2,
+        "missing_image": 1,
+    }
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == skips.total
-    for line, reason in [(2, "bad_json"), (3, "empty_text"), (4, "bad_field"), (6, "unknown_task"),
-                         (7, "bad_source_count"), (8, "bad_source_count"), (9, "missing_image"), (16, "bad_json")]:
+    for line, reason in [
+        (2, "bad_json"),
+        (3, "empty_text"),
+        (4, "bad_field"),
+        (6, "unknown_task"),
+        (7, "bad_source_count"),
+        (8, "bad_source_count"),
+        (9, "missing_image"),
+        (16, "bad_json"),
+    ]:
         assert any(f"{f}:{line}: {reason}" in w for w in warnings), (line, reason)
     summaries = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "skipped 14" in r.getMessage()]
     assert len(summaries) == 1
@@ -127,13 +171,16 @@ def test_corrupt_images_skipped_at_load_without_raising(tmp_path, caplog):
         png(tmp_path / f"g{i}.png", color=(i * 80, 0, 0))
     (tmp_path / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"junk" * 10)
     truncated_png(tmp_path / "trunc.png")
-    f = write_jsonl(tmp_path / "c.jsonl", [
-        {"task": "t2i", "prompt": "p0", "target": "g0.png"},
-        {"task": "t2i", "prompt": "bad1", "target": "garbage.png"},
-        {"task": "t2i", "prompt": "bad2", "target": "trunc.png"},
-        {"task": "t2i", "prompt": "p1", "target": "g1.png"},
-        {"task": "t2i", "prompt": "p2", "target": "g2.png"},
-    ])
+    f = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"task": "t2i", "prompt": "p0", "target": "g0.png"},
+            {"task": "t2i", "prompt": "bad1", "target": "garbage.png"},
+            {"task": "t2i", "prompt": "bad2", "target": "trunc.png"},
+            {"task": "t2i", "prompt": "p1", "target": "g1.png"},
+            {"task": "t2i", "prompt": "p2", "target": "g2.png"},
+        ],
+    )
     recs, skips = D.load_records([f])
     assert len(recs) == 5  # corrupt pixels are not looked at when indexing
     ds = D.UniDataset(recs, buckets=[(32, 32)], t2i_as_caption=False, skips=skips)
@@ -171,7 +218,7 @@ def test_buckets_multiple_of_16_and_aspect():
         for w, h in buckets:
             assert w % 16 == 0 and h % 16 == 0
             assert max(w, h) / min(w, h) <= 2.0
-            assert abs(w * h / res ** 2 - 1) < 0.1
+            assert abs(w * h / res**2 - 1) < 0.1
             assert (h, w) in buckets
     buckets = D.make_buckets(512)
     assert D.pick_bucket(1000, 500, buckets) == max(buckets, key=lambda b: b[0] / b[1])
@@ -216,11 +263,14 @@ def test_dataset_samples_share_bucket_and_collate(tmp_path):
     png(tmp_path / "wide.png", (40, 24))
     png(tmp_path / "tall.png", (24, 40))
     png(tmp_path / "sq.png", (30, 30))
-    f = write_jsonl(tmp_path / "d.jsonl", [
-        {"task": "edit", "instruction": "i", "sources": ["sq.png"], "target": "wide.png", "caption": "c"},
-        {"task": "edit", "instruction": "j", "sources": ["tall.png"], "target": "wide.png"},
-        {"task": "t2i", "prompt": "p", "target": "tall.png"},
-    ])
+    f = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"task": "edit", "instruction": "i", "sources": ["sq.png"], "target": "wide.png", "caption": "c"},
+            {"task": "edit", "instruction": "j", "sources": ["tall.png"], "target": "wide.png"},
+            {"task": "t2i", "prompt": "p", "target": "tall.png"},
+        ],
+    )
     recs, _ = D.load_records([f])
     ds = D.UniDataset(recs, resolution=64, random_crop=True, seed=3)
     assert ds.buckets == [(48, 80), (64, 64), (80, 48)]
@@ -245,8 +295,14 @@ def test_dataset_samples_share_bucket_and_collate(tmp_path):
 
 def fake_groups():
     groups, start = {}, 0
-    for key, n in [(("t2i", 0, (64, 64)), 403), (("t2i", 0, (80, 48)), 150), (("caption", 1, (64, 64)), 97),
-                   (("edit", 1, (64, 64)), 210), (("compose", 2, (64, 64)), 60), (("compose", 3, (64, 64)), 41)]:
+    for key, n in [
+        (("t2i", 0, (64, 64)), 403),
+        (("t2i", 0, (80, 48)), 150),
+        (("caption", 1, (64, 64)), 97),
+        (("edit", 1, (64, 64)), 210),
+        (("compose", 2, (64, 64)), 60),
+        (("compose", 3, (64, 64)), 41),
+    ]:
         groups[key] = list(range(start, start + n))
         start += n
     return groups
@@ -288,8 +344,9 @@ def test_sampler_deterministic_and_epochs():
     b = D.HybridBatchSampler(groups, 4, seed=5)
     assert list(a) == list(b)
     assert a.epoch == 1 and len(list(a)) == len(a) and a.epoch == 2  # one epoch per iteration
-    assert D.HybridBatchSampler(groups, 4, seed=6).batch_at(0) != b.batch_at(0) or \
-        D.HybridBatchSampler(groups, 4, seed=6).batch_at(1) != b.batch_at(1)
+    assert D.HybridBatchSampler(groups, 4, seed=6).batch_at(0) != b.batch_at(0) or D.HybridBatchSampler(
+        groups, 4, seed=6
+    ).batch_at(1) != b.batch_at(1)
     assert a.batch_at(3) != a.batch_at(3 + len(a))  # reshuffled next epoch
 
 

@@ -19,8 +19,11 @@ from train import runs
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path):
     data = H.make_dataset(tmp_path / "data", tasks=("t2i", "edit", "caption"), per_task=8)
-    common = dict(train={"mode": "full", "max_steps": 3, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0},
-                  loss={"cross": 0.5}, checkpoint={"every": 3, "keep": 1})
+    common = dict(
+        train={"mode": "full", "max_steps": 3, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0},
+        loss={"cross": 0.5},
+        checkpoint={"every": 3, "keep": 1},
+    )
 
     one = H.base_config(tmp_path / "one", data, **common)
     (tmp_path / "one").mkdir()
@@ -31,9 +34,27 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     (tmp_path / "two").mkdir()
     path = H.write_config(tmp_path / "two" / "config.yaml", two)
     # `accelerate launch` of the running interpreter (its script need not be on PATH)
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(H.REPO / "train/configs/accelerate/ddp.yaml"),
-                           "--num_processes", "2", "--main_process_port", "29517", "-m", "train", path],
-                          cwd=H.REPO, env=H.env(), capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(H.REPO / "train/configs/accelerate/ddp.yaml"),
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            "29517",
+            "-m",
+            "train",
+            path,
+        ],
+        cwd=H.REPO,
+        env=H.env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "2 process(es), DistributedType.MULTI_CPU" in proc.stderr
 

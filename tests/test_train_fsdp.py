@@ -59,12 +59,29 @@ def setup(tmp_path, per_task=8):
 @pytest.mark.slow
 def test_fsdp_full_matches_one_process_and_ddp_export(tmp_path):
     data, teacher = setup(tmp_path)
-    common = dict(train={"mode": "full", "max_steps": 3, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0,
-                         "ema": True, "ema_decay": 0.9},
-                  teacher={"path": teacher, "block": 2}, loss={"cross": 0.5, "align": 0.1},
-                  checkpoint={"every": 3, "keep": 1},
-                  validation={"every": 3, "prompts": ["a red square"], "width": 32, "height": 32, "steps": 2,
-                              "images": [str(tmp_path / "data" / "b0.png")], "caption_length": 6})
+    common = dict(
+        train={
+            "mode": "full",
+            "max_steps": 3,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "warmup_steps": 0,
+            "ema": True,
+            "ema_decay": 0.9,
+        },
+        teacher={"path": teacher, "block": 2},
+        loss={"cross": 0.5, "align": 0.1},
+        checkpoint={"every": 3, "keep": 1},
+        validation={
+            "every": 3,
+            "prompts": ["a red square"],
+            "width": 32,
+            "height": 32,
+            "steps": 2,
+            "images": [str(tmp_path / "data" / "b0.png")],
+            "caption_length": 6,
+        },
+    )
 
     one = H.base_config(tmp_path / "one", data, **common)
     (tmp_path / "one").mkdir()
@@ -89,8 +106,9 @@ def test_fsdp_full_matches_one_process_and_ddp_export(tmp_path):
     runs.refuse_pickles(ckpt)  # no pickles, no .distcp shards: full tensors in safetensors
     assert os.path.isfile(os.path.join(ckpt, runs.OPTIMIZER))
     for ema in (False, True):
-        close_tensors(runs.read_trainable(runs.checkpoint_dir(one["run_dir"], 3), ema)[0],
-                      runs.read_trainable(ckpt, ema)[0])
+        close_tensors(
+            runs.read_trainable(runs.checkpoint_dir(one["run_dir"], 3), ema)[0], runs.read_trainable(ckpt, ema)[0]
+        )
     wa = runs.read_trainable(runs.checkpoint_dir(one["run_dir"], 3))[0]
     assert any(not torch.equal(wa[k], runs.read_trainable(ckpt, True)[0][k]) for k in wa)  # EMA is not the weights
 
@@ -108,8 +126,10 @@ def test_fsdp_full_matches_one_process_and_ddp_export(tmp_path):
         assert cli(["export", cfg["run_dir"], "--out", outs[name]]) == 0
     with safe_open(outs["fsdp"], "pt") as f, safe_open(outs["ddp"], "pt") as g:
         assert set(f.keys()) == set(g.keys()) and not any(k.startswith("siglip_adapter") for k in f.keys())
-    models = [load_model(outs[n], text_encoder=str(GOLDEN / "text_encoder"), vae=str(GOLDEN / "vae")).transformer
-              for n in ("fsdp", "ddp")]
+    models = [
+        load_model(outs[n], text_encoder=str(GOLDEN / "text_encoder"), vae=str(GOLDEN / "vae")).transformer
+        for n in ("fsdp", "ddp")
+    ]
     close_tensors(models[0].state_dict(), models[1].state_dict())
 
 
@@ -130,10 +150,21 @@ def _kill_one_worker(launcher: subprocess.Popen, run_dir: str, timeout=600):
 @pytest.mark.slow
 def test_fsdp_lora_sigkill_resume_and_lora_export(tmp_path):
     data, teacher = setup(tmp_path, per_task=4)
-    common = dict(train={"mode": "lora", "max_steps": 5, "batch_size": 2, "lr": 1e-3, "warmup_steps": 2,
-                         "schedule": "constant", "ema": True, "ema_decay": 0.9},
-                  teacher={"path": teacher, "block": 2}, loss={"cross": 0.5, "align": 0.1},
-                  checkpoint={"every": 2, "keep": 10})
+    common = dict(
+        train={
+            "mode": "lora",
+            "max_steps": 5,
+            "batch_size": 2,
+            "lr": 1e-3,
+            "warmup_steps": 2,
+            "schedule": "constant",
+            "ema": True,
+            "ema_decay": 0.9,
+        },
+        teacher={"path": teacher, "block": 2},
+        loss={"cross": 0.5, "align": 0.1},
+        checkpoint={"every": 2, "keep": 10},
+    )
     cfgs = {}
     for name in ("ref", "victim", "ddp"):
         cfgs[name] = H.base_config(tmp_path / name, data, **common)
@@ -143,9 +174,14 @@ def test_fsdp_lora_sigkill_resume_and_lora_export(tmp_path):
     H.launch("ddp.yaml", cfgs["ddp"]["path"], port=29534)
 
     victim = cfgs["victim"]["run_dir"]
-    launcher = subprocess.Popen(H.launch_args("fsdp.yaml", cfgs["victim"]["path"], "--set", "train.max_steps=1000",
-                                              port=29535), cwd=H.REPO, env=H.env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(
+        H.launch_args("fsdp.yaml", cfgs["victim"]["path"], "--set", "train.max_steps=1000", port=29535),
+        cwd=H.REPO,
+        env=H.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _kill_one_worker(launcher, victim)
     finally:
@@ -159,11 +195,16 @@ def test_fsdp_lora_sigkill_resume_and_lora_export(tmp_path):
     assert f"resumed from {runs.checkpoint_dir(victim, resumed_from)}" in proc.stderr
 
     ref = cfgs["ref"]["run_dir"]
-    close_losses(H.read_metrics(ref), H.read_metrics(victim), keys=("loss", "image", "text", "cross", "align", "lr"),
-                 rtol=1e-6)
+    close_losses(
+        H.read_metrics(ref), H.read_metrics(victim), keys=("loss", "image", "text", "cross", "align", "lr"), rtol=1e-6
+    )
     for ema in (False, True):
-        close_tensors(runs.read_trainable(runs.checkpoint_dir(ref, 5), ema)[0],
-                      runs.read_trainable(runs.checkpoint_dir(victim, 5), ema)[0], rtol=0, atol=1e-7)
+        close_tensors(
+            runs.read_trainable(runs.checkpoint_dir(ref, 5), ema)[0],
+            runs.read_trainable(runs.checkpoint_dir(victim, 5), ema)[0],
+            rtol=0,
+            atol=1e-7,
+        )
     # FSDP trains like DDP with LoRA too
     close_losses(H.read_metrics(cfgs["ddp"]["run_dir"]), H.read_metrics(ref))
 
@@ -186,8 +227,11 @@ def test_two_machines_on_localhost_train_like_one_process(tmp_path):
     """Two `accelerate launch` calls with --num_machines 2 and machine_rank 0 / 1 (one process each) rendezvous
     on 127.0.0.1, as two hosts would on --main_process_ip: rank 0 writes the run folder, both read it."""
     data, _ = setup(tmp_path)
-    common = dict(train={"mode": "full", "max_steps": 3, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0},
-                  loss={"cross": 0.5}, checkpoint={"every": 3, "keep": 1})
+    common = dict(
+        train={"mode": "full", "max_steps": 3, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0},
+        loss={"cross": 0.5},
+        checkpoint={"every": 3, "keep": 1},
+    )
     one = H.base_config(tmp_path / "one", data, **common)
     (tmp_path / "one").mkdir()
     H.train_in_process(one, tmp_path / "one")
@@ -196,15 +240,32 @@ def test_two_machines_on_localhost_train_like_one_process(tmp_path):
     two["train"] = dict(two["train"], batch_size=2)
     (tmp_path / "two").mkdir()
     path = H.write_config(tmp_path / "two" / "config.yaml", two)
-    machines = [subprocess.Popen(H.launch_args("ddp.yaml", path, port=29537, extra=(
-        "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1")), cwd=H.REPO,
-        env=H.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    machines = [
+        subprocess.Popen(
+            H.launch_args(
+                "ddp.yaml",
+                path,
+                port=29537,
+                extra=("--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1"),
+            ),
+            cwd=H.REPO,
+            env=H.env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     errors = [m.communicate(timeout=900)[1] for m in machines]
     assert [m.returncode for m in machines] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
     assert "2 process(es), DistributedType.MULTI_CPU" in errors[0]
-    close_losses(H.read_metrics(one["run_dir"]), H.read_metrics(two["run_dir"]), keys=("loss", "image", "text", "cross"))
-    close_tensors(runs.read_trainable(runs.checkpoint_dir(one["run_dir"], 3))[0],
-                  runs.read_trainable(runs.checkpoint_dir(two["run_dir"], 3))[0])
+    close_losses(
+        H.read_metrics(one["run_dir"]), H.read_metrics(two["run_dir"]), keys=("loss", "image", "text", "cross")
+    )
+    close_tensors(
+        runs.read_trainable(runs.checkpoint_dir(one["run_dir"], 3))[0],
+        runs.read_trainable(runs.checkpoint_dir(two["run_dir"], 3))[0],
+    )
 
 
 @pytest.mark.slow
@@ -213,8 +274,7 @@ def test_deepspeed_on_cpu_is_refused_not_run_as_ddp(tmp_path):
     data = H.make_dataset(tmp_path / "data", tasks=("t2i",), per_task=2)
     path = H.write_config(tmp_path / "config.yaml", H.base_config(tmp_path, data))
     env = dict(H.env(), ACCELERATE_USE_DEEPSPEED="true")  # what `accelerate launch` with zero2.yaml exports
-    proc = subprocess.run([H.PY, "-m", "train", path], cwd=H.REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([H.PY, "-m", "train", path], cwd=H.REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "DeepSpeed (zero2 / zero3) runs only on GPUs" in proc.stderr, proc.stderr[-2000:]
     assert not os.path.isdir(os.path.join(tmp_path, "run", "checkpoints"))

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from tiny_models import GOLDEN, REFERENCE
+from train.batch import Encoders
 from train.config import InitConfig, LossConfig
 from train.init import detect_kind, load_start
 from train.losses import Reducer, SampleRNG, TrainModule, compute_losses
-from train.batch import Encoders
 
 
 def generic(keys, last):
@@ -40,8 +40,12 @@ def sd3_folder(tmp_path_factory):
     config = {k: v for k, v in config.items() if not k.startswith("_") and k != "vocab_size"}
     torch.manual_seed(0)
     SD3Transformer2DModel(**config).save_pretrained(root / "transformer")
-    for src, dst in (("text_encoder", "text_encoder_3"), ("tokenizer", "tokenizer_3"), ("vae", "vae"),
-                     ("scheduler", "scheduler")):
+    for src, dst in (
+        ("text_encoder", "text_encoder_3"),
+        ("tokenizer", "tokenizer_3"),
+        ("vae", "vae"),
+        ("scheduler", "scheduler"),
+    ):
         shutil.copytree(GOLDEN / src, root / dst)
     return root
 
@@ -66,26 +70,42 @@ def test_init_from_sd3_reports_mapping_and_trains(sd3_folder):
     mapped = dict(report.mapped)
     assert mapped["norm_out.linear.weight"] == "image_norm_out.linear.weight"
     assert mapped["proj_out.bias"] == "image_proj_out.bias"
-    assert mapped["time_text_embed.timestep_embedder.linear_1.weight"] == \
-        "time_text_embed.timestep_embedder.linear_1.weight"
+    assert (
+        mapped["time_text_embed.timestep_embedder.linear_1.weight"]
+        == "time_text_embed.timestep_embedder.linear_1.weight"
+    )
     state = transformer.state_dict()
     for src, dst in report.mapped:
         assert torch.equal(state[dst], source[src]), src
 
     dropped = {d.split(":")[0] for d in report.dropped}
-    assert dropped == {f"time_text_embed.text_embedder.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")} \
-        | {"transformer_blocks.2.norm1_context.linear.weight", "transformer_blocks.2.norm1_context.linear.bias"}
+    assert dropped == {f"time_text_embed.text_embedder.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")} | {
+        "transformer_blocks.2.norm1_context.linear.weight",
+        "transformer_blocks.2.norm1_context.linear.bias",
+    }
 
     # new = what UniAlignment has and SD3 lacks (per the two reference key lists) + the projectors
     ours = generic(tsv_keys("unialignment_sd3m_transformer_keys.tsv"), 23)
-    sd3 = {k.replace("norm_out.", "image_norm_out.", 1) if k.startswith("norm_out.") else
-           k.replace("proj_out.", "image_proj_out.", 1) if k.startswith("proj_out.") else k
-           for k in generic(tsv_keys("sd3_medium_transformer_keys.tsv"), 23)}
-    expected_new = (ours - sd3) | {"transformer_blocks.LAST.norm1_context.linear.weight",
-                                   "transformer_blocks.LAST.norm1_context.linear.bias"}
+    sd3 = {
+        k.replace("norm_out.", "image_norm_out.", 1)
+        if k.startswith("norm_out.")
+        else k.replace("proj_out.", "image_proj_out.", 1)
+        if k.startswith("proj_out.")
+        else k
+        for k in generic(tsv_keys("sd3_medium_transformer_keys.tsv"), 23)
+    }
+    expected_new = (ours - sd3) | {
+        "transformer_blocks.LAST.norm1_context.linear.weight",
+        "transformer_blocks.LAST.norm1_context.linear.bias",
+    }
     assert generic(report.new, 2) == expected_new
-    assert {"text_proj_out.weight", "null_image_embd", "transformer_blocks.2.attn.to_add_out.weight",
-            "transformer_blocks.2.ff_context.net.0.proj.weight", "siglip_adapter_img.fc.0.weight"} <= set(report.new)
+    assert {
+        "text_proj_out.weight",
+        "null_image_embd",
+        "transformer_blocks.2.attn.to_add_out.weight",
+        "transformer_blocks.2.ff_context.net.0.proj.weight",
+        "siglip_adapter_img.fc.0.weight",
+    } <= set(report.new)
     assert transformer.config.vocab_size == 32100 and transformer.config.fp16_time_projection is False
     assert bundle.mask_id == 32099
 
@@ -97,13 +117,23 @@ def test_init_from_sd3_reports_mapping_and_trains(sd3_folder):
     latents = torch.randn(2, 16, 16, 16)
     from train.losses import Prepared
 
-    batch = Prepared(target=latents, conditions=[], prompt_context=enc.encode_ids(ids), null_context=enc.null_context,
-                     understand=latents, ids=ids, maskable=torch.ones_like(ids, dtype=torch.bool),
-                     not_pad=torch.ones_like(ids, dtype=torch.bool), caption_valid=torch.ones(2, dtype=torch.bool),
-                     sample_valid=torch.ones(2, dtype=torch.bool), teacher_image=torch.randn(2, 24),
-                     teacher_text=torch.randn(2, 24))
-    total, logged = compute_losses(module, batch, SampleRNG(0, 0, [0, 1], 2), LossConfig(), enc.encode_ids,
-                                   bundle.mask_id, Reducer(), block=2)
+    batch = Prepared(
+        target=latents,
+        conditions=[],
+        prompt_context=enc.encode_ids(ids),
+        null_context=enc.null_context,
+        understand=latents,
+        ids=ids,
+        maskable=torch.ones_like(ids, dtype=torch.bool),
+        not_pad=torch.ones_like(ids, dtype=torch.bool),
+        caption_valid=torch.ones(2, dtype=torch.bool),
+        sample_valid=torch.ones(2, dtype=torch.bool),
+        teacher_image=torch.randn(2, 24),
+        teacher_text=torch.randn(2, 24),
+    )
+    total, logged = compute_losses(
+        module, batch, SampleRNG(0, 0, [0, 1], 2), LossConfig(), enc.encode_ids, bundle.mask_id, Reducer(), block=2
+    )
     total.backward()
     assert all(torch.isfinite(v) and v > 0 for k, v in logged.items())
     assert transformer.text_proj_out.weight.grad.abs().sum() > 0

@@ -11,13 +11,12 @@ import torch
 import train_helpers as H
 from tiny_models import GOLDEN
 from train import data as D
+from train.batch import Encoders, pad_batch, prepare_batch
 from train.config import InitConfig, LossConfig, load_config
 from train.init import load_start
-from train.losses import (Reducer, SampleRNG, TrainModule, antithetic_t, compute_losses, sample_sigmas,
-                          text_mdlm_loss)
-from train.batch import Encoders, pad_batch, prepare_batch
-from unialign_core.model import caption_ids
+from train.losses import Reducer, SampleRNG, TrainModule, antithetic_t, compute_losses, sample_sigmas, text_mdlm_loss
 from train.teacher import CachedTeacher, Teacher
+from unialign_core.model import caption_ids
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +24,18 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("losses")
     teacher = CachedTeacher(Teacher.load(H.make_teacher(tmp / "clip")), D.FeatureCache(tmp / "cache"))
     data = H.make_dataset(tmp / "data", tasks=("edit",), per_task=4)
-    cfg = load_config(H.write_config(tmp / "c.yaml", H.base_config(
-        tmp, data, loss={"align": 0.1}, teacher={"path": str(tmp / "clip"), "block": 2},
-        data={"cache_dir": str(tmp / "cache")})))
+    cfg = load_config(
+        H.write_config(
+            tmp / "c.yaml",
+            H.base_config(
+                tmp,
+                data,
+                loss={"align": 0.1},
+                teacher={"path": str(tmp / "clip"), "block": 2},
+                data={"cache_dir": str(tmp / "cache")},
+            ),
+        )
+    )
     torch.manual_seed(0)
     bundle, transformer, _ = load_start(InitConfig(path=str(GOLDEN)), align_dim=teacher.dim)
     base = copy.deepcopy(transformer.state_dict())
@@ -37,8 +45,9 @@ def setup(tmp_path_factory):
     batch = pad_batch(D.collate([dataset[i] for i in range(4)]), 4)
     rng = SampleRNG(0, 0, [0, 1, 2, 3], 4)
     prepared = prepare_batch(batch, enc, rng, need_teacher=True)
-    return SimpleNamespace(bundle=bundle, transformer=transformer, base=base, enc=enc, prepared=prepared,
-                           batch=batch, cfg=cfg, tmp=tmp)
+    return SimpleNamespace(
+        bundle=bundle, transformer=transformer, base=base, enc=enc, prepared=prepared, batch=batch, cfg=cfg, tmp=tmp
+    )
 
 
 WEIGHTS = {
@@ -62,8 +71,9 @@ def test_each_loss_and_all_fall_on_a_fixed_batch(setup, which):
     history = []
     for _ in range(6):
         rng = SampleRNG(0, 7, [0, 1, 2, 3], 4)  # the same draws every step: a fixed objective
-        total, logged = compute_losses(module, s.prepared, rng, cfg, s.enc.encode_ids, s.bundle.mask_id,
-                                       Reducer(), block=2)
+        total, logged = compute_losses(
+            module, s.prepared, rng, cfg, s.enc.encode_ids, s.bundle.mask_id, Reducer(), block=2
+        )
         opt.zero_grad()
         total.backward()
         opt.step()
@@ -74,7 +84,11 @@ def test_each_loss_and_all_fall_on_a_fixed_batch(setup, which):
     assert history[-1] < history[0], history
     changed = {n for n, p in s.transformer.named_parameters() if not torch.equal(p, before[n])}
     assert changed
-    heads = {"image": "image_proj_out.weight", "text": "text_proj_out.weight", "align": "siglip_adapter_img.fc.0.weight"}
+    heads = {
+        "image": "image_proj_out.weight",
+        "text": "text_proj_out.weight",
+        "align": "siglip_adapter_img.fc.0.weight",
+    }
     if which in heads:
         assert heads[which] in changed
     if which == "align":  # only blocks up to the aligned one (2 of 3) get gradients
@@ -102,8 +116,8 @@ def test_vqa_question_is_never_masked_and_padding_option(setup):
     tok = setup.bundle.tokenizer
     ids, maskable, not_pad = caption_ids(tok, "vqa", "what colour?", "red", 16)
     prompt = tok("Q: what colour? A: ")["input_ids"][:-1]
-    assert ids[:len(prompt)] == prompt and not any(maskable[:len(prompt)]) and all(maskable[len(prompt):])
-    assert ids[len(prompt):len(prompt) + 2] == tok("red")["input_ids"]
+    assert ids[: len(prompt)] == prompt and not any(maskable[: len(prompt)]) and all(maskable[len(prompt) :])
+    assert ids[len(prompt) : len(prompt) + 2] == tok("red")["input_ids"]
     assert sum(not_pad) == len(prompt) + 2 and ids[-1] == tok.eos_token_id
     long_ids, _, long_pad = caption_ids(tok, "caption", "", "word " * 40, 16)
     assert len(long_ids) == 16 and long_ids[-1] == tok.eos_token_id and all(long_pad)

@@ -17,10 +17,21 @@ from train import runs
 def test_resume_after_sigkill_continues_the_same_curve(tmp_path):
     data = H.make_dataset(tmp_path / "data", tasks=("t2i", "edit", "caption"), per_task=4)
     teacher = H.make_teacher(tmp_path / "clip")
-    common = dict(train={"mode": "lora", "max_steps": 7, "batch_size": 2, "lr": 1e-3, "warmup_steps": 3,
-                         "schedule": "constant", "ema": True, "ema_decay": 0.9},
-                  teacher={"path": teacher, "block": 2}, loss={"align": 0.1},
-                  checkpoint={"every": 2, "keep": 10})
+    common = dict(
+        train={
+            "mode": "lora",
+            "max_steps": 7,
+            "batch_size": 2,
+            "lr": 1e-3,
+            "warmup_steps": 3,
+            "schedule": "constant",
+            "ema": True,
+            "ema_decay": 0.9,
+        },
+        teacher={"path": teacher, "block": 2},
+        loss={"align": 0.1},
+        checkpoint={"every": 2, "keep": 10},
+    )
 
     # the reference: uninterrupted
     ref_cfg = H.base_config(tmp_path / "ref", data, **common)
@@ -32,8 +43,14 @@ def test_resume_after_sigkill_continues_the_same_curve(tmp_path):
     cfg = H.base_config(tmp_path / "victim", data, **common)
     (tmp_path / "victim").mkdir()
     path = H.write_config(tmp_path / "victim" / "config.yaml", cfg)
-    proc = subprocess.Popen([H.PY, "-m", "train", path, "--set", "train.max_steps=1000"], cwd=H.REPO, env=H.env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [H.PY, "-m", "train", path, "--set", "train.max_steps=1000"],
+        cwd=H.REPO,
+        env=H.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     try:
         while not runs.list_checkpoints(cfg["run_dir"]):
@@ -49,8 +66,9 @@ def test_resume_after_sigkill_continues_the_same_curve(tmp_path):
     assert resumed_from < 7
 
     # resume to the reference's length
-    H.train_in_process(dict(cfg, train=dict(cfg["train"], max_steps=7)), tmp_path / "victim", name="resume.yaml",
-                       resume="latest")
+    H.train_in_process(
+        dict(cfg, train=dict(cfg["train"], max_steps=7)), tmp_path / "victim", name="resume.yaml", resume="latest"
+    )
     curve = H.read_metrics(cfg["run_dir"])
     assert [m["step"] for m in curve] == list(range(1, 8))
     for got, want in zip(curve, reference):

@@ -37,8 +37,9 @@ def assert_identical(a, b):
 def lora_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lora")
     data = H.make_dataset(tmp / "data", tasks=("t2i", "edit", "vqa"), per_task=8, bad=True)
-    cfg = H.base_config(tmp, data, train={"max_steps": 6, "lr": 1e-3},
-                        data={"ratios": {"t2i": 0.5, "edit": 0.25, "vqa": 0.25}})
+    cfg = H.base_config(
+        tmp, data, train={"max_steps": 6, "lr": 1e-3}, data={"ratios": {"t2i": 0.5, "edit": 0.25, "vqa": 0.25}}
+    )
     path = H.write_config(tmp / "lora.yaml", cfg)
     proc = H.run_cli(path, "--set", "train.lora.rank=4", "--set", "checkpoint.keep=2")
     return tmp, cfg, proc
@@ -78,8 +79,9 @@ def test_lora_export_round_trip(lora_run, tmp_path):
     base = load_model(str(GOLDEN)).transformer
     peft_model = load_model(str(GOLDEN)).transformer
     lc = cfg["train"]["lora"]
-    inject_adapter_in_model(LoraConfig(r=lc["rank"], lora_alpha=lc["alpha"], target_modules=H.DEFAULT_TARGETS),
-                            peft_model)
+    inject_adapter_in_model(
+        LoraConfig(r=lc["rank"], lora_alpha=lc["alpha"], target_modules=H.DEFAULT_TARGETS), peft_model
+    )
     trained, _ = runs.read_trainable(runs.resolve_checkpoint(run_dir))
     result = set_peft_model_state_dict(peft_model, {k.replace(".default", ""): v for k, v in trained.items()})
     assert not result.unexpected_keys
@@ -121,20 +123,41 @@ def test_full_run_exports_bit_identical(tmp_path):
     data = H.make_dataset(tmp_path / "data", tasks=("t2i", "edit", "caption"), per_task=4)
     teacher = H.make_teacher(tmp_path / "clip")
     cfg_dict = H.base_config(
-        tmp_path, data,
-        train={"mode": "full", "max_steps": 4, "grad_accum": 2, "batch_size": 2, "ema": True, "ema_decay": 0.5,
-               "mixed_precision": "bf16", "gradient_checkpointing": True, "lr": 1e-3, "warmup_steps": 2},
-        teacher={"path": teacher, "block": 2}, loss={"align": 0.1},
+        tmp_path,
+        data,
+        train={
+            "mode": "full",
+            "max_steps": 4,
+            "grad_accum": 2,
+            "batch_size": 2,
+            "ema": True,
+            "ema_decay": 0.5,
+            "mixed_precision": "bf16",
+            "gradient_checkpointing": True,
+            "lr": 1e-3,
+            "warmup_steps": 2,
+        },
+        teacher={"path": teacher, "block": 2},
+        loss={"align": 0.1},
         data={"cache_dir": str(tmp_path / "cache")},
         log={"progress": False, "tensorboard": True, "every": 1},
-        validation={"every": 4, "prompts": ["a red square"], "images": [str(tmp_path / "data" / "p0.png")],
-                    "width": 32, "height": 32, "steps": 2, "caption_length": 8})
+        validation={
+            "every": 4,
+            "prompts": ["a red square"],
+            "images": [str(tmp_path / "data" / "p0.png")],
+            "width": 32,
+            "height": 32,
+            "steps": 2,
+            "caption_length": 8,
+        },
+    )
     cfg = load_config(H.write_config(tmp_path / "full.yaml", cfg_dict))
     trainer = Trainer(cfg)
     try:
         last = trainer.train()
     finally:
         from accelerate.state import AcceleratorState, GradientState, PartialState
+
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
         PartialState._reset_state()

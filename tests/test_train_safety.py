@@ -23,9 +23,11 @@ from train import runs
 
 def booby_trap(path, marker):
     """A pickle whose loading creates `marker` (os.system-free: it calls open(marker, 'w'))."""
+
     class Trap:
         def __reduce__(self):
             return (open, (str(marker), "w"))
+
     with open(path, "wb") as f:
         pickle.dump(Trap(), f)
 
@@ -34,9 +36,19 @@ def booby_trap(path, marker):
 def lora_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("safety")
     data = H.make_dataset(tmp / "data", tasks=("t2i", "caption"), per_task=4)
-    cfg = H.base_config(tmp, data, train={"mode": "lora", "max_steps": 2, "batch_size": 2, "lr": 1e-3,
-                                          "warmup_steps": 0, "lora": {"rank": 4, "alpha": 8}},
-                        checkpoint={"every": 2, "keep": 3})
+    cfg = H.base_config(
+        tmp,
+        data,
+        train={
+            "mode": "lora",
+            "max_steps": 2,
+            "batch_size": 2,
+            "lr": 1e-3,
+            "warmup_steps": 0,
+            "lora": {"rank": 4, "alpha": 8},
+        },
+        checkpoint={"every": 2, "keep": 3},
+    )
     path = H.write_config(tmp / "config.yaml", cfg)
     proc = H.run_cli(path)
     return tmp, cfg, path, proc
@@ -45,7 +57,7 @@ def lora_run(tmp_path_factory):
 @pytest.mark.slow
 def test_checkpoint_is_safetensors_and_json_only(lora_run):
     _, cfg, _, proc = lora_run
-    (step, folder), = runs.list_checkpoints(cfg["run_dir"])
+    ((step, folder),) = runs.list_checkpoints(cfg["run_dir"])
     names = sorted(os.listdir(folder))
     assert names == sorted([runs.TRAINABLE, runs.STATE, runs.OPTIMIZER, runs.RESUME, "rng_0.safetensors"])
     runs.refuse_pickles(folder)  # nothing to refuse
@@ -66,9 +78,10 @@ def test_resume_refuses_a_booby_trapped_pickle(lora_run, tmp_path):
         pickle.load(f).close()
     assert (tmp_path / "control_ran").exists()
 
-    (_, folder), = runs.list_checkpoints(cfg["run_dir"])
+    ((_, folder),) = runs.list_checkpoints(cfg["run_dir"])
     trapped = tmp_path / "trapped"
     import shutil
+
     shutil.copytree(folder, trapped)
     marker = tmp_path / "payload_ran"
     for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl"):  # what accelerate's save_state wrote
@@ -90,9 +103,12 @@ def test_resume_refuses_a_booby_trapped_pickle(lora_run, tmp_path):
 
 def test_disk_full_while_writing_a_checkpoint(tmp_path, monkeypatch):
     data = H.make_dataset(tmp_path / "data", tasks=("t2i",), per_task=4)
-    cfg = H.base_config(tmp_path, data, train={"mode": "lora", "max_steps": 4, "batch_size": 2,
-                                               "lora": {"rank": 4, "alpha": 8}},
-                        checkpoint={"every": 2, "keep": 3})
+    cfg = H.base_config(
+        tmp_path,
+        data,
+        train={"mode": "lora", "max_steps": 4, "batch_size": 2, "lora": {"rank": 4, "alpha": 8}},
+        checkpoint={"every": 2, "keep": 3},
+    )
     real = runs.save_tensors
 
     def full_disk_at_step_4(path, tensors, metadata):
@@ -121,8 +137,10 @@ def test_missing_files_are_one_line_errors(tmp_path):
     missing = str(tmp_path / "nope.jsonl")
     proc = H.run_cli(path, "--set", f"data.files=[{data}, {missing}]", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == f"config error: data.files[1]: {missing} does not exist " \
-                                                   "(a JSONL file, one record per line)"
+    assert (
+        proc.stderr.strip().splitlines()[-1] == f"config error: data.files[1]: {missing} does not exist "
+        "(a JSONL file, one record per line)"
+    )
     nowhere = str(tmp_path / "no_model")
     proc = H.run_cli(path, "--set", f"init.path={nowhere}", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -145,12 +163,22 @@ def test_a_task_with_no_decodable_image_is_skipped_under_its_own_name(tmp_path, 
     with open(data_file, "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    cfg = H.base_config(tmp_path, data_file, train={"mode": "lora", "max_steps": 4, "batch_size": 2,
-                                                    "lora": {"rank": 4, "alpha": 8}},
-                        data={"files": [data_file], "resolution": 32, "bucket_step": 16, "text_length": 16,
-                              "num_workers": 0, "ratios": {"t2i": 0.75, "caption": 0.25}},
-                        checkpoint={"every": 4, "keep": 1})
+    cfg = H.base_config(
+        tmp_path,
+        data_file,
+        train={"mode": "lora", "max_steps": 4, "batch_size": 2, "lora": {"rank": 4, "alpha": 8}},
+        data={
+            "files": [data_file],
+            "resolution": 32,
+            "bucket_step": 16,
+            "text_length": 16,
+            "num_workers": 0,
+            "ratios": {"t2i": 0.75, "caption": 0.25},
+        },
+        checkpoint={"every": 4, "keep": 1},
+    )
     import logging
+
     with caplog.at_level(logging.WARNING, logger="train"):
         H.train_in_process(cfg, tmp_path)
     metrics = H.read_metrics(cfg["run_dir"])

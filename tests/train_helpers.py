@@ -13,8 +13,16 @@ from PIL import Image
 from tiny_models import GOLDEN, REPO
 
 PY = sys.executable
-COLORS = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 200, 40), (200, 40, 200), (40, 200, 200),
-          (250, 250, 250), (20, 20, 20)]
+COLORS = [
+    (220, 40, 40),
+    (40, 200, 60),
+    (40, 60, 220),
+    (230, 200, 40),
+    (200, 40, 200),
+    (40, 200, 200),
+    (250, 250, 250),
+    (20, 20, 20),
+]
 NAMES = ["red", "green", "blue", "yellow", "magenta", "cyan", "white", "black"]
 
 
@@ -23,7 +31,7 @@ def png(path, color, size=32, square=None):
     arr = np.zeros((size, size, 3), np.uint8) + np.array(color, np.uint8)
     if square is not None:
         q = size // 4
-        arr[q:3 * q, q:3 * q] = square
+        arr[q : 3 * q, q : 3 * q] = square
     Image.fromarray(arr).save(path)
     return str(path)
 
@@ -41,15 +49,34 @@ def make_dataset(root: Path, tasks=("t2i", "edit"), per_task=8, bad=False) -> st
             if task == "t2i":
                 rows.append({"task": "t2i", "prompt": f"a {name} square", "target": plain})
             elif task == "edit":
-                rows.append({"task": "edit", "instruction": f"add a {other} box", "sources": [plain],
-                             "target": boxed, "caption": f"a {name} square with a {other} box"})
+                rows.append(
+                    {
+                        "task": "edit",
+                        "instruction": f"add a {other} box",
+                        "sources": [plain],
+                        "target": boxed,
+                        "caption": f"a {name} square with a {other} box",
+                    }
+                )
             elif task == "perception":
-                rows.append({"task": "perception", "instruction": "Provide a detailed depth map of the entire scene.",
-                             "sources": [boxed], "target": plain})
+                rows.append(
+                    {
+                        "task": "perception",
+                        "instruction": "Provide a detailed depth map of the entire scene.",
+                        "sources": [boxed],
+                        "target": plain,
+                    }
+                )
             elif task == "compose":
-                rows.append({"task": "compose", "prompt": f"{name} and {other} together",
-                             "sources": [plain, png(root / f"o{i}.png", o)], "target": boxed,
-                             "caption": f"a {name} square with a {other} box"})
+                rows.append(
+                    {
+                        "task": "compose",
+                        "prompt": f"{name} and {other} together",
+                        "sources": [plain, png(root / f"o{i}.png", o)],
+                        "target": boxed,
+                        "caption": f"a {name} square with a {other} box",
+                    }
+                )
             elif task == "caption":
                 rows.append({"task": "caption", "sources": [boxed], "caption": f"a {name} square with a {other} box"})
             elif task == "vqa":
@@ -77,12 +104,27 @@ def make_teacher(path: Path, projection_dim=24) -> str:
 
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config=dict(vocab_size=32128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=0),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=projection_dim)
+        text_config=dict(
+            vocab_size=32128,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=projection_dim,
+    )
     CLIPModel(config).save_pretrained(path)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
     AutoTokenizer.from_pretrained(GOLDEN / "tokenizer").save_pretrained(path)
@@ -98,8 +140,14 @@ def base_config(tmp: Path, data_file: str, **sections) -> dict:
         "data": {"files": [data_file], "resolution": 32, "bucket_step": 16, "text_length": 16, "num_workers": 0},
         "teacher": {"path": None, "block": 2},
         "loss": {"align": 0.0},
-        "train": {"mode": "lora", "batch_size": 4, "max_steps": 4, "lr": 1e-3, "warmup_steps": 0,
-                  "lora": {"rank": 4, "alpha": 8}},
+        "train": {
+            "mode": "lora",
+            "batch_size": 4,
+            "max_steps": 4,
+            "lr": 1e-3,
+            "warmup_steps": 0,
+            "lora": {"rank": 4, "alpha": 8},
+        },
         "checkpoint": {"every": 2, "keep": 2},
         "log": {"progress": False, "tensorboard": False},
     }
@@ -129,8 +177,9 @@ def env():
 
 def run_cli(*args, timeout=120, check=True):
     """`python -m train ...` in a subprocess from the repository root."""
-    proc = subprocess.run([PY, "-m", "train", *args], cwd=REPO, env=env(), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [PY, "-m", "train", *args], cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"python -m train {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
@@ -152,21 +201,47 @@ def train_in_process(cfg_dict: dict, tmp: Path, resume=None, name="config.yaml")
         PartialState._reset_state()
 
 
-DEFAULT_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                   "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+DEFAULT_TARGETS = [
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+]
 
 
 def launch_args(accelerate_config: str, config_path: str, *args, processes=2, port=29517, extra=()):
     """`accelerate launch` of the running interpreter (its script need not be on PATH) with a shipped config."""
-    return [PY, "-m", "accelerate.commands.launch", "--config_file",
-            str(REPO / "train/configs/accelerate" / accelerate_config), "--num_processes", str(processes),
-            "--main_process_port", str(port), *extra, "-m", "train", config_path, *args]
+    return [
+        PY,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "train/configs/accelerate" / accelerate_config),
+        "--num_processes",
+        str(processes),
+        "--main_process_port",
+        str(port),
+        *extra,
+        "-m",
+        "train",
+        config_path,
+        *args,
+    ]
 
 
 def launch(accelerate_config: str, config_path: str, *args, processes=2, port=29517, extra=(), timeout=900):
     """Run `accelerate launch ... -m train CONFIG` to the end; fails the test with its stderr if it fails."""
-    proc = subprocess.run(launch_args(accelerate_config, config_path, *args, processes=processes, port=port,
-                                      extra=extra), cwd=REPO, env=env(), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        launch_args(accelerate_config, config_path, *args, processes=processes, port=port, extra=extra),
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc

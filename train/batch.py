@@ -33,8 +33,12 @@ class Encoders:
     @torch.no_grad()
     def encode_prompts(self, texts):
         keys = [D.FeatureCache.key("t5", self.t5_id, t, self.text_length) for t in texts] if self.cache else None
-        out, _ = D.cached(len(texts), self.cache, keys, lambda todo: self.encode_ids(
-            self.bundle.tokenize([texts[i] for i in todo], self.text_length)))
+        out, _ = D.cached(
+            len(texts),
+            self.cache,
+            keys,
+            lambda todo: self.encode_ids(self.bundle.tokenize([texts[i] for i in todo], self.text_length)),
+        )
         return torch.stack([o.to(self.device, self.compute_dtype) for o in out])
 
     @torch.no_grad()
@@ -66,8 +70,10 @@ def pad_batch(batch: dict, size: int) -> dict:
     batch["present"] = [True] * n + [False] * (size - n)
     if n == size:
         return batch
+
     def grow(t):
         return torch.cat([t, t[-1:].expand(size - n, *t.shape[1:])]) if t is not None else None
+
     batch["target"] = grow(batch["target"])
     batch["sources"] = [grow(s) for s in batch["sources"]]
     for key in ("text", "caption", "index"):
@@ -86,10 +92,17 @@ def prepare_batch(batch: dict, enc: Encoders, rng: SampleRNG, need_teacher: bool
     ids, maskable, not_pad = (torch.tensor([r[i] for r in rows], device=device) for i in range(3))
     caption_valid = torch.tensor([bool(c.strip()) for c in batch["caption"]], device=device) & present
     prepared = Prepared(
-        target=target, conditions=conditions,
+        target=target,
+        conditions=conditions,
         prompt_context=enc.encode_prompts(batch["text"]) if target is not None else None,
-        null_context=enc.null_context, understand=target if target is not None else sources[0],
-        ids=ids, maskable=maskable, not_pad=not_pad, caption_valid=caption_valid, sample_valid=present)
+        null_context=enc.null_context,
+        understand=target if target is not None else sources[0],
+        ids=ids,
+        maskable=maskable,
+        not_pad=not_pad,
+        caption_valid=caption_valid,
+        sample_valid=present,
+    )
     if need_teacher and enc.teacher is not None:
         pixels = batch["target"] if batch["target"] is not None else batch["sources"][0]
         texts = [f"{t} {c}" if task == "vqa" else c for t, c in zip(batch["text"], batch["caption"])]

@@ -57,13 +57,51 @@ class Size:
 
 
 SIZES = {
-    "tiny": Size(layers=2, heads=2, head_dim=16, joint_dim=32, latent=16, text_length=32, batch=4, align_dim=32,
-                 block=1, pos_embed_max_size=32, device="cpu", precision="no", checkpointing=False),
-    "small": Size(layers=8, heads=4, head_dim=64, joint_dim=256, latent=32, text_length=64, batch=4, align_dim=256,
-                  block=4, pos_embed_max_size=64, device="cpu", precision="no", checkpointing=False),
-    "full": Size(layers=24, heads=24, head_dim=64, joint_dim=4096, latent=64, text_length=256, batch=4,
-                 align_dim=3584, block=8, pos_embed_max_size=192, device="cuda", precision="bf16",
-                 checkpointing=True),
+    "tiny": Size(
+        layers=2,
+        heads=2,
+        head_dim=16,
+        joint_dim=32,
+        latent=16,
+        text_length=32,
+        batch=4,
+        align_dim=32,
+        block=1,
+        pos_embed_max_size=32,
+        device="cpu",
+        precision="no",
+        checkpointing=False,
+    ),
+    "small": Size(
+        layers=8,
+        heads=4,
+        head_dim=64,
+        joint_dim=256,
+        latent=32,
+        text_length=64,
+        batch=4,
+        align_dim=256,
+        block=4,
+        pos_embed_max_size=64,
+        device="cpu",
+        precision="no",
+        checkpointing=False,
+    ),
+    "full": Size(
+        layers=24,
+        heads=24,
+        head_dim=64,
+        joint_dim=4096,
+        latent=64,
+        text_length=256,
+        batch=4,
+        align_dim=3584,
+        block=8,
+        pos_embed_max_size=192,
+        device="cuda",
+        precision="bf16",
+        checkpointing=True,
+    ),
 }
 
 
@@ -72,11 +110,21 @@ def build_transformer(size: Size):
 
     dim = size.heads * size.head_dim
     return UniAlignTransformer(
-        vocab_size=VOCAB, sample_size=size.latent, patch_size=2, in_channels=LATENT_CHANNELS,
-        num_layers=size.layers, attention_head_dim=size.head_dim, num_attention_heads=size.heads,
-        joint_attention_dim=size.joint_dim, caption_projection_dim=dim, pooled_projection_dim=dim,
-        out_channels=LATENT_CHANNELS, pos_embed_max_size=size.pos_embed_max_size, fp16_time_projection=True,
-        align_dim=size.align_dim)
+        vocab_size=VOCAB,
+        sample_size=size.latent,
+        patch_size=2,
+        in_channels=LATENT_CHANNELS,
+        num_layers=size.layers,
+        attention_head_dim=size.head_dim,
+        num_attention_heads=size.heads,
+        joint_attention_dim=size.joint_dim,
+        caption_projection_dim=dim,
+        pooled_projection_dim=dim,
+        out_channels=LATENT_CHANNELS,
+        pos_embed_max_size=size.pos_embed_max_size,
+        fp16_time_projection=True,
+        align_dim=size.align_dim,
+    )
 
 
 def synthetic_batch(size: Size, task: str, device, generator: torch.Generator):
@@ -103,10 +151,14 @@ def synthetic_batch(size: Size, task: str, device, generator: torch.Generator):
         prompt_context=randn(b, n, size.joint_dim) if generate else None,
         null_context=randn(1, n, size.joint_dim),
         understand=image if generate else source,
-        ids=ids.to(device), maskable=torch.ones(b, n, dtype=torch.bool, device=device), not_pad=not_pad.to(device),
+        ids=ids.to(device),
+        maskable=torch.ones(b, n, dtype=torch.bool, device=device),
+        not_pad=not_pad.to(device),
         caption_valid=torch.ones(b, dtype=torch.bool, device=device),
         sample_valid=torch.ones(b, dtype=torch.bool, device=device),
-        teacher_image=randn(b, size.align_dim), teacher_text=randn(b, size.align_dim))
+        teacher_image=randn(b, size.align_dim),
+        teacher_text=randn(b, size.align_dim),
+    )
 
 
 def human_bytes(n: float) -> str:
@@ -122,8 +174,19 @@ def peak_rss_bytes() -> int:
     return kb if sys.platform == "darwin" else kb * 1024  # Linux reports KiB, macOS bytes
 
 
-def run(size_name="tiny", steps=10, warmup=2, batch=None, task="t2i", mode="full", device=None, precision=None,
-        checkpointing=None, threads=None, seed=0) -> dict:
+def run(
+    size_name="tiny",
+    steps=10,
+    warmup=2,
+    batch=None,
+    task="t2i",
+    mode="full",
+    device=None,
+    precision=None,
+    checkpointing=None,
+    threads=None,
+    seed=0,
+) -> dict:
     """Build, warm up, time `steps` optimizer steps; returns the figures (also what `main` prints)."""
     from .config import Config, LossConfig
     from .lora import apply_lora
@@ -180,8 +243,7 @@ def run(size_name="tiny", steps=10, warmup=2, batch=None, task="t2i", mode="full
             started = time.perf_counter()
         rng = SampleRNG(seed, step, positions, size.batch)
         with autocast:
-            total, logged = compute_losses(module, prepared, rng, loss_cfg, encode_ids, MASK_ID, reducer,
-                                           size.block)
+            total, logged = compute_losses(module, prepared, rng, loss_cfg, encode_ids, MASK_ID, reducer, size.block)
         total.backward()
         torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip)
         optimizer.step()
@@ -195,16 +257,26 @@ def run(size_name="tiny", steps=10, warmup=2, batch=None, task="t2i", mode="full
 
     dim = size.heads * size.head_dim
     return {
-        "size": size_name, "blocks x width": f"{size.layers} x {dim}",
+        "size": size_name,
+        "blocks x width": f"{size.layers} x {dim}",
         "image / latent": f"{size.latent * 8} px / {size.latent}x{size.latent}",
-        "text tokens": size.text_length, "task": task, "mode": mode,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "precision": precision, "gradient checkpointing": checkpointing,
+        "text tokens": size.text_length,
+        "task": task,
+        "mode": mode,
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "precision": precision,
+        "gradient checkpointing": checkpointing,
         "parameters": sum(p.numel() for p in transformer.parameters()),
         "trainable": sum(p.numel() for p in trainable),
-        "batch": size.batch, "timed steps": steps, "warm-up steps": warmup,
-        "s / step": elapsed / steps, "samples / s": size.batch * steps / elapsed,
-        "peak memory": peak, "peak memory kind": "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS",
+        "batch": size.batch,
+        "timed steps": steps,
+        "warm-up steps": warmup,
+        "s / step": elapsed / steps,
+        "samples / s": size.batch * steps / elapsed,
+        "peak memory": peak,
+        "peak memory kind": "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS",
         **({} if device.type == "cuda" else {"RSS before the model": rss_before}),
         "loss (mean of timed steps)": sum(x["loss"] for x in losses[warmup:]) / steps,
     }
@@ -235,20 +307,37 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--batch", type=int, help="samples per step (default 4)")
-    parser.add_argument("--task", choices=("t2i", "edit", "caption"), default="t2i",
-                        help="batch kind: t2i (image + text pass), edit (plus a condition image), caption (text "
-                             "pass only)")
+    parser.add_argument(
+        "--task",
+        choices=("t2i", "edit", "caption"),
+        default="t2i",
+        help="batch kind: t2i (image + text pass), edit (plus a condition image), caption (text pass only)",
+    )
     parser.add_argument("--mode", choices=("full", "lora"), default="full")
     parser.add_argument("--device", help="cpu or cuda (default: cpu for tiny/small, cuda for full)")
     parser.add_argument("--precision", choices=("no", "bf16"), help="default: bf16 for full, no for the others")
-    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                        help="gradient checkpointing (default: on for full, off for the others)")
+    parser.add_argument(
+        "--checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="gradient checkpointing (default: on for full, off for the others)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
-    result = run(args.size, args.steps, args.warmup, args.batch, args.task, args.mode, args.device, args.precision,
-                 args.checkpointing, args.threads)
+    result = run(
+        args.size,
+        args.steps,
+        args.warmup,
+        args.batch,
+        args.task,
+        args.mode,
+        args.device,
+        args.precision,
+        args.checkpointing,
+        args.threads,
+    )
     print(format_table(result))
     return 0
 

@@ -73,10 +73,18 @@ class LoraConfig:
     rank: int = 16
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: List[str] = field(default_factory=lambda: [
-        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-    ])
+    targets: List[str] = field(
+        default_factory=lambda: [
+            "attn.to_q",
+            "attn.to_k",
+            "attn.to_v",
+            "attn.to_out.0",
+            "attn.add_q_proj",
+            "attn.add_k_proj",
+            "attn.add_v_proj",
+            "attn.to_add_out",
+        ]
+    )
 
 
 @dataclass
@@ -146,10 +154,30 @@ CHOICES = {
     "train.frozen_dtype": ("auto", "fp32", "bf16", "fp16"),
     "train.schedule": ("constant", "cosine", "linear"),
 }
-POSITIVE = ("data.resolution", "data.text_length", "train.batch_size", "train.grad_accum", "train.max_steps",
-            "train.lora.rank", "teacher.block", "checkpoint.keep", "log.every")
-NON_NEGATIVE = ("loss.image", "loss.text", "loss.cross", "loss.align", "train.lr", "train.warmup_steps",
-                "train.weight_decay", "train.grad_clip", "checkpoint.every", "validation.every", "data.num_workers")
+POSITIVE = (
+    "data.resolution",
+    "data.text_length",
+    "train.batch_size",
+    "train.grad_accum",
+    "train.max_steps",
+    "train.lora.rank",
+    "teacher.block",
+    "checkpoint.keep",
+    "log.every",
+)
+NON_NEGATIVE = (
+    "loss.image",
+    "loss.text",
+    "loss.cross",
+    "loss.align",
+    "train.lr",
+    "train.warmup_steps",
+    "train.weight_decay",
+    "train.grad_clip",
+    "checkpoint.every",
+    "validation.every",
+    "data.num_workers",
+)
 
 
 def _type_name(tp) -> str:
@@ -208,8 +236,11 @@ def _coerce(value, tp, key):
 
 def _unknown(key, name, known):
     hint = difflib.get_close_matches(name, known, n=1)
-    return ConfigError(f"unknown config key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                       + f"; known here: {', '.join(sorted(known))}")
+    return ConfigError(
+        f"unknown config key {key!r}"
+        + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        + f"; known here: {', '.join(sorted(known))}"
+    )
 
 
 def _build(cls, values: dict, prefix: str = ""):
@@ -262,8 +293,9 @@ def validate(cfg: Config) -> Config:
         if bad:
             raise ConfigError(f"data.ratios: unknown tasks {bad}; tasks are {', '.join(TASKS)}")
     if cfg.loss.align > 0 and not cfg.teacher.path:
-        raise ConfigError("loss.align > 0 needs teacher.path (a local CLIP, SigLIP or Qwen2.5-VL folder); "
-                          "or set loss.align=0")
+        raise ConfigError(
+            "loss.align > 0 needs teacher.path (a local CLIP, SigLIP or Qwen2.5-VL folder); or set loss.align=0"
+        )
     return cfg
 
 
@@ -276,8 +308,11 @@ def check_paths(cfg: Config) -> Config:
         if path and not os.path.exists(path):
             raise ConfigError(f"{key}: {path} does not exist ({what})")
 
-    need("init.path", cfg.init.path, "give an upstream folder, our single .safetensors file, a previous run or "
-                                     "an SD3-medium folder")
+    need(
+        "init.path",
+        cfg.init.path,
+        "give an upstream folder, our single .safetensors file, a previous run or an SD3-medium folder",
+    )
     for name in ("text_encoder", "vae", "tokenizer", "mask_embedding"):
         need(f"init.{name}", getattr(cfg.init, name), "fix the path or set it to null")
     for i, entry in enumerate(cfg.data.files):
@@ -320,12 +355,12 @@ def apply_override(raw: dict, key: str, value):
         else:
             cls = hints[part]
             if not dataclasses.is_dataclass(cls):
-                raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section")
+                raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
             elif not isinstance(child, dict):
-                raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a mapping in the file")
+                raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a mapping in the file")
             node = child
 
 

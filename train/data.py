@@ -128,8 +128,14 @@ def _text(obj, keys, required):
 
 def _check_shape(task, sources, target):
     """Enforce how many sources / targets each task takes."""
-    want = {"t2i": (0, 0), "caption": (1, 1), "vqa": (1, 1), "edit": (1, 1), "perception": (1, 1),
-            "compose": (1, MAX_COMPOSE_SOURCES)}[task]
+    want = {
+        "t2i": (0, 0),
+        "caption": (1, 1),
+        "vqa": (1, 1),
+        "edit": (1, 1),
+        "perception": (1, 1),
+        "compose": (1, MAX_COMPOSE_SOURCES),
+    }[task]
     if not want[0] <= len(sources) <= want[1]:
         n = f"{want[0]}" if want[0] == want[1] else f"{want[0]}..{want[1]}"
         raise BadRecord("bad_source_count", f"{task} takes {n} sources, got {len(sources)}")
@@ -254,8 +260,14 @@ def load_records(files, skips=None):
             entry = {"path": entry}
         records += read_jsonl(entry["path"], skips, root=entry.get("root"), ti2i_task=entry.get("ti2i_task", "edit"))
     per_task = dict(sorted(Counter(r.task for r in records).items()))
-    log.info("data: %d records from %d files %s; skipped %d %s", len(records), len(files), per_task,
-             skips.total, skips.summary())
+    log.info(
+        "data: %d records from %d files %s; skipped %d %s",
+        len(records),
+        len(files),
+        per_task,
+        skips.total,
+        skips.summary(),
+    )
     return records, skips
 
 
@@ -352,8 +364,18 @@ class UniDataset(torch.utils.data.Dataset):
     (deterministic). t2i records with a caption are also added as caption items when `t2i_as_caption`.
     """
 
-    def __init__(self, records, resolution=512, buckets=None, *, random_crop=False, seed=0, t2i_as_caption=True,
-                 skips=None, max_tries=16):
+    def __init__(
+        self,
+        records,
+        resolution=512,
+        buckets=None,
+        *,
+        random_crop=False,
+        seed=0,
+        t2i_as_caption=True,
+        skips=None,
+        max_tries=16,
+    ):
         self.buckets = list(buckets) if buckets is not None else make_buckets(resolution)
         self.random_crop = random_crop
         self.seed = seed
@@ -404,8 +426,14 @@ class UniDataset(torch.utils.data.Dataset):
                 images.append(image_to_tensor(resize_to_bucket(load_image(p), bucket, crop)))
             except Exception as e:
                 raise _ImageError(p, e) from e
-        return {"task": r.task, "text": r.text, "caption": r.caption or "", "index": i,
-                "sources": images[:len(r.sources)], "target": images[-1] if r.target is not None else None}
+        return {
+            "task": r.task,
+            "text": r.text,
+            "caption": r.caption or "",
+            "index": i,
+            "sources": images[: len(r.sources)],
+            "target": images[-1] if r.target is not None else None,
+        }
 
     def __getitem__(self, i):
         """Sample dict for item i, or for the next decodable item of its group. If none decodes nearby: a stub
@@ -499,13 +527,15 @@ class HybridBatchSampler:
             if unknown:
                 raise ValueError(f"ratios name unknown tasks {sorted(unknown)}; tasks are {TASKS}")
         # batches per cycle of each task
-        self.task_len = {t: sum(len(v) // self.global_batch for k, v in self.groups.items() if k[0] == t)
-                         for t in tasks}
+        self.task_len = {
+            t: sum(len(v) // self.global_batch for k, v in self.groups.items() if k[0] == t) for t in tasks
+        }
         weights = {t: float(ratios.get(t, 0)) for t in tasks} if ratios is not None else dict(self.task_len)
         for t, w in list(weights.items()):
             if w > 0 and self.task_len[t] == 0:
-                log.warning("sampler: task %s has no full global batch of %d in any bucket; not used",
-                            t, self.global_batch)
+                log.warning(
+                    "sampler: task %s has no full global batch of %d in any bucket; not used", t, self.global_batch
+                )
             if w <= 0 or self.task_len[t] == 0:
                 del weights[t]
         for t in set(ratios or ()) - set(tasks):
@@ -521,8 +551,17 @@ class HybridBatchSampler:
         self.fingerprint = self._fingerprint(ratios)
 
     def _fingerprint(self, ratios):
-        h = hashlib.sha256(repr((self.seed, self.global_batch, self.epoch_batches, sorted((ratios or {}).items()),
-                                 list(self.groups.items()))).encode())
+        h = hashlib.sha256(
+            repr(
+                (
+                    self.seed,
+                    self.global_batch,
+                    self.epoch_batches,
+                    sorted((ratios or {}).items()),
+                    list(self.groups.items()),
+                )
+            ).encode()
+        )
         return h.hexdigest()[:16]
 
     def __len__(self):
@@ -541,8 +580,10 @@ class HybridBatchSampler:
                 if key[0] != task:
                     continue
                 perm = rng.permutation(idx)
-                batches += [perm[s:s + self.global_batch].tolist()
-                            for s in range(0, len(perm) - self.global_batch + 1, self.global_batch)]
+                batches += [
+                    perm[s : s + self.global_batch].tolist()
+                    for s in range(0, len(perm) - self.global_batch + 1, self.global_batch)
+                ]
             order = rng.permutation(len(batches))
             self._cache[task] = (cycle, [batches[o] for o in order])
         return self._cache[task][1]
@@ -561,7 +602,7 @@ class HybridBatchSampler:
     def batch_at(self, step):
         """This rank's indices of global batch number `step`."""
         b = self.global_batch_at(step)
-        return b[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return b[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
 
     def __iter__(self):
         end = (self.epoch + 1) * self.epoch_batches
@@ -577,8 +618,10 @@ class HybridBatchSampler:
     def load_state_dict(self, state, strict=True):
         """Continue exactly after the saved position; with `strict`, refuse a state from other data/settings."""
         if strict and state.get("fingerprint") not in (None, self.fingerprint):
-            raise ValueError("sampler state was saved with other data, seed, ratios or global batch size "
-                             f"(fingerprint {state.get('fingerprint')} != {self.fingerprint})")
+            raise ValueError(
+                "sampler state was saved with other data, seed, ratios or global batch size "
+                f"(fingerprint {state.get('fingerprint')} != {self.fingerprint})"
+            )
         self.step = int(state["step"])
 
 
@@ -587,7 +630,7 @@ def _split(weights, total):
     s = sum(weights.values())
     raw = {t: w / s * total for t, w in weights.items()}
     counts = {t: int(math.floor(v)) for t, v in raw.items()}
-    for t in sorted(raw, key=lambda t: (counts[t] - raw[t], t))[:total - sum(counts.values())]:
+    for t in sorted(raw, key=lambda t: (counts[t] - raw[t], t))[: total - sum(counts.values())]:
         counts[t] += 1
     return {t: c for t, c in counts.items() if c > 0}
 
@@ -609,8 +652,14 @@ def _interleave(counts, total):
 
 def make_loader(dataset, sampler, num_workers=4, pin_memory=False):
     """A torch DataLoader over `dataset` driven by `sampler`, batches built by `collate`."""
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-                                       pin_memory=pin_memory, persistent_workers=num_workers > 0)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -675,6 +724,7 @@ class FeatureCache:
     def get(self, key):
         """The cached tensor, or None on a miss (an unreadable file counts as a miss and is logged)."""
         from safetensors.torch import load
+
         p = self.path(key)
         try:
             with open(p, "rb") as f:
@@ -688,6 +738,7 @@ class FeatureCache:
     def put(self, key, tensor):
         """Store `tensor` (moved to CPU); readers see either no file or the complete one."""
         from safetensors.torch import save
+
         data = save({"t": tensor.detach().to("cpu").contiguous()})
         final = self.path(key)
         os.makedirs(os.path.dirname(final), exist_ok=True)

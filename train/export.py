@@ -29,8 +29,13 @@ def export_lora(source: str, out: str, ema: bool = False) -> str:
         raise ValueError(f"{checkpoint} is a full fine-tuning checkpoint; export it with --out (a single file)")
     layers, _ = runs.split_lora(tensors, float(meta["lora_alpha"]))
     config = runs.read_run_config(runs.run_dir_of(checkpoint))
-    metadata = {"format": "unialignment-lora", "rank": meta["lora_rank"], "alpha": meta["lora_alpha"],
-                "step": meta.get("step", ""), "base_model": config.init.path}
+    metadata = {
+        "format": "unialignment-lora",
+        "rank": meta["lora_rank"],
+        "alpha": meta["lora_alpha"],
+        "step": meta.get("step", ""),
+        "base_model": config.init.path,
+    }
     return save_lora(out, layers, metadata)
 
 
@@ -48,17 +53,27 @@ def export_single_file(source: str, out: str, ema: bool = False, dtype: str = "f
     meta = runs.read_trainable(checkpoint)[1]
     text_length = runs.read_run_config(runs.run_dir_of(checkpoint)).data.text_length
     return save_single_file(
-        out, transformer, scheduler_config=bundle.scheduler_config, mask_id=bundle.mask_id,
-        mask_embedding=bundle.mask_embedding, tokenizer=bundle.tokenizer,
-        text_encoder=bundle.text_encoder if bundle_parts else None, vae=bundle.vae if bundle_parts else None,
-        dtype=DTYPES[dtype], extra_metadata={"trained_from": checkpoint, "training_mode": meta.get("mode", ""),
-                        "text_length": str(text_length)},  # the prompt length the modes then default to
+        out,
+        transformer,
+        scheduler_config=bundle.scheduler_config,
+        mask_id=bundle.mask_id,
+        mask_embedding=bundle.mask_embedding,
+        tokenizer=bundle.tokenizer,
+        text_encoder=bundle.text_encoder if bundle_parts else None,
+        vae=bundle.vae if bundle_parts else None,
+        dtype=DTYPES[dtype],
+        extra_metadata={
+            "trained_from": checkpoint,
+            "training_mode": meta.get("mode", ""),
+            "text_length": str(text_length),
+        },  # the prompt length the modes then default to
     )
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m train export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("source", help="a run folder (its latest checkpoint) or a checkpoint folder")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--out", help="write our single-file model (.safetensors)")

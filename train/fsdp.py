@@ -23,15 +23,22 @@ def fsdp_settings():
         return None
     version = os.environ.get("FSDP_VERSION", "1")
     if version != "2":
-        raise ConfigError(f"accelerate config: fsdp_version {version} is not supported; the trainer runs FSDP2 "
-                          f"(set fsdp_version: 2, as train/configs/accelerate/fsdp.yaml does)")
+        raise ConfigError(
+            f"accelerate config: fsdp_version {version} is not supported; the trainer runs FSDP2 "
+            f"(set fsdp_version: 2, as train/configs/accelerate/fsdp.yaml does)"
+        )
     strategy = os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD")
     if strategy not in ("FULL_SHARD", "1"):
-        raise ConfigError(f"accelerate config: fsdp_sharding_strategy {strategy}: only FULL_SHARD is supported "
-                          f"(use the DDP config to replicate)")
+        raise ConfigError(
+            f"accelerate config: fsdp_sharding_strategy {strategy}: only FULL_SHARD is supported "
+            f"(use the DDP config to replicate)"
+        )
     flag = lambda name, default: os.environ.get(name, default).lower() == "true"  # noqa: E731
-    return {"block": os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP") or "JointTransformerBlock",
-            "reshard": flag("FSDP_RESHARD_AFTER_FORWARD", "true"), "offload": flag("FSDP_OFFLOAD_PARAMS", "false")}
+    return {
+        "block": os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP") or "JointTransformerBlock",
+        "reshard": flag("FSDP_RESHARD_AFTER_FORWARD", "true"),
+        "offload": flag("FSDP_OFFLOAD_PARAMS", "false"),
+    }
 
 
 def shard_transformer(transformer, settings: dict) -> int:
@@ -44,8 +51,10 @@ def shard_transformer(transformer, settings: dict) -> int:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     units = [m for m in transformer.modules() if type(m).__name__ in names]
     if not units:
-        raise ConfigError(f"accelerate config: fsdp_transformer_layer_cls_to_wrap {settings['block']}: no such module "
-                          f"in the transformer (its blocks are JointTransformerBlock)")
+        raise ConfigError(
+            f"accelerate config: fsdp_transformer_layer_cls_to_wrap {settings['block']}: no such module "
+            f"in the transformer (its blocks are JointTransformerBlock)"
+        )
     for m in units:
         fully_shard(m, **kwargs)
     fully_shard(transformer, **kwargs)
@@ -56,7 +65,9 @@ def shard_transformer(transformer, settings: dict) -> int:
 
 def autocast_forward(forward, device_type: str, dtype):
     """`forward` under torch.autocast: mixed precision for the FSDP module, which accelerate does not prepare."""
+
     def wrapped(*args, **kwargs):
         with torch.autocast(device_type=device_type, dtype=dtype):
             return forward(*args, **kwargs)
+
     return wrapped

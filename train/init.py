@@ -49,8 +49,10 @@ class InitReport:
 
     def summary(self) -> str:
         renamed = [f"{a} -> {b}" for a, b in self.mapped if a != b]
-        lines = [f"init from {self.kind}: {self.source}",
-                 f"  mapped {len(self.mapped)} tensors ({len(renamed)} renamed)"]
+        lines = [
+            f"init from {self.kind}: {self.source}",
+            f"  mapped {len(self.mapped)} tensors ({len(renamed)} renamed)",
+        ]
         lines += [f"    {r}" for r in renamed]
         lines.append(f"  new (fresh) {len(self.new)}")
         lines += [f"    {k}" for k in self.new]
@@ -105,8 +107,14 @@ def _finish(transformer):
 
 
 def _from_model(init, kind, align_dim):
-    model = load_model(init.path, text_encoder=init.text_encoder, vae=init.vae, tokenizer=init.tokenizer,
-                       mask_embedding=init.mask_embedding, fp16_time_projection=init.fp16_time_projection)
+    model = load_model(
+        init.path,
+        text_encoder=init.text_encoder,
+        vae=init.vae,
+        tokenizer=init.tokenizer,
+        mask_embedding=init.mask_embedding,
+        fp16_time_projection=init.fp16_time_projection,
+    )
     report = InitReport(kind, init.path)
     report.mapped = [(k, k) for k in model.transformer.state_dict()]
     report.new = add_projectors(model.transformer, align_dim)
@@ -123,9 +131,18 @@ def _from_run(init, align_dim):
             setattr(base, name, getattr(init, name))
     model, transformer, inner = load_start(base, align_dim)
     loaded = runs.apply_checkpoint(transformer, checkpoint)
-    report = InitReport("run", checkpoint, inner.mapped, inner.new, inner.dropped,
-                        inner.notes + [f"previous stage started from {inner.kind}: {inner.source}",
-                                       f"applied {loaded['mode']} weights of {checkpoint}"])
+    report = InitReport(
+        "run",
+        checkpoint,
+        inner.mapped,
+        inner.new,
+        inner.dropped,
+        inner.notes
+        + [
+            f"previous stage started from {inner.kind}: {inner.source}",
+            f"applied {loaded['mode']} weights of {checkpoint}",
+        ],
+    )
     took = {k for k in runs.read_trainable(checkpoint)[0] if k.startswith(ALIGN_PREFIXES)} - set(loaded["skipped"])
     report.new = [k for k in report.new if k not in took]
     if loaded["skipped"]:
@@ -145,12 +162,13 @@ def map_sd3_state_dict(state: dict, transformer: UniAlignTransformer, source: st
         target = key
         for old, new in SD3_RENAMES:
             if key.startswith(old):
-                target = new + key[len(old):]
+                target = new + key[len(old) :]
         if target not in ours:
             report.dropped.append(f"{key}: no such tensor in UniAlignment")
         elif tuple(ours[target].shape) != tuple(state[key].shape):
-            report.dropped.append(f"{key}: shape {tuple(state[key].shape)} != {tuple(ours[target].shape)} "
-                                  "(re-initialised)")
+            report.dropped.append(
+                f"{key}: shape {tuple(state[key].shape)} != {tuple(ours[target].shape)} (re-initialised)"
+            )
         else:
             mapped[target] = state[key]
             report.mapped.append((key, target))
@@ -160,9 +178,15 @@ def map_sd3_state_dict(state: dict, transformer: UniAlignTransformer, source: st
 
 def _from_sd3(init, align_dim):
     fp16 = bool(init.fp16_time_projection)  # stock SD3 does not round the timestep projection
-    model, state = load_sd3_medium_start(init.path, text_encoder=init.text_encoder, vae=init.vae,
-                                         tokenizer=init.tokenizer, mask_embedding=init.mask_embedding,
-                                         fp16_time_projection=fp16, align_dim=align_dim)
+    model, state = load_sd3_medium_start(
+        init.path,
+        text_encoder=init.text_encoder,
+        vae=init.vae,
+        tokenizer=init.tokenizer,
+        mask_embedding=init.mask_embedding,
+        fp16_time_projection=fp16,
+        align_dim=align_dim,
+    )
     transformer = model.transformer
     mapped, report = map_sd3_state_dict(state, transformer, init.path)
     transformer.load_state_dict(mapped, strict=False)

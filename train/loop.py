@@ -38,7 +38,7 @@ from .ema import EMA
 from .fsdp import autocast_forward, fsdp_settings, is_dtensor, shard_transformer
 from .init import load_start
 from .lora import apply_lora, cast_frozen_base
-from .losses import Prepared, Reducer, SampleRNG, TrainModule, compute_losses
+from .losses import Reducer, SampleRNG, TrainModule, compute_losses
 from .optim import make_optimizer_and_schedule
 from .paths import absolute_paths
 from .teacher import CachedTeacher, Teacher
@@ -56,8 +56,13 @@ class Trainer:
         self.cfg = cfg = check_paths(absolute_paths(cfg))
         self.accelerator = acc = self._accelerator()
         self.main = acc.is_main_process
-        log.info("%d process(es), %s, device %s, mixed precision %s", acc.num_processes, acc.distributed_type,
-                 acc.device, acc.mixed_precision)
+        log.info(
+            "%d process(es), %s, device %s, mixed precision %s",
+            acc.num_processes,
+            acc.distributed_type,
+            acc.device,
+            acc.mixed_precision,
+        )
         self.run_dir = cfg.run_dir
         self.resume_from = self._find_resume(resume)
         if self.main:
@@ -80,8 +85,10 @@ class Trainer:
             runs.write_json(os.path.join(self.run_dir, "init_report.json"), report.to_dict())
             log.info(report.summary())
         if teacher is not None and not 1 <= cfg.teacher.block <= transformer.config.num_layers:
-            raise ConfigError(f"teacher.block: {cfg.teacher.block} is not a block of this "
-                              f"{transformer.config.num_layers}-block transformer")
+            raise ConfigError(
+                f"teacher.block: {cfg.teacher.block} is not a block of this "
+                f"{transformer.config.num_layers}-block transformer"
+            )
         self.bundle, self.transformer = bundle, transformer
         self.encoders = Encoders(bundle, self.device, self.frozen_dtype, torch.float32, cfg, teacher)
 
@@ -110,8 +117,9 @@ class Trainer:
             self.module, self.optimizer = acc.prepare(TrainModule(transformer), self.optimizer)
         # DeepSpeed keeps its optimizer state only as pickles: no exact resume
         self.sharded = acc.distributed_type == DistributedType.DEEPSPEED
-        self.params_sharded = (acc.distributed_type == DistributedType.DEEPSPEED
-                               and acc.state.deepspeed_plugin.zero_stage == 3)
+        self.params_sharded = (
+            acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3
+        )
         self.ema = None
         if cfg.train.ema:
             if self.params_sharded:
@@ -129,9 +137,12 @@ class Trainer:
 
     def _accelerator(self):
         cfg = self.cfg
-        kwargs = dict(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
-                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-                      step_scheduler_with_optimizer=False)
+        kwargs = dict(
+            mixed_precision=cfg.train.mixed_precision,
+            gradient_accumulation_steps=cfg.train.grad_accum,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            step_scheduler_with_optimizer=False,
+        )
         self.fsdp = fsdp_settings()
         if self.fsdp:
             os.environ["ACCELERATE_USE_FSDP"] = "false"  # the trainer shards (shard_transformer), not accelerate
@@ -140,8 +151,10 @@ class Trainer:
             # DDP); without, it starts DeepSpeed's process group but reports 1 process on every rank, and
             # deepspeed.initialize fails ("train_batch_size is not equal to micro_batch_per_gpu *
             # gradient_acc_step * world_size 2 != 2 * 1 * 2")
-            raise ConfigError("accelerate config: DeepSpeed (zero2 / zero3) runs only on GPUs with accelerate "
-                              "1.15; on CPUs use train/configs/accelerate/fsdp.yaml or ddp.yaml")
+            raise ConfigError(
+                "accelerate config: DeepSpeed (zero2 / zero3) runs only on GPUs with accelerate "
+                "1.15; on CPUs use train/configs/accelerate/fsdp.yaml or ddp.yaml"
+            )
         if not torch.cuda.is_available():
             # CPU-only machine: under torchrun / `accelerate launch --multi_gpu` this makes accelerate pick
             # MULTI_CPU with gloo instead of running each process alone
@@ -175,8 +188,12 @@ class Trainer:
             # an unsharded twin on the CPU: validation loads the gathered weights into it (rank 0)
             self.validation_copy = copy.deepcopy(transformer).requires_grad_(False)
         units = shard_transformer(transformer, self.fsdp)  # parameters become DTensor shards (on acc.device)
-        log.info("FSDP2: %d %s units + the transformer's other parameters, sharded over %d process(es)",
-                 units, self.fsdp["block"], acc.num_processes)
+        log.info(
+            "FSDP2: %d %s units + the transformer's other parameters, sharded over %d process(es)",
+            units,
+            self.fsdp["block"],
+            acc.num_processes,
+        )
 
     def _configure_deepspeed(self):
         """Fill DeepSpeed's batch sizes and clipping from the config."""
@@ -214,8 +231,13 @@ class Trainer:
         with open(saved) as f:
             old = yaml.safe_load(f) or {}
         new = to_dict(self.cfg)
-        changed = [f"{s}.{k}" for s in new if isinstance(new[s], dict) for k in new[s]
-                   if isinstance(old.get(s), dict) and old[s].get(k) != new[s][k]]
+        changed = [
+            f"{s}.{k}"
+            for s in new
+            if isinstance(new[s], dict)
+            for k in new[s]
+            if isinstance(old.get(s), dict) and old[s].get(k) != new[s][k]
+        ]
         if changed:
             log.warning("config differs from the one saved in this run folder: %s", ", ".join(changed))
 
@@ -225,10 +247,23 @@ class Trainer:
         if not records:
             raise ConfigError(f"data.files: no usable record ({self.skips.total} skipped: {self.skips.summary()})")
         buckets = D.make_buckets(cfg.data.resolution, cfg.data.bucket_step, cfg.data.max_aspect)
-        self.dataset = D.UniDataset(records, cfg.data.resolution, buckets, random_crop=cfg.data.random_crop,
-                                    seed=cfg.seed, t2i_as_caption=cfg.data.t2i_as_caption, skips=self.skips)
-        self.sampler = D.HybridBatchSampler(self.dataset.groups, cfg.train.batch_size, cfg.data.ratios, seed=cfg.seed,
-                                            rank=acc.process_index, world_size=acc.num_processes)
+        self.dataset = D.UniDataset(
+            records,
+            cfg.data.resolution,
+            buckets,
+            random_crop=cfg.data.random_crop,
+            seed=cfg.seed,
+            t2i_as_caption=cfg.data.t2i_as_caption,
+            skips=self.skips,
+        )
+        self.sampler = D.HybridBatchSampler(
+            self.dataset.groups,
+            cfg.train.batch_size,
+            cfg.data.ratios,
+            seed=cfg.seed,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+        )
         self.loader = D.make_loader(self.dataset, self.sampler, cfg.data.num_workers)
         self.global_batch = cfg.train.batch_size * acc.num_processes
         self.positions = [acc.process_index * cfg.train.batch_size + i for i in range(cfg.train.batch_size)]
@@ -253,14 +288,19 @@ class Trainer:
         keys = set(self._trainable_keys())
         names = set(state) if names is None else set(names)
         if names != keys:
-            raise ValueError(f"{where}: trained tensors do not match this run's model "
-                             f"(missing {sorted(keys - names)[:3]}, extra {sorted(names - keys)[:3]})")
+            raise ValueError(
+                f"{where}: trained tensors do not match this run's model "
+                f"(missing {sorted(keys - names)[:3]}, extra {sorted(names - keys)[:3]})"
+            )
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
             # rank 0 holds the full tensors and broadcasts them; every rank keeps its shard
-            set_model_state_dict(self.transformer, state if self.main else {}, options=StateDictOptions(
-                full_state_dict=True, broadcast_from_rank0=True, strict=False))
+            set_model_state_dict(
+                self.transformer,
+                state if self.main else {},
+                options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False),
+            )
             return
         own = self.transformer.state_dict()
         with torch.no_grad():
@@ -271,8 +311,7 @@ class Trainer:
         """FSDP: the transformer's full state dict on rank 0, on the CPU (a collective; None elsewhere)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(self.transformer, options=StateDictOptions(full_state_dict=True,
-                                                                                cpu_offload=True))
+        state = get_model_state_dict(self.transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if self.main else None
 
     def _trainable_state(self):
@@ -282,7 +321,7 @@ class Trainer:
         state = self.accelerator.get_state_dict(self.module)  # collective under FSDP / ZeRO-3
         if state is None:
             return None
-        state = {k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")}
+        state = {k[len("transformer.") :]: v for k, v in state.items() if k.startswith("transformer.")}
         return {k: state[k] for k in self._trainable_keys()}
 
     def _save_resume_state(self, tmp):
@@ -295,18 +334,25 @@ class Trainer:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
             # the full (gathered) state on rank 0, keyed by parameter name; a collective
-            optimizer = get_optimizer_state_dict(self.transformer, self.optimizer.optimizer, options=StateDictOptions(
-                full_state_dict=True, cpu_offload=True))
+            optimizer = get_optimizer_state_dict(
+                self.transformer,
+                self.optimizer.optimizer,
+                options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+            )
         if self.main:
             if self.fsdp:
                 runs.save_optimizer_state(os.path.join(tmp, runs.OPTIMIZER), optimizer)
             elif not self.sharded:
                 runs.save_optimizer(os.path.join(tmp, runs.OPTIMIZER), self.optimizer)
             scaler = getattr(acc, "scaler", None)
-            runs.write_json(os.path.join(tmp, runs.RESUME), {
-                "scheduler": runs._jsonable(self.scheduler.state_dict()),
-                "scaler": runs._jsonable(scaler.state_dict()) if scaler is not None else None,
-                "optimizer": None if self.sharded else runs.OPTIMIZER})
+            runs.write_json(
+                os.path.join(tmp, runs.RESUME),
+                {
+                    "scheduler": runs._jsonable(self.scheduler.state_dict()),
+                    "scaler": runs._jsonable(scaler.state_dict()) if scaler is not None else None,
+                    "optimizer": None if self.sharded else runs.OPTIMIZER,
+                },
+            )
 
     def _write_checkpoint(self, tmp, state, ema):
         if self.main:
@@ -316,16 +362,29 @@ class Trainer:
         self._save_resume_state(tmp)
         if self.main:
             lora, step = self.cfg.train.lora, self.step
-            meta = {"mode": self.cfg.train.mode, "step": str(step), "lora_rank": str(lora.rank),
-                    "lora_alpha": str(lora.alpha), "format": "unialign-train"}
+            meta = {
+                "mode": self.cfg.train.mode,
+                "step": str(step),
+                "lora_rank": str(lora.rank),
+                "lora_alpha": str(lora.alpha),
+                "format": "unialign-train",
+            }
             runs.save_tensors(os.path.join(tmp, runs.TRAINABLE), state, meta)
             if ema is not None:
                 runs.save_tensors(os.path.join(tmp, runs.EMA), ema, meta)
-            runs.write_json(os.path.join(tmp, runs.STATE), {
-                "step": step, "batch_no": self.batch_no, "sampler": self.sampler.state_dict(step=self.batch_no),
-                "world_size": self.accelerator.num_processes, "global_batch": self.global_batch,
-                "skipped": self.skips.summary(), "empty_batches": dict(sorted(self.empty_batches.items())),
-                "resumable": not self.sharded})
+            runs.write_json(
+                os.path.join(tmp, runs.STATE),
+                {
+                    "step": step,
+                    "batch_no": self.batch_no,
+                    "sampler": self.sampler.state_dict(step=self.batch_no),
+                    "world_size": self.accelerator.num_processes,
+                    "global_batch": self.global_batch,
+                    "skipped": self.skips.summary(),
+                    "empty_batches": dict(sorted(self.empty_batches.items())),
+                    "resumable": not self.sharded,
+                },
+            )
 
     def save_checkpoint(self):
         acc, step = self.accelerator, self.step
@@ -348,8 +407,10 @@ class Trainer:
                 shutil.rmtree(tmp, ignore_errors=True)
             previous = runs.list_checkpoints(self.run_dir)
             kept = f"the previous checkpoint {previous[-1][1]} is intact" if previous else "no earlier checkpoint"
-            raise runs.TrainingError(f"no space left on {os.path.dirname(tmp)} while writing the checkpoint of "
-                                     f"step {step}; {kept}. Free some space and continue with --resume latest")
+            raise runs.TrainingError(
+                f"no space left on {os.path.dirname(tmp)} while writing the checkpoint of "
+                f"step {step}; {kept}. Free some space and continue with --resume latest"
+            )
         if self.main:
             runs.commit(tmp, final)
             runs.prune(self.run_dir, self.cfg.checkpoint.keep)
@@ -361,12 +422,16 @@ class Trainer:
         runs.refuse_pickles(checkpoint)
         state = runs.read_state(checkpoint)
         if state["global_batch"] != self.global_batch:
-            raise ConfigError(f"--resume {checkpoint}: saved with a global batch of {state['global_batch']}, this run "
-                              f"has {self.global_batch} (train.batch_size x processes); keep it the same")
+            raise ConfigError(
+                f"--resume {checkpoint}: saved with a global batch of {state['global_batch']}, this run "
+                f"has {self.global_batch} (train.batch_size x processes); keep it the same"
+            )
         if not state.get("resumable", True) or self.sharded:
-            raise ConfigError(f"--resume {checkpoint}: exact resume of sharded runs (FSDP, DeepSpeed) is not "
-                              f"supported (their optimizer state exists only as pickles); start a new run from "
-                              f"its weights with init.path={checkpoint}")
+            raise ConfigError(
+                f"--resume {checkpoint}: exact resume of sharded runs (FSDP, DeepSpeed) is not "
+                f"supported (their optimizer state exists only as pickles); start a new run from "
+                f"its weights with init.path={checkpoint}"
+            )
         path = os.path.join(checkpoint, runs.TRAINABLE)
         if self.fsdp:
             from safetensors import safe_open
@@ -380,10 +445,14 @@ class Trainer:
             # checkpoint, as in the uninterrupted run: strict=False, and the state torch's loader creates for it
             # with a zero-gradient step (step 1) is dropped again, or its first real step would count as the second
             optimizer = self.optimizer.optimizer
-            set_optimizer_state_dict(self.transformer, optimizer, full, options=StateDictOptions(
-                full_state_dict=True, broadcast_from_rank0=True, strict=False))
+            set_optimizer_state_dict(
+                self.transformer,
+                optimizer,
+                full,
+                options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False),
+            )
             with safe_open(os.path.join(checkpoint, runs.OPTIMIZER), framework="pt") as f:
-                saved = {k[len("state."):].rsplit(".", 1)[0] for k in f.keys()}
+                saved = {k[len("state.") :].rsplit(".", 1)[0] for k in f.keys()}
             for name, param in self.trainable:
                 if name not in saved:
                     optimizer.state.pop(param, None)
@@ -396,8 +465,11 @@ class Trainer:
         if scaler is not None and resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
         if not runs.load_rng(checkpoint, acc.process_index):
-            log.warning("%s has no random state for process %d; it continues from the current one",
-                        checkpoint, acc.process_index)
+            log.warning(
+                "%s has no random state for process %d; it continues from the current one",
+                checkpoint,
+                acc.process_index,
+            )
         self.empty_batches.update(state.get("empty_batches", {}))
         if self.ema is not None:
             path = os.path.join(checkpoint, runs.EMA)
@@ -421,8 +493,12 @@ class Trainer:
         acc = self.accelerator
         if acc.num_processes == 1:
             return Reducer()
-        return Reducer(all_sum=lambda x: acc.reduce(x.to(self.device), "sum"), gather=lambda x: acc.gather(x),
-                       rank=acc.process_index, world=acc.num_processes)
+        return Reducer(
+            all_sum=lambda x: acc.reduce(x.to(self.device), "sum"),
+            gather=lambda x: acc.gather(x),
+            rank=acc.process_index,
+            world=acc.num_processes,
+        )
 
     def train(self):
         cfg, acc = self.cfg, self.accelerator
@@ -443,8 +519,16 @@ class Trainer:
                 with acc.accumulate(self.module), attention_backend(self.device):
                     if self.fsdp:  # reduce-scatter the gradients only on the micro-batch that steps
                         self.transformer.set_requires_gradient_sync(acc.sync_gradients)
-                    total, logged = compute_losses(self.module, prepared, rng, cfg.loss, self.encoders.encode_ids,
-                                                   self.bundle.mask_id, reducer, block)
+                    total, logged = compute_losses(
+                        self.module,
+                        prepared,
+                        rng,
+                        cfg.loss,
+                        self.encoders.encode_ids,
+                        self.bundle.mask_id,
+                        reducer,
+                        block,
+                    )
                     acc.backward(total)
                     if acc.sync_gradients:
                         grad_norm = self._clip_gradients()
@@ -476,8 +560,13 @@ class Trainer:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
-                    mininterval=0.1 if sys.stderr.isatty() else 10)  # a log file gets a line every 10 s
+        return tqdm(
+            total=cfg.train.max_steps,
+            initial=self.step,
+            desc="train",
+            dynamic_ncols=True,
+            mininterval=0.1 if sys.stderr.isatty() else 10,
+        )  # a log file gets a line every 10 s
 
     def _next_batch(self, batches, seen):
         """The next micro-batch, padded to train.batch_size, and whether it is empty; notes it in `seen` (rank 0).
@@ -492,11 +581,18 @@ class Trainer:
             self.skips.merge(batch.get("skipped", []) if batch is not None else [])
             self.empty_batches[task] += 1
             if last_good is None:
-                raise runs.TrainingError(f"data: no image of the first micro-batch ({task}) could be "
-                                         f"decoded ({self.skips.summary()}); check that task's image files")
+                raise runs.TrainingError(
+                    f"data: no image of the first micro-batch ({task}) could be "
+                    f"decoded ({self.skips.summary()}); check that task's image files"
+                )
             log.warning("micro-batch %d (%s): no image could be decoded; skipped", self.batch_no, task)
-            batch = dict(last_good, index=last_good["index"][:1], text=last_good["text"][:1],
-                         caption=last_good["caption"][:1], skipped=[])
+            batch = dict(
+                last_good,
+                index=last_good["index"][:1],
+                text=last_good["text"][:1],
+                caption=last_good["caption"][:1],
+                skipped=[],
+            )
             batch["target"] = batch["target"][:1] if batch["target"] is not None else None
             batch["sources"] = [s[:1] for s in batch["sources"]]
             batch = pad_batch(batch, cfg.train.batch_size)
@@ -506,9 +602,13 @@ class Trainer:
             batch = pad_batch(batch, cfg.train.batch_size)
             self.last_good = batch
         if self.main:
-            seen.append({"task": task if empty else batch["task"],
-                         "batch": self.sampler.global_batch_at(self.batch_no),
-                         **({"skipped": True} if empty else {})})
+            seen.append(
+                {
+                    "task": task if empty else batch["task"],
+                    "batch": self.sampler.global_batch_at(self.batch_no),
+                    **({"skipped": True} if empty else {}),
+                }
+            )
         return batch, empty
 
     def _clip_gradients(self):
@@ -529,8 +629,12 @@ class Trainer:
         rate = self.global_batch * cfg.train.grad_accum / max(elapsed, 1e-9)
         self.speed = rate if self.speed is None else 0.9 * self.speed + 0.1 * rate
         final = {k: float(v) if good else None for k, v in zip(TERMS, values)}  # None: nothing decoded
-        final.update(step=self.step, lr=self.scheduler.get_last_lr()[0], samples_per_s=rate,
-                     grad_norm=float(grad_norm) if grad_norm is not None else None)
+        final.update(
+            step=self.step,
+            lr=self.scheduler.get_last_lr()[0],
+            samples_per_s=rate,
+            grad_norm=float(grad_norm) if grad_norm is not None else None,
+        )
         return final
 
     def _log(self, final, seen, bar):
@@ -541,15 +645,18 @@ class Trainer:
         with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps(dict(final, micro=seen)) + "\n")
         if bar is not None:
-            bar.set_postfix({k: f"{final[k]:.4f}" for k in TERMS if final[k] is not None}
-                            | {"samples/s": f"{self.speed:.2f}"},
-                            refresh=False)
+            bar.set_postfix(
+                {k: f"{final[k]:.4f}" for k in TERMS if final[k] is not None} | {"samples/s": f"{self.speed:.2f}"},
+                refresh=False,
+            )
             bar.update(1)
         if self.tb is not None and (self.step % cfg.log.every == 0 or self.step == 1):
-            self.accelerator.log({f"loss/{k}": final[k] for k in TERMS if final[k] is not None}
-                                 | {"lr": final["lr"], "samples_per_s": final["samples_per_s"]}
-                                 | ({"grad_norm": final["grad_norm"]} if final["grad_norm"] is not None else {}),
-                                 step=self.step)
+            self.accelerator.log(
+                {f"loss/{k}": final[k] for k in TERMS if final[k] is not None}
+                | {"lr": final["lr"], "samples_per_s": final["samples_per_s"]}
+                | ({"grad_norm": final["grad_norm"]} if final["grad_norm"] is not None else {}),
+                step=self.step,
+            )
 
     def _finish(self, bar):
         if bar is not None:
@@ -557,8 +664,11 @@ class Trainer:
         if self.skips.total:
             log.warning("data: skipped %d bad records in all: %s", self.skips.total, self.skips.summary())
         if self.empty_batches:
-            log.warning("data: %d micro-batches had no decodable image and were skipped: %s",
-                        sum(self.empty_batches.values()), dict(sorted(self.empty_batches.items())))
+            log.warning(
+                "data: %d micro-batches had no decodable image and were skipped: %s",
+                sum(self.empty_batches.values()),
+                dict(sorted(self.empty_batches.items())),
+            )
         self.accelerator.end_training()
 
     # -- validation ---------------------------------------------------------------------------------------------
@@ -569,8 +679,9 @@ class Trainer:
 
         cfg, acc = self.cfg.validation, self.accelerator
         if self.params_sharded:
-            log.warning("validation: skipped with ZeRO-3 (sharded parameters); export a checkpoint and run "
-                        "the modes on it")
+            log.warning(
+                "validation: skipped with ZeRO-3 (sharded parameters); export a checkpoint and run the modes on it"
+            )
             return
         full = self._full_model_state() if self.fsdp else None  # FSDP: gathered (a collective), rank 0 only
         if self.main:
@@ -582,14 +693,29 @@ class Trainer:
                 transformer.load_state_dict(full)
                 transformer.to(self.device)
                 del full
-            view = UniAlignModel(transformer, self.bundle.vae, self.bundle.text_encoder, self.bundle.tokenizer,
-                                 self.bundle.scheduler_config, self.bundle.mask_id, "training")
+            view = UniAlignModel(
+                transformer,
+                self.bundle.vae,
+                self.bundle.text_encoder,
+                self.bundle.tokenizer,
+                self.bundle.scheduler_config,
+                self.bundle.mask_id,
+                "training",
+            )
             transformer.eval()
             lines = []
             with acc.autocast():
                 for i, prompt in enumerate(cfg.prompts):
-                    res = text_to_image(view, prompt, width=cfg.width, height=cfg.height, steps=cfg.steps,
-                                        guidance=cfg.guidance, seed=cfg.seed, text_length=self.cfg.data.text_length)
+                    res = text_to_image(
+                        view,
+                        prompt,
+                        width=cfg.width,
+                        height=cfg.height,
+                        steps=cfg.steps,
+                        guidance=cfg.guidance,
+                        seed=cfg.seed,
+                        text_length=self.cfg.data.text_length,
+                    )
                     to_pil(res.images[:1])[0].save(os.path.join(folder, f"t2i_{i:02d}.png"))
                     if self.tb is not None:
                         self.tb.add_image(f"val/t2i_{i:02d}", res.images[0], self.step)
@@ -597,8 +723,9 @@ class Trainer:
                     pil = D.load_image(path)
                     m = self.bundle.pixel_multiple
                     pil = D.resize_to_bucket(pil, (max(m, pil.width // m * m), max(m, pil.height // m * m)))
-                    text = caption(view, D.image_to_tensor(pil)[None], answer_tokens=cfg.caption_length, steps=16,
-                                   seed=cfg.seed)[0]
+                    text = caption(
+                        view, D.image_to_tensor(pil)[None], answer_tokens=cfg.caption_length, steps=16, seed=cfg.seed
+                    )[0]
                     lines.append(f"{os.path.basename(path)}\t{text}")
                     if self.tb is not None:
                         self.tb.add_text(f"val/caption/{os.path.basename(path)}", text, self.step)

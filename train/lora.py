@@ -9,8 +9,13 @@ def apply_lora(transformer, cfg: Config):
     from peft import LoraConfig, inject_adapter_in_model
 
     lora = cfg.train.lora
-    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.targets), init_lora_weights=True)
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.targets),
+        init_lora_weights=True,
+    )
     transformer.requires_grad_(False)
     try:
         inject_adapter_in_model(config, transformer)

@@ -182,13 +182,24 @@ class TrainModule(nn.Module):
         out = {}
         img_block = txt_block = None
         if image_pass is not None:
-            o = self.transformer(image_pass["x_t"], image_pass["context"], image_pass["timestep"],
-                                 image_pass["conditions"], return_block=block, compute_text=False)
+            o = self.transformer(
+                image_pass["x_t"],
+                image_pass["context"],
+                image_pass["timestep"],
+                image_pass["conditions"],
+                return_block=block,
+                compute_text=False,
+            )
             out["velocity"], out["image_states"] = o.velocity, o.image_states
             img_block = o.block_image_states
         if text_pass is not None:
-            o = self.transformer(text_pass["latents"], text_pass["context"], text_pass["timestep"],
-                                 return_block=block, compute_image=image_pass is None)
+            o = self.transformer(
+                text_pass["latents"],
+                text_pass["context"],
+                text_pass["timestep"],
+                return_block=block,
+                compute_image=image_pass is None,
+            )
             out["text_logits"], out["text_states"] = o.text_logits, o.text_states
             txt_block = o.block_text_states
             if image_pass is None:  # caption / vqa batches: the clean image's states stand in
@@ -216,8 +227,16 @@ class Prepared:
     teacher_text: Optional[torch.Tensor] = None  # [B, D_teacher]
 
 
-def compute_losses(module, batch: Prepared, rng: SampleRNG, cfg, encode_ids: Callable, mask_id: int,
-                   reducer: Reducer = None, block: Optional[int] = None):
+def compute_losses(
+    module,
+    batch: Prepared,
+    rng: SampleRNG,
+    cfg,
+    encode_ids: Callable,
+    mask_id: int,
+    reducer: Reducer = None,
+    block: Optional[int] = None,
+):
     """All loss terms of one micro-batch. Returns (total for backward, {term: detached value for logging}).
 
     `cfg` is the `loss` section (weights, temperature, text_dropout, logit_mean/std, ignore_padding);
@@ -236,8 +255,12 @@ def compute_losses(module, batch: Prepared, rng: SampleRNG, cfg, encode_ids: Cal
         s = sigmas.view(-1, 1, 1, 1).to(x0.dtype)
         drop = (rng.rand("text_dropout") < cfg.text_dropout).to(device)
         context = torch.where(drop[:, None, None], batch.null_context.to(batch.prompt_context), batch.prompt_context)
-        image_pass = {"x_t": (1 - s) * x0 + s * noise, "context": context, "timestep": (sigmas * NUM_TRAIN_TIMESTEPS).round(),
-                      "conditions": batch.conditions}
+        image_pass = {
+            "x_t": (1 - s) * x0 + s * noise,
+            "context": context,
+            "timestep": (sigmas * NUM_TRAIN_TIMESTEPS).round(),
+            "conditions": batch.conditions,
+        }
 
     text_pass = xt = t = None
     if need_text:
@@ -245,8 +268,11 @@ def compute_losses(module, batch: Prepared, rng: SampleRNG, cfg, encode_ids: Cal
         xt, _ = mask_ids(batch.ids, t, batch.maskable & batch.caption_valid[:, None], mask_id, rng)
         with torch.no_grad():
             context = encode_ids(xt)
-        text_pass = {"latents": batch.understand, "context": context,
-                     "timestep": torch.zeros(batch.ids.shape[0], device=device)}
+        text_pass = {
+            "latents": batch.understand,
+            "context": context,
+            "timestep": torch.zeros(batch.ids.shape[0], device=device),
+        }
 
     out = module(image_pass, text_pass, block if align else None, align)
     zero = torch.zeros((), device=device)
@@ -254,18 +280,19 @@ def compute_losses(module, batch: Prepared, rng: SampleRNG, cfg, encode_ids: Cal
     valid = batch.caption_valid.float().to(device)
     present = batch.sample_valid.float().to(device)
     if image_pass is not None:
-        terms["image"] = image_flow_loss(out["velocity"], batch.target, noise, sigmas, present, reducer,
-                                       cfg.image_target)
+        terms["image"] = image_flow_loss(
+            out["velocity"], batch.target, noise, sigmas, present, reducer, cfg.image_target
+        )
     if text_pass is not None:
         count = (batch.not_pad if cfg.ignore_padding else torch.ones_like(batch.not_pad)) & batch.maskable
         count = count & batch.caption_valid[:, None]
         terms["text"] = text_mdlm_loss(out["text_logits"], batch.ids, xt, t, count.float(), mask_id, reducer)
         if cfg.cross > 0 and "image_states" in out:
-            terms["cross"] = contrastive_loss(out["image_states"], out["text_states"], valid, cfg.temperature,
-                                              reducer)
+            terms["cross"] = contrastive_loss(out["image_states"], out["text_states"], valid, cfg.temperature, reducer)
     if align and "align_image" in out:
-        terms["align"] = (align_loss(out["align_image"], batch.teacher_image, present, reducer)
-                          + align_loss(out["align_text"], batch.teacher_text, valid, reducer))
+        terms["align"] = align_loss(out["align_image"], batch.teacher_image, present, reducer) + align_loss(
+            out["align_text"], batch.teacher_text, valid, reducer
+        )
     weights = {"image": cfg.image, "text": cfg.text, "cross": cfg.cross, "align": cfg.align}
     total = sum(weights[k] * v for k, v in terms.items())
     logged = {k: v.detach().float() for k, v in terms.items()}

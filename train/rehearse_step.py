@@ -81,8 +81,16 @@ def run(paths: dict, device: str = "cpu") -> dict:
 
     rng = SampleRNG(0, 0, [0], 1)
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-        total, logged = compute_losses(module, batch, rng, LossConfig(), encode_ids, model.mask_id, Reducer(),
-                                       min(ALIGN_BLOCK, transformer.config.num_layers))
+        total, logged = compute_losses(
+            module,
+            batch,
+            rng,
+            LossConfig(),
+            encode_ids,
+            model.mask_id,
+            Reducer(),
+            min(ALIGN_BLOCK, transformer.config.num_layers),
+        )
     forward_s = time.perf_counter() - step_started
     progress("forward done (T5 encodes, image pass, text pass, losses)")
     total.backward()
@@ -94,10 +102,15 @@ def run(paths: dict, device: str = "cpu") -> dict:
     optimizer.zero_grad(set_to_none=True)
     run_s = time.perf_counter() - step_started
     return {
-        "load_s": load_s, "run_s": run_s, "forward_s": forward_s, "backward_and_update_s": run_s - forward_s,
+        "load_s": load_s,
+        "run_s": run_s,
+        "forward_s": forward_s,
+        "backward_and_update_s": run_s - forward_s,
         "losses": {k: float(v) for k, v in logged.items()},
-        "trainable_parameters": sum(p.numel() for p in trainable), "with_gradient": len(grads),
-        "trainable_tensors": len(trainable), "grad_norm": grad_norm,
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        "with_gradient": len(grads),
+        "trainable_tensors": len(trainable),
+        "grad_norm": grad_norm,
         "weights_bytes": weights_held(transformer, model.text_encoder, model.vae),
         "stand_ins": "VAE latents and teacher features: cached stand-ins (random, cache shapes); T5: real (fp8)",
     }

@@ -268,7 +268,8 @@ def refuse_pickles(checkpoint: str):
         raise TrainingError(
             f"--resume {checkpoint}: refused, it holds pickle files ({', '.join(sorted(found)[:4])}); loading a "
             f"pickle can run any code, so the trainer never does. A checkpoint of this trainer is safetensors and "
-            f"JSON only. To keep its weights, start a new run from it with init.path={checkpoint}")
+            f"JSON only. To keep its weights, start a new run from it with init.path={checkpoint}"
+        )
 
 
 def _jsonable(obj):
@@ -298,9 +299,14 @@ def optimizer_to_tensors(state: dict):
             else:
                 scalars.setdefault(str(index), {})[name] = _jsonable(value)
     by_name = any(not isinstance(index, int) for index in state["state"]) or any(
-        not isinstance(p, int) for g in state["param_groups"] for p in g["params"])
-    meta = {"format": "unialign-optimizer", "param_groups": json.dumps(_jsonable(state["param_groups"])),
-            "scalars": json.dumps(scalars), "keys": "name" if by_name else "index"}
+        not isinstance(p, int) for g in state["param_groups"] for p in g["params"]
+    )
+    meta = {
+        "format": "unialign-optimizer",
+        "param_groups": json.dumps(_jsonable(state["param_groups"])),
+        "scalars": json.dumps(scalars),
+        "keys": "name" if by_name else "index",
+    }
     return tensors, meta
 
 
@@ -308,7 +314,7 @@ def optimizer_from_tensors(tensors: Dict[str, torch.Tensor], meta: Dict[str, str
     key_of = str if meta.get("keys") == "name" else int
     state = {}
     for key, value in tensors.items():
-        index, name = key[len("state."):].rsplit(".", 1)  # optimizer state names (exp_avg, step) have no dot
+        index, name = key[len("state.") :].rsplit(".", 1)  # optimizer state names (exp_avg, step) have no dot
         state.setdefault(key_of(index), {})[name] = value
     for index, values in json.loads(meta["scalars"]).items():
         state.setdefault(key_of(index), {}).update(values)
@@ -354,8 +360,10 @@ def rng_state() -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
             tensors[f"cuda.{i}"] = s
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    meta = {"python": json.dumps([version, list(internal), gauss]),
-            "numpy": json.dumps([kind, keys.tolist(), int(pos), int(has_gauss), float(cached)])}
+    meta = {
+        "python": json.dumps([version, list(internal), gauss]),
+        "numpy": json.dumps([kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]),
+    }
     return tensors, meta
 
 
@@ -367,7 +375,7 @@ def set_rng_state(tensors: Dict[str, torch.Tensor], meta: Dict[str, str]):
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors)) if f"cuda.{i}" in tensors]
     if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
     version, internal, gauss = json.loads(meta["python"])
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = json.loads(meta["numpy"])

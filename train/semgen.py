@@ -60,10 +60,19 @@ log = logging.getLogger("train.semgen")
 TASKS = ("t2i_long", "t2i_complex", "edit_multi", "edit_complex")  # the official order
 T2I_TASKS = ("t2i_long", "t2i_complex")
 EDIT_TASKS = ("edit_multi", "edit_complex")
-NEGATIVE_PROMPT = ("low quality, blurry, low resolution, backlit, cartoon, animated, deformed, oversaturated, "
-                   "undersaturated, out of frame")
-PUBLISHED = {"size": 512, "steps": 50, "guidance_t2i": 7.0, "guidance_edit": 9.0, "negative_prompt": NEGATIVE_PROMPT,
-             "multi_edit": "single", "keep_aspect": False}
+NEGATIVE_PROMPT = (
+    "low quality, blurry, low resolution, backlit, cartoon, animated, deformed, oversaturated, "
+    "undersaturated, out of frame"
+)
+PUBLISHED = {
+    "size": 512,
+    "steps": 50,
+    "guidance_t2i": 7.0,
+    "guidance_edit": 9.0,
+    "negative_prompt": NEGATIVE_PROMPT,
+    "multi_edit": "single",
+    "keep_aspect": False,
+}
 BENCH_FILE = "semgen_bench.jsonl"
 METADATA = "semgen_run.json"
 FULLSET = "fullset"
@@ -72,9 +81,26 @@ ASPECT_MULTIPLE = 16
 SCORER_BACKBONE = "qwen25vl"
 SCORE_COLUMNS = ("sementics_score", "quality_score")  # spelling as published
 # Settings that change the images: a rerun into the same folder must keep them.
-IMAGE_SETTINGS = ("model", "text_encoder", "vae", "tokenizer", "mask_embedding", "lora", "lora_strength", "dtype",
-                  "size", "steps", "guidance_t2i", "guidance_edit", "negative_prompt", "seed", "multi_edit",
-                  "keep_aspect", "text_length", "bench_sha256")
+IMAGE_SETTINGS = (
+    "model",
+    "text_encoder",
+    "vae",
+    "tokenizer",
+    "mask_embedding",
+    "lora",
+    "lora_strength",
+    "dtype",
+    "size",
+    "steps",
+    "guidance_t2i",
+    "guidance_edit",
+    "negative_prompt",
+    "seed",
+    "multi_edit",
+    "keep_aspect",
+    "text_length",
+    "bench_sha256",
+)
 
 
 class SemGenError(ValueError):
@@ -97,19 +123,24 @@ def read_bench(bench_dir) -> List[Row]:
     bench_dir = Path(bench_dir)
     path = bench_dir / BENCH_FILE
     if not path.is_file():
-        raise SemGenError(f"--bench {bench_dir}: no {BENCH_FILE} there; point --bench at the SemGen-Bench folder "
-                          f"(the one with {BENCH_FILE} and images/)")
+        raise SemGenError(
+            f"--bench {bench_dir}: no {BENCH_FILE} there; point --bench at the SemGen-Bench folder "
+            f"(the one with {BENCH_FILE} and images/)"
+        )
     rows = []
     with open(path, encoding="utf-8") as f:
         for key, line in enumerate(f):
             if not line.strip():
-                raise SemGenError(f"{path}: line {key + 1} is empty; the keys are line numbers, so the file must "
-                                  "have one row per line and no blank lines")
+                raise SemGenError(
+                    f"{path}: line {key + 1} is empty; the keys are line numbers, so the file must "
+                    "have one row per line and no blank lines"
+                )
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SemGenError(f"{path}: line {key + 1} is not JSON ({e}); use the benchmark's file "
-                                  "unchanged") from e
+                raise SemGenError(
+                    f"{path}: line {key + 1} is not JSON ({e}); use the benchmark's file unchanged"
+                ) from e
             missing = [k for k in ("image_id",) + TASKS if k not in item]
             if missing:
                 raise SemGenError(f"{path}: line {key + 1} lacks {missing}; use the benchmark's file unchanged")
@@ -140,7 +171,7 @@ def split_instructions(text: str) -> List[str]:
     text back (spaces stay at the end of a piece; strip them before use). The published rows give three each."""
     pieces, start = [], 0
     for match in _BOUNDARY.finditer(text):
-        pieces.append(text[start:match.end()])
+        pieces.append(text[start : match.end()])
         start = match.end()
     pieces.append(text[start:])
     return pieces
@@ -193,8 +224,10 @@ def compact_rows(keys: Sequence[int]) -> str:
 def aspect_size(width: int, height: int, side: int, multiple: int = ASPECT_MULTIPLE) -> Tuple[int, int]:
     """About side x side pixels at the aspect ratio of width x height, both sides multiples of `multiple`."""
     scale = (side * side / (width * height)) ** 0.5
-    return (max(multiple, round(width * scale / multiple) * multiple),
-            max(multiple, round(height * scale / multiple) * multiple))
+    return (
+        max(multiple, round(width * scale / multiple) * multiple),
+        max(multiple, round(height * scale / multiple) * multiple),
+    )
 
 
 def prepare_source(path: Path, size: int = 512, keep_aspect: bool = False):
@@ -206,8 +239,9 @@ def prepare_source(path: Path, size: int = 512, keep_aspect: bool = False):
         with Image.open(path) as im:
             image = im.convert("RGB")
     except FileNotFoundError:
-        raise SemGenError(f"source image {path} not found; the benchmark folder needs images/<image_id>.jpg "
-                          "for every row you run") from None
+        raise SemGenError(
+            f"source image {path} not found; the benchmark folder needs images/<image_id>.jpg for every row you run"
+        ) from None
     except OSError as e:
         raise SemGenError(f"source image {path} cannot be read ({e}); replace it with the benchmark's file") from None
     target = aspect_size(*image.size, size) if keep_aspect else (size, size)
@@ -348,8 +382,15 @@ def load(args, device, dtype):
 
     from unialign_core import load_lora, load_model, lora_deltas
 
-    model = load_model(args.model, text_encoder=args.text_encoder, vae=args.vae, tokenizer=args.tokenizer,
-                       mask_embedding=args.mask_embedding, device=device, dtype=dtype)
+    model = load_model(
+        args.model,
+        text_encoder=args.text_encoder,
+        vae=args.vae,
+        tokenizer=args.tokenizer,
+        mask_embedding=args.mask_embedding,
+        device=device,
+        dtype=dtype,
+    )
     if args.lora:
         deltas = lora_deltas(model.transformer, load_lora(args.lora), args.lora_strength, args.lora)
         params = dict(model.transformer.named_parameters())
@@ -362,13 +403,24 @@ def load(args, device, dtype):
 def settings_of(args, model, bench_sha: str) -> dict:
     absolute = lambda p: os.path.abspath(p) if p else None  # noqa: E731
     settings = {
-        "model": absolute(args.model), "text_encoder": absolute(args.text_encoder), "vae": absolute(args.vae),
-        "tokenizer": absolute(args.tokenizer), "mask_embedding": absolute(args.mask_embedding),
-        "lora": absolute(args.lora), "lora_strength": args.lora_strength if args.lora else None,
-        "dtype": str(model.dtype).replace("torch.", ""), "size": args.size, "steps": args.steps,
-        "guidance_t2i": args.guidance_t2i, "guidance_edit": args.guidance_edit,
-        "negative_prompt": args.negative_prompt, "seed": args.seed, "seed_rule": "seed + key",
-        "multi_edit": args.multi_edit, "keep_aspect": args.keep_aspect, "text_length": model.text_length,
+        "model": absolute(args.model),
+        "text_encoder": absolute(args.text_encoder),
+        "vae": absolute(args.vae),
+        "tokenizer": absolute(args.tokenizer),
+        "mask_embedding": absolute(args.mask_embedding),
+        "lora": absolute(args.lora),
+        "lora_strength": args.lora_strength if args.lora else None,
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "size": args.size,
+        "steps": args.steps,
+        "guidance_t2i": args.guidance_t2i,
+        "guidance_edit": args.guidance_edit,
+        "negative_prompt": args.negative_prompt,
+        "seed": args.seed,
+        "seed_rule": "seed + key",
+        "multi_edit": args.multi_edit,
+        "keep_aspect": args.keep_aspect,
+        "text_length": model.text_length,
         "bench_sha256": bench_sha,
     }
     settings["published_protocol"] = all(settings[k] == v for k, v in PUBLISHED.items())
@@ -378,8 +430,10 @@ def settings_of(args, model, bench_sha: str) -> dict:
 def check_settings(old: dict, new: dict, run_dir: Path) -> None:
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in IMAGE_SETTINGS if old.get(k) != new.get(k)]
     if changed:
-        raise SemGenError(f"{run_dir} holds images made with other settings ({'; '.join(changed)}); use another "
-                          "--name, or delete that folder to start over")
+        raise SemGenError(
+            f"{run_dir} holds images made with other settings ({'; '.join(changed)}); use another "
+            "--name, or delete that folder to start over"
+        )
 
 
 def generate_item(model, row: Row, item: Item, args, files: List[Path], on_step=None) -> int:
@@ -390,8 +444,17 @@ def generate_item(model, row: Row, item: Item, args, files: List[Path], on_step=
     seed = args.seed + row.key
     text = row.texts[item.task]
     if item.task in T2I_TASKS:
-        out = text_to_image(model, text, negative_prompt=args.negative_prompt, width=args.size, height=args.size,
-                            steps=args.steps, guidance=args.guidance_t2i, seed=seed, callback=on_step)
+        out = text_to_image(
+            model,
+            text,
+            negative_prompt=args.negative_prompt,
+            width=args.size,
+            height=args.size,
+            steps=args.steps,
+            guidance=args.guidance_t2i,
+            seed=seed,
+            callback=on_step,
+        )
         write_png(to_pil(out.images)[0], files[-1])
         return 1
     source = prepare_source(row.image, args.size, args.keep_aspect)
@@ -401,8 +464,16 @@ def generate_item(model, row: Row, item: Item, args, files: List[Path], on_step=
         instructions = [p.strip() for p in split_instructions(text)]
     current = source
     for i, instruction in enumerate(instructions):
-        out = edit(model, current, instruction, negative_prompt=args.negative_prompt, steps=args.steps,
-                   guidance=args.guidance_edit, seed=seed, callback=on_step)
+        out = edit(
+            model,
+            current,
+            instruction,
+            negative_prompt=args.negative_prompt,
+            steps=args.steps,
+            guidance=args.guidance_edit,
+            seed=seed,
+            callback=on_step,
+        )
         current = out.images
         write_png(to_pil(current)[0], files[1 + i])
     return 1 + len(instructions)
@@ -426,16 +497,19 @@ def run(args) -> dict:
     if any(t in EDIT_TASKS for t in tasks):
         missing = [str(rows[k].image) for k in keys if not rows[k].image.is_file()]
         if missing:
-            raise SemGenError(f"--bench {args.bench}: {len(missing)} source image(s) missing, e.g. {missing[0]}; "
-                              "the edit tasks need images/<image_id>.jpg (or choose --rows / --tasks t2i_long,"
-                              "t2i_complex)")
+            raise SemGenError(
+                f"--bench {args.bench}: {len(missing)} source image(s) missing, e.g. {missing[0]}; "
+                "the edit tasks need images/<image_id>.jpg (or choose --rows / --tasks t2i_long,"
+                "t2i_complex)"
+            )
     run_dir = Path(args.out) / args.name
     device = resolve_device(args.device, state)
     dtype = resolve_dtype(args.dtype, device)
     model = load(args, device, dtype)
     if args.size % model.pixel_multiple:
-        raise SemGenError(f"--size {args.size} is not a multiple of {model.pixel_multiple} (this model's VAE and "
-                          "patch size)")
+        raise SemGenError(
+            f"--size {args.size} is not a multiple of {model.pixel_multiple} (this model's VAE and patch size)"
+        )
     settings = settings_of(args, model, file_sha256(Path(args.bench) / BENCH_FILE))
     meta_path = run_dir / METADATA
     meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else None
@@ -462,23 +536,37 @@ def run(args) -> dict:
     mine = todo[rank::world]
     skipped = len(items) - len(todo)
     if state.is_main_process:
-        log.info("SemGen-Bench: %d item(s) selected, %d complete, %d to make on %d process(es) (%s, %s)",
-                 len(items), skipped, len(todo), world, device, settings["dtype"])
+        log.info(
+            "SemGen-Bench: %d item(s) selected, %d complete, %d to make on %d process(es) (%s, %s)",
+            len(items),
+            skipped,
+            len(todo),
+            world,
+            device,
+            settings["dtype"],
+        )
 
     bar = None
     if state.is_main_process and args.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(mine), desc=f"semgen {args.name}" + (f" (process 0 of {world})" if world > 1 else ""),
-                   unit="img", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10)
+        bar = tqdm(
+            total=len(mine),
+            desc=f"semgen {args.name}" + (f" (process 0 of {world})" if world > 1 else ""),
+            unit="img",
+            dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 10,
+        )
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     started = time.perf_counter()
     written, made = [], 0
     for it in mine:
         on_step = None
         if bar is not None:
+
             def on_step(step, total, *_, it=it):
                 bar.set_postfix_str(f"{it.task} {it.key} step {step}/{total}", refresh=False)
+
         generate_item(model, rows[it.key], it, args, files[it], on_step)
         written += [str(p.relative_to(run_dir)) for p in files[it]]
         made += 1
@@ -492,9 +580,16 @@ def run(args) -> dict:
     all_seconds = gather_list(state, [seconds, made])
     state.wait_for_everyone()
     entry = {
-        "started": started_at, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "tasks": tasks,
-        "rows": compact_rows(keys), "seed": args.seed, "processes": world, "device": str(device),
-        "items": len(items), "complete_before": skipped, "made": len(todo),
+        "started": started_at,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "tasks": tasks,
+        "rows": compact_rows(keys),
+        "seed": args.seed,
+        "processes": world,
+        "device": str(device),
+        "items": len(items),
+        "complete_before": skipped,
+        "made": len(todo),
         "files_written_per_process": [len(w) for w in all_written],
         "items_per_process": [s[1] for s in all_seconds],
         "seconds_per_process": [round(s[0], 3) for s in all_seconds],
@@ -533,9 +628,11 @@ def read_score_csv(path: Path, task: Optional[str] = None) -> List[Tuple[float, 
         reader = csv.DictReader(f)
         lacking = [c for c in SCORE_COLUMNS if c not in (reader.fieldnames or [])]
         if lacking:
-            raise SemGenError(f"{path}: no column(s) {lacking}; is this a SemGen-Bench scorer CSV "
-                              "(columns data_type, source_image, generated_image, instruction, "
-                              f"{', '.join(SCORE_COLUMNS)})?")
+            raise SemGenError(
+                f"{path}: no column(s) {lacking}; is this a SemGen-Bench scorer CSV "
+                "(columns data_type, source_image, generated_image, instruction, "
+                f"{', '.join(SCORE_COLUMNS)})?"
+            )
         for line, row in enumerate(reader, start=2):
             if task is not None and row.get("data_type") != task:
                 continue
@@ -546,15 +643,19 @@ def read_score_csv(path: Path, task: Optional[str] = None) -> List[Tuple[float, 
 def find_scores(folder: Path, backbone: str = SCORER_BACKBONE) -> Tuple[Path, str]:
     """The scorer's output folder and the method name, from RESULTS/NAME (or the eval_results_AWQ folder)."""
     folder = Path(folder)
-    for candidate, name in ((folder / backbone / "eval_results_AWQ", folder.name),
-                            (folder, folder.parent.parent.name if folder.name == "eval_results_AWQ" else None)):
+    for candidate, name in (
+        (folder / backbone / "eval_results_AWQ", folder.name),
+        (folder, folder.parent.parent.name if folder.name == "eval_results_AWQ" else None),
+    ):
         if candidate.is_dir() and any(candidate.glob("*_score.csv")):
             if name is None:
                 combined = sorted(candidate.glob("*_combined_score.csv"))
                 name = combined[0].name[: -len("_combined_score.csv")] if combined else ""
             return candidate, name
-    raise SemGenError(f"--summarize {folder}: no scorer CSV files in {folder / backbone / 'eval_results_AWQ'}; run "
-                      "the official scorer first (see the README), or pass that folder")
+    raise SemGenError(
+        f"--summarize {folder}: no scorer CSV files in {folder / backbone / 'eval_results_AWQ'}; run "
+        "the official scorer first (see the README), or pass that folder"
+    )
 
 
 def summarize(folder, backbone: str = SCORER_BACKBONE, expected: int = 150) -> dict:
@@ -576,20 +677,31 @@ def summarize(folder, backbone: str = SCORER_BACKBONE, expected: int = 150) -> d
             continue
         n = len(pairs)
         tasks[task] = {
-            "n": n, "semantics": sum(s for s, _ in pairs) / n, "quality": sum(q for _, q in pairs) / n,
-            "overall": sum(math.sqrt(s * q) for s, q in pairs) / n, "csv": str(path),
+            "n": n,
+            "semantics": sum(s for s, _ in pairs) / n,
+            "quality": sum(q for _, q in pairs) / n,
+            "overall": sum(math.sqrt(s * q) for s, q in pairs) / n,
+            "csv": str(path),
         }
     if not tasks:
         raise SemGenError(f"--summarize {folder}: the CSV files in {scores_dir} hold no scores")
     average = {k: sum(t[k] for t in tasks.values()) / len(tasks) for k in ("semantics", "quality", "overall")}
-    return {"scores": str(scores_dir), "method": name, "tasks": tasks, "average": average,
-            "average_over": list(tasks), "complete": len(tasks) == len(TASKS)
-            and all(t["n"] == expected for t in tasks.values()), "expected_per_task": expected}
+    return {
+        "scores": str(scores_dir),
+        "method": name,
+        "tasks": tasks,
+        "average": average,
+        "average_over": list(tasks),
+        "complete": len(tasks) == len(TASKS) and all(t["n"] == expected for t in tasks.values()),
+        "expected_per_task": expected,
+    }
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"SemGen-Bench scores of {summary['method'] or '?'} ({summary['scores']})",
-             f"{'task':<14}{'n':>5}{'semantics':>11}{'quality':>9}{'overall':>9}"]
+    lines = [
+        f"SemGen-Bench scores of {summary['method'] or '?'} ({summary['scores']})",
+        f"{'task':<14}{'n':>5}{'semantics':>11}{'quality':>9}{'overall':>9}",
+    ]
     for task, t in summary["tasks"].items():
         lines.append(f"{task:<14}{t['n']:>5}{t['semantics']:>11.3f}{t['quality']:>9.3f}{t['overall']:>9.3f}")
     a = summary["average"]
@@ -599,8 +711,10 @@ def format_summary(summary: dict) -> str:
     if missing:
         lines.append(f"note: no scores for {', '.join(missing)}; the average is over {len(summary['tasks'])} task(s)")
     if short:
-        lines.append(f"note: fewer than {summary['expected_per_task']} samples in {', '.join(short)} "
-                     "(the scorer skips missing images)")
+        lines.append(
+            f"note: fewer than {summary['expected_per_task']} samples in {', '.join(short)} "
+            "(the scorer skips missing images)"
+        )
     return "\n".join(lines)
 
 
@@ -608,9 +722,12 @@ def format_summary(summary: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.semgen", description=__doc__.split("\n\n")[0],
-                                epilog="Details: the module docstring (train/semgen.py) and the README.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m train.semgen",
+        description=__doc__.split("\n\n")[0],
+        epilog="Details: the module docstring (train/semgen.py) and the README.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     g = p.add_argument_group("generation")
     g.add_argument("--bench", help="the SemGen-Bench folder (semgen_bench.jsonl and images/)")
     g.add_argument("--model", help="model: our single .safetensors file or an upstream folder")
@@ -622,16 +739,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask-embedding", help="the official mask_token_emb .pth file")
     g.add_argument("--lora", help="a LoRA .safetensors file, merged into the weights")
     g.add_argument("--lora-strength", type=float, default=1.0, help="LoRA strength (default 1.0)")
-    g.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="weights dtype (auto: bf16 on a GPU that has it, else fp16; fp32 on the CPU)")
+    g.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="weights dtype (auto: bf16 on a GPU that has it, else fp16; fp32 on the CPU)",
+    )
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: the process's GPU, else the CPU)")
     g.add_argument("--tasks", help=f"comma-separated subset of {','.join(TASKS)} (default: all)")
     g.add_argument("--rows", help="0-based row keys, e.g. 0-9,20 (default: all 150)")
     g.add_argument("--seed", type=int, default=0, help="image <key> uses seed + key (default 0)")
-    g.add_argument("--multi-edit", choices=("single", "chain"), default="single",
-                   help="edit_multi as one instruction (published) or as a chain of its sentences (ours)")
-    g.add_argument("--keep-aspect", action="store_true",
-                   help="edit at the source's aspect ratio (ours; published: squashed to a square)")
+    g.add_argument(
+        "--multi-edit",
+        choices=("single", "chain"),
+        default="single",
+        help="edit_multi as one instruction (published) or as a chain of its sentences (ours)",
+    )
+    g.add_argument(
+        "--keep-aspect",
+        action="store_true",
+        help="edit at the source's aspect ratio (ours; published: squashed to a square)",
+    )
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     o = p.add_argument_group("protocol overrides (leave them for a comparable score; tests and quick looks)")
     o.add_argument("--size", type=int, default=PUBLISHED["size"], help="image side (published 512)")
@@ -640,8 +768,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--guidance-edit", type=float, default=PUBLISHED["guidance_edit"], help="published 9.0")
     o.add_argument("--negative-prompt", default=NEGATIVE_PROMPT, help="default: the published negative prompt")
     s = p.add_argument_group("scores")
-    s.add_argument("--summarize", metavar="RESULTS/NAME",
-                   help="summarise the official scorer's CSV files of this method folder (or its eval_results_AWQ)")
+    s.add_argument(
+        "--summarize",
+        metavar="RESULTS/NAME",
+        help="summarise the official scorer's CSV files of this method folder (or its eval_results_AWQ)",
+    )
     s.add_argument("--json", help="where --summarize writes its JSON (default RESULTS/NAME/semgen_summary.json)")
     s.add_argument("--backbone", default=SCORER_BACKBONE, help="the scorer's --backbone (default qwen25vl)")
     return p
@@ -650,8 +781,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     try:
         if args.summarize:
             summary = summarize(args.summarize, args.backbone)

@@ -59,8 +59,9 @@ class Teacher:
         config = AutoConfig.from_pretrained(path)
         kind = config.model_type
         if kind not in CONTRASTIVE_KINDS + QWEN_KINDS:
-            raise ValueError(f"teacher.path {path!r}: model_type {kind!r} is not supported; use a CLIP, SigLIP or "
-                             "Qwen2.5-VL folder")
+            raise ValueError(
+                f"teacher.path {path!r}: model_type {kind!r} is not supported; use a CLIP, SigLIP or Qwen2.5-VL folder"
+            )
         model = AutoModel.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
         processor = AutoImageProcessor.from_pretrained(path)
         if image_size is not None:
@@ -99,8 +100,9 @@ class Teacher:
         inputs = self.processor(images=images, do_rescale=False, return_tensors="pt")
         pixel_values = inputs["pixel_values"].to(self.device, self.dtype)
         if self.kind in QWEN_KINDS:
-            out = _features(self.model.get_image_features(pixel_values, image_grid_thw=inputs["image_grid_thw"].to(
-                self.device)))
+            out = _features(
+                self.model.get_image_features(pixel_values, image_grid_thw=inputs["image_grid_thw"].to(self.device))
+            )
             return torch.stack([tokens.float().mean(0) for tokens in out])
         return _features(self.model.get_image_features(pixel_values=pixel_values)).float()
 
@@ -108,8 +110,9 @@ class Teacher:
     def text_features(self, texts: List[str]) -> torch.Tensor:
         """Captions -> [B, dim] float32."""
         padding = "max_length" if self.kind in ("siglip", "siglip2") else True  # SigLIP was trained padded
-        inputs = self.tokenizer(list(texts), padding=padding, truncation=True, max_length=self.max_text_length,
-                                return_tensors="pt").to(self.device)
+        inputs = self.tokenizer(
+            list(texts), padding=padding, truncation=True, max_length=self.max_text_length, return_tensors="pt"
+        ).to(self.device)
         if self.kind in QWEN_KINDS:
             embeds = self.model.get_input_embeddings()(inputs["input_ids"]).float()
             mask = inputs["attention_mask"][..., None].float()
@@ -136,8 +139,10 @@ class CachedTeacher:
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         quantised = (pixels.float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-        keys = [FeatureCache.key("teacher-image", self.teacher.identity, tuple(q.shape), q.numpy().tobytes())
-                for q in quantised]
+        keys = [
+            FeatureCache.key("teacher-image", self.teacher.identity, tuple(q.shape), q.numpy().tobytes())
+            for q in quantised
+        ]
         return self._cached(keys, lambda idx: self.teacher.image_features(pixels[idx]))
 
     def text_features(self, texts: List[str]) -> torch.Tensor:

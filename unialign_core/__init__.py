@@ -1,8 +1,8 @@
 """unialign_core: the UniAlignment model, its loader, samplers and modes. No ComfyUI imports."""
 
 from .errors import Cancelled, CheckpointError, InputError
-from .lora import load_lora, lora_deltas, save_lora
 from .loader import load_model, load_tokenizer, load_transformer
+from .lora import load_lora, lora_deltas, save_lora
 from .model import DTYPES, UniAlignModel
 from .modes import (
     PERCEPTION_PRESETS,

@@ -97,7 +97,9 @@ def run(size: str, device: str, dtype: torch.dtype, steps: int, caption_steps: i
         step_times.append(now - last[0])
         last[0] = now
 
-    _, t2i_total = timed(lambda: text_to_image(model, prompt, width=side, height=side, steps=steps, callback=on_step), device)
+    _, t2i_total = timed(
+        lambda: text_to_image(model, prompt, width=side, height=side, steps=steps, callback=on_step), device
+    )
     image = torch.rand(1, 3, side, side)
     latents = model.encode_images(image.to(device))
 
@@ -119,8 +121,10 @@ def run(size: str, device: str, dtype: torch.dtype, steps: int, caption_steps: i
     }  # fmt: skip
     for sampler, n in (("ddpm_cache", length), ("confidence", length), ("confidence", length // 4)):
         before = TextDenoiser.total_calls
-        _, seconds = timed(lambda n=n, sampler=sampler: caption(model, image, answer_tokens=n, steps=caption_steps,
-                                                                sampler=sampler), device)
+        _, seconds = timed(
+            lambda n=n, sampler=sampler: caption(model, image, answer_tokens=n, steps=caption_steps, sampler=sampler),
+            device,
+        )
         calls = TextDenoiser.total_calls - before
         results["caption"][f"{sampler}@{n}"] = {"s": seconds, "forward_passes": calls}
     base = results["caption"][f"ddpm_cache@{length}"]["s"]

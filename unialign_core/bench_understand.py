@@ -182,8 +182,10 @@ def markdown(results) -> str:
              "|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         for row in r["rows"]:
-            lines.append(f"| {r['image_tokens']} | {row['setting']} | {row['s']:.2f} | {row['passes']} "
-                         f"({row['full_passes']}) | {row['ratio']:.2f}x | {row['ratio_from_pass_costs']:.2f}x |")
+            lines.append(
+                f"| {r['image_tokens']} | {row['setting']} | {row['s']:.2f} | {row['passes']} "
+                f"({row['full_passes']}) | {row['ratio']:.2f}x | {row['ratio_from_pass_costs']:.2f}x |"
+            )
 
     return "\n".join(lines)
 
@@ -194,14 +196,20 @@ def main(argv=None):
     parser.add_argument("--length", type=int, default=256, help="text tokens")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--refresh", type=int, nargs="+", default=[1, 4, 8])
-    parser.add_argument("--threshold", type=float, nargs="+", default=None,
-                        help="thresholds to time besides 'off' (default: 0.9; 0 = none)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        nargs="+",
+        default=None,
+        help="thresholds to time besides 'off' (default: 0.9; 0 = none)",
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=1, help="runs per setting, interleaved; the fastest counts")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (1 gives steadier figures on a busy machine)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (1 gives steadier figures on a busy machine)"
+    )
     parser.add_argument("--no-drift", action="store_true", help="skip the logit-drift check")
     args = parser.parse_args(argv)
     if args.threads:

@@ -140,7 +140,9 @@ def _new_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def save_safetensors_atomic(tensors: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> str:
+def save_safetensors_atomic(
+    tensors: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None
+) -> str:
     """Write a .safetensors file via a temp file and a rename: readers never see half a file.
 
     The file gets ordinary permissions (safetensors itself creates owner-only files), so a ComfyUI running as

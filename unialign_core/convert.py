@@ -18,13 +18,24 @@ from safetensors import safe_open
 
 from .checkpoint import check_state_dict, read_weight_map
 from .errors import CheckpointError, InputError
-from .model import DTYPES
 from .loader import (
-    DEFAULT_SCHEDULER, _find_mask_file, _first_dir, _mask_id, load_model, load_tokenizer,
+    DEFAULT_SCHEDULER,
+    _find_mask_file,
+    _first_dir,
+    _mask_id,
+    load_model,
+    load_tokenizer,
     transformer_config_from_upstream,
 )  # fmt: skip
-from .single_file import BUNDLE_PREFIXES, TORCH_DTYPES, StreamingSafetensorsWriter, _config_dict, save_single_file
-from .single_file import single_file_metadata
+from .model import DTYPES
+from .single_file import (
+    BUNDLE_PREFIXES,
+    TORCH_DTYPES,
+    StreamingSafetensorsWriter,
+    _config_dict,
+    save_single_file,
+    single_file_metadata,
+)
 from .text_encoder import load_mask_embedding
 from .transformer import ALIGN_PREFIXES, UniAlignTransformer
 
@@ -154,7 +165,9 @@ def convert(source: str, output: str, dtype: str = "bf16", mask_embedding=None, 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="upstream pipeline folder (transformer/ vae/ text_encoder/ tokenizer/ scheduler/)")
+    parser.add_argument(
+        "source", help="upstream pipeline folder (transformer/ vae/ text_encoder/ tokenizer/ scheduler/)"
+    )
     parser.add_argument("output", help="the .safetensors file to write")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype in the file")
     parser.add_argument("--mask-embedding", help="the official mask_token_emb .pth, if the folder lacks it")

@@ -74,7 +74,7 @@ def check_size(width: int, height: int, multiple: int, name: str = "image") -> N
         raise InputError(
             name,
             f"size {width}x{height} is not a multiple of {multiple}; "
-            f"resize or crop it, e.g. to {fit(width)}x{fit(height)}"
+            f"resize or crop it, e.g. to {fit(width)}x{fit(height)}",
         )
 
 
@@ -107,7 +107,7 @@ def check_fits(width: int, height: int, limit: int, multiple: int, name: str = "
     raise InputError(
         name,
         f"size {width}x{height} is larger than this model allows (its position table covers at most "
-        f"{limit}x{limit} pixels); scale it down, e.g. to {fit(width)}x{fit(height)}"
+        f"{limit}x{limit} pixels); scale it down, e.g. to {fit(width)}x{fit(height)}",
     )
 
 

@@ -45,9 +45,19 @@ T5_MASK_TOKEN = "<extra_id_0>"
 DEFAULT_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
 UPSTREAM_IGNORED = ("_class_name", "_diffusers_version", "_name_or_path")
 # The transformer config entries a UniAlignment start takes from plain SD3-medium (`load_sd3_medium_start`).
-SD3_CONFIG_KEYS = ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim",
-                   "num_attention_heads", "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim",
-                   "out_channels", "pos_embed_max_size")
+SD3_CONFIG_KEYS = (
+    "sample_size",
+    "patch_size",
+    "in_channels",
+    "num_layers",
+    "attention_head_dim",
+    "num_attention_heads",
+    "joint_attention_dim",
+    "caption_projection_dim",
+    "pooled_projection_dim",
+    "out_channels",
+    "pos_embed_max_size",
+)
 
 
 def vae_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -58,11 +68,14 @@ def vae_dtype(dtype: torch.dtype) -> torch.dtype:
 def refuse_sd35(config: dict, path: str) -> None:
     """SD3.5's additions are neither a UniAlignment architecture nor a base to train one from: a clear error."""
     if config.get("dual_attention_layers"):
-        raise CheckpointError(path, "dual attention layers (SD3.5) are not a UniAlignment architecture; "
-                                    "a training start must be SD3-medium")
+        raise CheckpointError(
+            path,
+            "dual attention layers (SD3.5) are not a UniAlignment architecture; a training start must be SD3-medium",
+        )
     if config.get("qk_norm"):
-        raise CheckpointError(path, "qk-norm (SD3.5) is not a UniAlignment architecture; "
-                                    "a training start must be SD3-medium")
+        raise CheckpointError(
+            path, "qk-norm (SD3.5) is not a UniAlignment architecture; a training start must be SD3-medium"
+        )
 
 
 def read_scheduler(folder: str) -> dict:
@@ -90,7 +103,12 @@ def transformer_config_from_upstream(raw: dict, path: str) -> dict:
 
 
 def build_transformer(
-    config: dict, state: dict, path: str, dtype: torch.dtype, operations=None, weight_dtype: Optional[torch.dtype] = None
+    config: dict,
+    state: dict,
+    path: str,
+    dtype: torch.dtype,
+    operations=None,
+    weight_dtype: Optional[torch.dtype] = None,
 ) -> UniAlignTransformer:
     """Build on the meta device and load the weights; training-only projectors are skipped.
 
@@ -114,8 +132,11 @@ def build_transformer(
 
 
 def load_transformer(
-    folder: str, dtype: torch.dtype = torch.float32, fp16_time_projection: Optional[bool] = None,
-    operations=None, weight_dtype: Optional[torch.dtype] = None,
+    folder: str,
+    dtype: torch.dtype = torch.float32,
+    fp16_time_projection: Optional[bool] = None,
+    operations=None,
+    weight_dtype: Optional[torch.dtype] = None,
 ) -> UniAlignTransformer:
     """Load a released `transformer/` folder (config.json + safetensors, sharded or not)."""
     config_path = os.path.join(folder, "config.json")
@@ -261,33 +282,53 @@ def load_model(
         raise CheckpointError(path, "model not found")
     if os.path.isdir(path):
         transformer, scheduler, parts, declared_mask = _load_folder(
-            path, dtype, fp16_time_projection, operations, weight_dtype)
+            path, dtype, fp16_time_projection, operations, weight_dtype
+        )
     else:
         transformer, scheduler, parts, declared_mask = _load_file(
-            path, dtype, fp16_time_projection, operations, weight_dtype)
-    return _assemble(path, transformer, scheduler, parts, declared_mask, text_encoder, vae, tokenizer, mask_embedding,
-                     dtype, operations).to(device)
+            path, dtype, fp16_time_projection, operations, weight_dtype
+        )
+    return _assemble(
+        path,
+        transformer,
+        scheduler,
+        parts,
+        declared_mask,
+        text_encoder,
+        vae,
+        tokenizer,
+        mask_embedding,
+        dtype,
+        operations,
+    ).to(device)
 
 
-def _assemble(path, transformer, scheduler, parts, declared_mask, text_encoder, vae, tokenizer, mask_embedding,
-              dtype, operations) -> UniAlignModel:
+def _assemble(
+    path, transformer, scheduler, parts, declared_mask, text_encoder, vae, tokenizer, mask_embedding, dtype, operations
+) -> UniAlignModel:
     """The UniAlignModel of a loaded transformer: T5, VAE and tokenizer (the arguments win over `parts`, the
     model's own), the mask id and the mask-token embedding."""
     t5 = load_text_encoder(text_encoder, dtype, operations) if text_encoder else parts["text_encoder"]
     if isinstance(t5, str):
         t5 = load_text_encoder(t5, dtype, operations)
     if t5 is None:
-        raise CheckpointError(path, "no text encoder: pass a T5 encoder file (e.g. models/text_encoders/t5xxl_fp16.safetensors)",
-                              component="text_encoder")
+        raise CheckpointError(
+            path,
+            "no text encoder: pass a T5 encoder file (e.g. models/text_encoders/t5xxl_fp16.safetensors)",
+            component="text_encoder",
+        )
     autoencoder = load_vae(vae, vae_dtype(dtype)) if vae else parts["vae"]
     if isinstance(autoencoder, str):
         autoencoder = load_vae(autoencoder, vae_dtype(dtype))
     if autoencoder is None:
-        raise CheckpointError(path, "no VAE: pass an SD3 VAE file (e.g. models/vae/sd3_vae.safetensors)", component="vae")
+        raise CheckpointError(
+            path, "no VAE: pass an SD3 VAE file (e.g. models/vae/sd3_vae.safetensors)", component="vae"
+        )
     tok = tokenizer or parts["tokenizer"]
     if tok is None:
-        raise CheckpointError(path, "no tokenizer: put tokenizer/ next to the model or pass a tokenizer path",
-                              component="tokenizer")
+        raise CheckpointError(
+            path, "no tokenizer: put tokenizer/ next to the model or pass a tokenizer path", component="tokenizer"
+        )
     if isinstance(tok, str):
         tok = load_tokenizer(tok)
     mask_id = _mask_id(tok, declared_mask)
@@ -296,8 +337,17 @@ def _assemble(path, transformer, scheduler, parts, declared_mask, text_encoder, 
     mask_vector = load_mask_embedding(mask_source) if isinstance(mask_source, str) else mask_source
     if mask_vector is not None:
         set_mask_embedding(t5, mask_vector, mask_id, mask_source if isinstance(mask_source, str) else path)
-    return UniAlignModel(transformer, autoencoder, t5, tok, scheduler, mask_id, path, mask_vector,
-                         parts.get("text_length", DEFAULT_TEXT_LENGTH))
+    return UniAlignModel(
+        transformer,
+        autoencoder,
+        t5,
+        tok,
+        scheduler,
+        mask_id,
+        path,
+        mask_vector,
+        parts.get("text_length", DEFAULT_TEXT_LENGTH),
+    )
 
 
 def sd3_transformer_config(raw: dict, vocab_size: int, fp16_time_projection: bool = False, path: str = "") -> dict:
@@ -318,8 +368,11 @@ def _read_sd3(path: str, components: dict):
     parts = dict(components)
     scheduler = dict(DEFAULT_SCHEDULER)
     if folder and os.path.isdir(os.path.join(folder, "transformer")):
-        for name, subs in (("text_encoder", ("text_encoder_3",)), ("vae", ("vae",)),
-                           ("tokenizer", ("tokenizer_3", "tokenizer"))):
+        for name, subs in (
+            ("text_encoder", ("text_encoder_3",)),
+            ("vae", ("vae",)),
+            ("tokenizer", ("tokenizer_3", "tokenizer")),
+        ):
             parts[name] = parts[name] or _first_dir(folder, subs)
         scheduler = read_scheduler(folder)
         folder = os.path.join(folder, "transformer")
@@ -339,9 +392,12 @@ def _read_sd3(path: str, components: dict):
             raise CheckpointError(path, "an SD3 transformer file needs its config.json beside it")
     missing = [n for n in ("text_encoder", "vae", "tokenizer") if parts[n] is None]
     if missing:
-        raise CheckpointError(path, f"starting from SD3 needs {', '.join(missing)} (a training config's "
-                                    f"{', '.join('init.' + m for m in missing)}), or an SD3 pipeline folder with "
-                                    "text_encoder_3/, vae/, tokenizer_3/")
+        raise CheckpointError(
+            path,
+            f"starting from SD3 needs {', '.join(missing)} (a training config's "
+            f"{', '.join('init.' + m for m in missing)}), or an SD3 pipeline folder with "
+            "text_encoder_3/, vae/, tokenizer_3/",
+        )
     return raw, state, scheduler, parts
 
 
@@ -365,6 +421,5 @@ def load_sd3_medium_start(
     config = sd3_transformer_config(raw, len(tok), bool(fp16_time_projection), path)
     transformer = UniAlignTransformer(**config, align_dim=align_dim)
     parts.update(tokenizer=tok, mask_embedding=None)
-    model = _assemble(path, transformer, scheduler, parts, None, None, None, None, mask_embedding,
-                      torch.float32, None)
+    model = _assemble(path, transformer, scheduler, parts, None, None, None, None, mask_embedding, torch.float32, None)
     return model, state

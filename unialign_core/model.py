@@ -146,7 +146,7 @@ class UniAlignModel:
         """Token ids padded to `text_length` (default: `self.text_length`); logs what a too-long text lost."""
         text_length = text_length or self.text_length
         full = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
-        for text, ids in zip(texts, full):
+        for ids in full:
             if len(ids) > text_length:
                 lost = self.tokenizer.decode(ids[text_length - 1 : -1])
                 log.warning("prompt longer than %d tokens; this part was dropped: %r", text_length, lost)

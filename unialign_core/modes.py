@@ -17,8 +17,8 @@ import torch
 from .errors import InputError
 from .flow_sampler import flow_sigmas, sample_flow
 from .images import ImageInput, check_fits, check_size, resize_and_crop, resize_to_area, to_tensor
-from .text_sampler import CachedTextDenoiser, TextDenoiser, sample_confidence, sample_ddpm_cache
 from .model import VQA_TEMPLATE  # noqa: F401  (the template lives with the model; importable here as before)
+from .text_sampler import CachedTextDenoiser, TextDenoiser, sample_confidence, sample_ddpm_cache
 from .vae import cancellable
 
 PERCEPTION_PRESETS = {
@@ -269,20 +269,33 @@ def compose(
 
 
 def _understand(
-    model, image, *, prompt_ids: List[int], answer_tokens, steps, sampler, seed, temperature, callback, cancel,
-    threshold=None, refresh=1,
+    model,
+    image,
+    *,
+    prompt_ids: List[int],
+    answer_tokens,
+    steps,
+    sampler,
+    seed,
+    temperature,
+    callback,
+    cancel,
+    threshold=None,
+    refresh=1,
 ):
     if sampler not in SAMPLERS:
         raise InputError("sampler", f"{sampler!r} is not one of {SAMPLERS}", sep=" ")
     if sampler == "ddpm_cache" and (threshold is not None or refresh != 1):
-        raise InputError("threshold" if threshold is not None else "refresh",
-                         "applies to the confidence sampler only; ddpm_cache runs as published", sep=" ")
+        raise InputError(
+            "threshold" if threshold is not None else "refresh",
+            "applies to the confidence sampler only; ddpm_cache runs as published",
+            sep=" ",
+        )
     if steps < 1:
         raise InputError("steps", f"must be at least 1, got {steps}", sep=" ")
     if len(prompt_ids) >= answer_tokens:
         raise InputError(
-            "answer_tokens",
-            f"the question uses {len(prompt_ids)} tokens; raise it above that (now {answer_tokens})"
+            "answer_tokens", f"the question uses {len(prompt_ids)} tokens; raise it above that (now {answer_tokens})"
         )
     generator = _generator(seed)
     pixels = to_tensor(image, "image")  # caption/answer have applied the resize policy (understanding_input)
@@ -366,8 +379,18 @@ def caption(
     """
     image = understanding_input(model, image, resize, resolution)
     return _understand(
-        model, image, prompt_ids=[], answer_tokens=answer_tokens, steps=steps, sampler=sampler, seed=seed, temperature=temperature,
-        callback=callback, cancel=cancel, threshold=threshold, refresh=refresh,
+        model,
+        image,
+        prompt_ids=[],
+        answer_tokens=answer_tokens,
+        steps=steps,
+        sampler=sampler,
+        seed=seed,
+        temperature=temperature,
+        callback=callback,
+        cancel=cancel,
+        threshold=threshold,
+        refresh=refresh,
     )
 
 
@@ -399,6 +422,16 @@ def answer(
     image = understanding_input(model, image, resize, resolution)
     ids = model.question_ids(question.strip() + (SHORT_ANSWER_SUFFIX if short else ""))
     return _understand(
-        model, image, prompt_ids=ids, answer_tokens=answer_tokens, steps=steps, sampler=sampler, seed=seed, temperature=temperature,
-        callback=callback, cancel=cancel, threshold=threshold, refresh=refresh,
+        model,
+        image,
+        prompt_ids=ids,
+        answer_tokens=answer_tokens,
+        steps=steps,
+        sampler=sampler,
+        seed=seed,
+        temperature=temperature,
+        callback=callback,
+        cancel=cancel,
+        threshold=threshold,
+        refresh=refresh,
     )

@@ -87,8 +87,14 @@ class Spec:
 
 
 def reference_dir(explicit: Optional[str] = None) -> str:
-    candidates = [explicit] if explicit else [os.path.join(REPO_DIR, "tests", "data", "reference"),
-                                             os.path.join(os.path.dirname(REPO_DIR), "shared", "reference")]
+    candidates = (
+        [explicit]
+        if explicit
+        else [
+            os.path.join(REPO_DIR, "tests", "data", "reference"),
+            os.path.join(os.path.dirname(REPO_DIR), "shared", "reference"),
+        ]
+    )
     for folder in candidates:
         if folder and os.path.isfile(os.path.join(folder, TRANSFORMER_KEYS_TSV)):
             return folder
@@ -115,9 +121,14 @@ def full_spec(reference: Optional[str] = None) -> Spec:
         t5_config = json.load(f)
     t5_config = dict(t5_config, architectures=["T5EncoderModel"], torch_dtype="float16")
     vae_config = dict(SD3_VAE_CONFIG, _class_name="AutoencoderKL", _diffusers_version="0.30.0")
-    return Spec(read_key_list(os.path.join(folder, TRANSFORMER_KEYS_TSV)), dict(UPSTREAM_TRANSFORMER_CONFIG),
-                t5_config, vae_config, os.path.join(folder, "t5_tokenizer"),
-                notes={"keys": os.path.join(folder, TRANSFORMER_KEYS_TSV)})
+    return Spec(
+        read_key_list(os.path.join(folder, TRANSFORMER_KEYS_TSV)),
+        dict(UPSTREAM_TRANSFORMER_CONFIG),
+        t5_config,
+        vae_config,
+        os.path.join(folder, "t5_tokenizer"),
+        notes={"keys": os.path.join(folder, TRANSFORMER_KEYS_TSV)},
+    )
 
 
 def small_spec(reference: Optional[str] = None) -> Spec:
@@ -141,8 +152,15 @@ def small_spec(reference: Optional[str] = None) -> Spec:
                   "scaling_factor": 1.5305, "shift_factor": 0.0609, "use_quant_conv": False,
                   "use_post_quant_conv": False}  # fmt: skip
     folder = reference_dir(reference)
-    return Spec(keys, config, t5_config, vae_config, os.path.join(folder, "t5_tokenizer"),
-                transformer_shard_bytes=40_000, t5_shard_bytes=1_500_000)
+    return Spec(
+        keys,
+        config,
+        t5_config,
+        vae_config,
+        os.path.join(folder, "t5_tokenizer"),
+        transformer_shard_bytes=40_000,
+        t5_shard_bytes=1_500_000,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,8 +228,9 @@ class ShardedWriter:
         for shard, name in zip(plan, self.names):
             for i in shard:
                 self.where[entries[i][0]] = len(self.writers)
-            self.writers.append(StreamingSafetensorsWriter(os.path.join(folder, name), [entries[i] for i in shard],
-                                                           {"format": "pt"}))
+            self.writers.append(
+                StreamingSafetensorsWriter(os.path.join(folder, name), [entries[i] for i in shard], {"format": "pt"})
+            )
         self.total = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in entries)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -221,8 +240,10 @@ class ShardedWriter:
         for w in self.writers:
             w.close()
         if len(self.names) > 1:
-            index = {"metadata": {"total_size": self.total},
-                     "weight_map": {k: self.names[i] for k, i in self.where.items()}}
+            index = {
+                "metadata": {"total_size": self.total},
+                "weight_map": {k: self.names[i] for k, i in self.where.items()},
+            }
             with open(os.path.join(self.folder, f"{self.stem}.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
 
@@ -281,9 +302,12 @@ def write_files(root: str, spec: Spec, seed: int = 0) -> Dict[str, str]:
     # transformer/: bf16, sharded
     _write_json(os.path.join(up, "transformer", "config.json"), spec.transformer_config)
     entries = [(k, torch.bfloat16, shape) for k, shape in spec.transformer_keys]
-    shards = ShardedWriter(os.path.join(up, "transformer"), "diffusion_pytorch_model", entries,
-                           spec.transformer_shard_bytes)
-    _stream([shards], [{k: torch.bfloat16 for k, _ in spec.transformer_keys}], fill, spec.transformer_keys, torch.bfloat16)
+    shards = ShardedWriter(
+        os.path.join(up, "transformer"), "diffusion_pytorch_model", entries, spec.transformer_shard_bytes
+    )
+    _stream(
+        [shards], [{k: torch.bfloat16 for k, _ in spec.transformer_keys}], fill, spec.transformer_keys, torch.bfloat16
+    )
     paths["transformer_shards"] = [os.path.join(up, "transformer", n) for n in shards.names]
 
     # text_encoder/ (fp16, sharded) and ComfyUI's two single files, from the same values
@@ -296,8 +320,9 @@ def write_files(root: str, spec: Spec, seed: int = 0) -> Dict[str, str]:
            for k, _ in t5_keys}  # fmt: skip
     fp16 = {k: torch.float16 for k, _ in t5_keys}
     writers = [
-        ShardedWriter(os.path.join(up, "text_encoder"), "model", [(k, torch.float16, s) for k, s in t5_keys],
-                      spec.t5_shard_bytes),
+        ShardedWriter(
+            os.path.join(up, "text_encoder"), "model", [(k, torch.float16, s) for k, s in t5_keys], spec.t5_shard_bytes
+        ),
         StreamingSafetensorsWriter(paths["t5_fp16"], [(k, torch.float16, s) for k, s in t5_keys]),
         StreamingSafetensorsWriter(paths["t5_fp8"], [(k, fp8[k], s) for k, s in t5_keys]),
     ]
@@ -314,9 +339,12 @@ def write_files(root: str, spec: Spec, seed: int = 0) -> Dict[str, str]:
 
     # the single file is the folder's file renamed; a VAE other than SD3's (the small size) carries its config
     single_meta = None if vae_config == SD3_VAE_CONFIG else {"config": json.dumps(vae_config)}
-    writers = [StreamingSafetensorsWriter(os.path.join(up, "vae", "diffusion_pytorch_model.safetensors"),
-                                          [(k, torch.float16, s) for k, s in vae_keys]),
-               StreamingSafetensorsWriter(paths["vae_file"], [(k, torch.float16, s) for k, s in vae_keys], single_meta)]
+    writers = [
+        StreamingSafetensorsWriter(
+            os.path.join(up, "vae", "diffusion_pytorch_model.safetensors"), [(k, torch.float16, s) for k, s in vae_keys]
+        ),
+        StreamingSafetensorsWriter(paths["vae_file"], [(k, torch.float16, s) for k, s in vae_keys], single_meta),
+    ]
     _stream(writers, [half, half], fill, vae_keys, torch.float16)
 
     # checkpoint/mask_token_emb.00-of-01.pth: a plain tensor, as released
@@ -376,8 +404,9 @@ def load_for_modes(paths: dict, device: str):
     """The model as the Loader node loads it: our single file in bf16, the fp8 T5 and the VAE file."""
     from .loader import load_model
 
-    return load_model(paths["single_file"], text_encoder=paths["t5_fp8"], vae=paths["vae_file"], device=device,
-                      dtype=torch.bfloat16)
+    return load_model(
+        paths["single_file"], text_encoder=paths["t5_fp8"], vae=paths["vae_file"], device=device, dtype=torch.bfloat16
+    )
 
 
 _PROGRESS = {"path": None, "start": time.perf_counter()}
@@ -387,8 +416,16 @@ def progress(label: str) -> None:
     """Note how far a step got (a JSON line beside its result), so that a step stopped for time still tells."""
     if _PROGRESS["path"]:
         with open(_PROGRESS["path"], "a") as f:
-            f.write(json.dumps({"s": round(time.perf_counter() - _PROGRESS["start"], 1), "at": label,
-                                "rss_bytes": _status_bytes("VmRSS")}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "s": round(time.perf_counter() - _PROGRESS["start"], 1),
+                        "at": label,
+                        "rss_bytes": _status_bytes("VmRSS"),
+                    }
+                )
+                + "\n"
+            )
 
 
 def read_progress(path: str) -> List[dict]:
@@ -413,8 +450,11 @@ class StepClock:
 
 
 def _image_check(images: torch.Tensor, width: int, height: int) -> dict:
-    return {"shape": list(images.shape), "finite": bool(torch.isfinite(images).all()),
-            "size_ok": tuple(images.shape[-2:]) == (height, width)}
+    return {
+        "shape": list(images.shape),
+        "finite": bool(torch.isfinite(images).all()),
+        "size_ok": tuple(images.shape[-2:]) == (height, width),
+    }
 
 
 def position_crop_check(transformer, width: int, height: int, vae_scale: int = 8) -> dict:
@@ -428,8 +468,9 @@ def position_crop_check(transformer, width: int, height: int, vae_scale: int = 8
     rows, cols = height // vae_scale // p, width // vae_scale // p
     weight = transformer.pos_embed.proj.weight
     with torch.no_grad():
-        tokens = transformer.embed_image(torch.zeros(1, transformer.config.in_channels, rows * p, cols * p,
-                                                     dtype=weight.dtype, device=weight.device))
+        tokens = transformer.embed_image(
+            torch.zeros(1, transformer.config.in_channels, rows * p, cols * p, dtype=weight.dtype, device=weight.device)
+        )
         table = transformer.pos_embed.pos_embed.reshape(1, size, size, -1)
         top, left = (size - rows) // 2, (size - cols) // 2
         official = table[:, top : top + rows, left : left + cols].reshape(1, rows * cols, -1)
@@ -437,9 +478,13 @@ def position_crop_check(transformer, width: int, height: int, vae_scale: int = 8
         swapped = table[:, left : left + cols, top : top + rows].reshape(1, rows * cols, -1)  # a transposed crop
         swapped = swapped + transformer.pos_embed.proj.bias
     diff = float((tokens.float() - official.float()).abs().max())
-    return {"grid": [rows, cols], "top_left": [top, left], "max_abs_diff_vs_official": diff,
-            "max_abs_diff_vs_transposed": float((tokens.float() - swapped.float()).abs().max()),
-            "matches_official": diff == 0.0}
+    return {
+        "grid": [rows, cols],
+        "top_left": [top, left],
+        "max_abs_diff_vs_official": diff,
+        "max_abs_diff_vs_transposed": float((tokens.float() - swapped.float()).abs().max()),
+        "matches_official": diff == 0.0,
+    }
 
 
 def step_convert(paths, device) -> dict:
@@ -447,19 +492,28 @@ def step_convert(paths, device) -> dict:
 
     started = time.perf_counter()
     convert(paths["folder"], paths["single_file"], "bf16")
-    return {"run_s": time.perf_counter() - started, "largest_shard_bytes": max(map(os.path.getsize, paths["transformer_shards"])),
-            "shards": len(paths["transformer_shards"]), "output_bytes": os.path.getsize(paths["single_file"])}
+    return {
+        "run_s": time.perf_counter() - started,
+        "largest_shard_bytes": max(map(os.path.getsize, paths["transformer_shards"])),
+        "shards": len(paths["transformer_shards"]),
+        "output_bytes": os.path.getsize(paths["single_file"]),
+    }
 
 
 def step_load(paths, device) -> dict:
     model = load_for_modes(paths, device)
     t5 = model.text_encoder
     transformer_dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.transformer.parameters()})
-    return {"weights_bytes": weights_held(model.transformer, model.text_encoder, model.vae),
-            "transformer_bytes": weights_held(model.transformer), "t5_bytes": weights_held(t5),
-            "vae_bytes": weights_held(model.vae), "rss_after_load_bytes": _status_bytes("VmRSS"),
-            "t5_linear_weight_dtypes": t5_linear_dtypes(t5), "transformer_dtypes": transformer_dtypes,
-            "vae_dtype": str(model.vae.dtype).replace("torch.", "")}
+    return {
+        "weights_bytes": weights_held(model.transformer, model.text_encoder, model.vae),
+        "transformer_bytes": weights_held(model.transformer),
+        "t5_bytes": weights_held(t5),
+        "vae_bytes": weights_held(model.vae),
+        "rss_after_load_bytes": _status_bytes("VmRSS"),
+        "t5_linear_weight_dtypes": t5_linear_dtypes(t5),
+        "transformer_dtypes": transformer_dtypes,
+        "vae_dtype": str(model.vae.dtype).replace("torch.", ""),
+    }
 
 
 def _timed_load(paths, device):
@@ -474,10 +528,15 @@ def step_t2i(paths, device) -> dict:
 
     model, load_s = _timed_load(paths, device)
     clock = StepClock()
-    out = text_to_image(model, "a red fox in the snow", width=512, height=512, steps=2, guidance=7.0, seed=1,
-                        callback=clock)
-    return {"load_s": load_s, "run_s": time.perf_counter() - clock.start, "step_marks_s": clock.marks,
-            **_image_check(out.images, 512, 512)}
+    out = text_to_image(
+        model, "a red fox in the snow", width=512, height=512, steps=2, guidance=7.0, seed=1, callback=clock
+    )
+    return {
+        "load_s": load_s,
+        "run_s": time.perf_counter() - clock.start,
+        "step_marks_s": clock.marks,
+        **_image_check(out.images, 512, 512),
+    }
 
 
 def step_edit(paths, device) -> dict:
@@ -489,8 +548,13 @@ def step_edit(paths, device) -> dict:
     source = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
     clock = StepClock()
     out = edit(model, source, "make it night", steps=2, guidance=7.0, seed=1, callback=clock)
-    return {"load_s": load_s, "run_s": time.perf_counter() - clock.start, "step_marks_s": clock.marks,
-            "position_crop": crop, **_image_check(out.images, width, height)}
+    return {
+        "load_s": load_s,
+        "run_s": time.perf_counter() - clock.start,
+        "step_marks_s": clock.marks,
+        "position_crop": crop,
+        **_image_check(out.images, width, height),
+    }
 
 
 def step_caption(paths, device) -> dict:
@@ -527,16 +591,25 @@ def step_fp8(paths, device) -> dict:
     details, velocities = {}, {}
     for name, stored in (("bf16", None), ("fp8_e4m3fn", torch.float8_e4m3fn)):
         started = time.perf_counter()
-        transformer = load_model(paths["single_file"], text_encoder=paths["t5_fp8"], vae=paths["vae_file"],
-                                 device=device, dtype=torch.bfloat16, weight_dtype=stored).transformer
+        transformer = load_model(
+            paths["single_file"],
+            text_encoder=paths["t5_fp8"],
+            vae=paths["vae_file"],
+            device=device,
+            dtype=torch.bfloat16,
+            weight_dtype=stored,
+        ).transformer
         g, config = torch.Generator().manual_seed(0), transformer.config
         x = torch.randn(1, config.in_channels, 32, 32, generator=g)
         context = torch.randn(1, 128, config.joint_attention_dim, generator=g)
         with torch.no_grad():
             out = transformer(x.to(device, torch.bfloat16), context.to(device, torch.bfloat16), t.to(device))
         velocities[name] = out.velocity.float().cpu()
-        details[name] = {"seconds": time.perf_counter() - started, "transformer_bytes": weights_held(transformer),
-                         "stored_dtypes": sorted({str(p.dtype).replace("torch.", "") for p in transformer.parameters()})}
+        details[name] = {
+            "seconds": time.perf_counter() - started,
+            "transformer_bytes": weights_held(transformer),
+            "stored_dtypes": sorted({str(p.dtype).replace("torch.", "") for p in transformer.parameters()}),
+        }
         del transformer, out
         progress(f"{name} velocity done")
     diff = (velocities["bf16"] - velocities["fp8_e4m3fn"]).abs()
@@ -580,8 +653,11 @@ def child_main(step: str, root: str, device: str, result: str) -> int:
 
 def train_step_available() -> bool:
     spec = find_spec("train")  # finds the package without importing it
-    return bool(spec and spec.submodule_search_locations and any(
-        os.path.isfile(os.path.join(p, "rehearse_step.py")) for p in spec.submodule_search_locations))
+    return bool(
+        spec
+        and spec.submodule_search_locations
+        and any(os.path.isfile(os.path.join(p, "rehearse_step.py")) for p in spec.submodule_search_locations)
+    )
 
 
 def run_child(cmd: List[str], timeout: float, rss_limit: float) -> dict:
@@ -603,8 +679,12 @@ def run_child(cmd: List[str], timeout: float, rss_limit: float) -> dict:
             proc.kill()
         time.sleep(0.5)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"exit": proc.returncode, "wall_s": time.monotonic() - started, "stopped": stopped,
-            "peak_rss_bytes": max(usage.ru_maxrss * 1024, seen)}
+    return {
+        "exit": proc.returncode,
+        "wall_s": time.monotonic() - started,
+        "stopped": stopped,
+        "peak_rss_bytes": max(usage.ru_maxrss * 1024, seen),
+    }
 
 
 def run_steps(root: str, out: str, steps: Sequence[str], device: str, timeout: float, rss_limit: float) -> List[dict]:
@@ -618,11 +698,31 @@ def run_steps(root: str, out: str, steps: Sequence[str], device: str, timeout: f
             if not train_step_available():
                 results.append({"step": step, "ok": False, "skipped": "the train package is not installed here"})
                 continue
-            cmd = [sys.executable, "-m", "train.rehearse_step", "--root", root, "--device", device, "--result",
-                   result_path]
+            cmd = [
+                sys.executable,
+                "-m",
+                "train.rehearse_step",
+                "--root",
+                root,
+                "--device",
+                device,
+                "--result",
+                result_path,
+            ]
         else:
-            cmd = [sys.executable, "-m", "unialign_core.rehearse", "--child", step, "--root", root, "--device",
-                   device, "--result", result_path]
+            cmd = [
+                sys.executable,
+                "-m",
+                "unialign_core.rehearse",
+                "--child",
+                step,
+                "--root",
+                root,
+                "--device",
+                device,
+                "--result",
+                result_path,
+            ]
         print(f"[rehearse] step {step} ...", flush=True)
         proc = run_child(cmd, timeout, rss_limit)
         entry = {"step": step, **proc}
@@ -633,8 +733,11 @@ def run_steps(root: str, out: str, steps: Sequence[str], device: str, timeout: f
             entry.update({"ok": False, "error": proc["stopped"] or f"exited {proc['exit']} without a result"})
         entry["progress"] = read_progress(result_path + ".progress")
         results.append(entry)
-        print(f"[rehearse] step {step}: ok={entry['ok']} {proc['wall_s']:.0f} s, peak RSS "
-              f"{proc['peak_rss_bytes'] / GB:.2f} GB {entry.get('error') or ''}", flush=True)
+        print(
+            f"[rehearse] step {step}: ok={entry['ok']} {proc['wall_s']:.0f} s, peak RSS "
+            f"{proc['peak_rss_bytes'] / GB:.2f} GB {entry.get('error') or ''}",
+            flush=True,
+        )
     return results
 
 
@@ -654,22 +757,39 @@ def check_bounds(results: List[dict]) -> List[dict]:
     load = by.get("load")
     if load and load.get("ok"):
         d = load["details"]
-        add("load: weights held <= 10 GB (bf16 transformer, fp8 T5, VAE)", d["weights_bytes"], 10 * GB,
-            d["weights_bytes"] <= 10 * GB)
+        add(
+            "load: weights held <= 10 GB (bf16 transformer, fp8 T5, VAE)",
+            d["weights_bytes"],
+            10 * GB,
+            d["weights_bytes"] <= 10 * GB,
+        )
         dtypes = d["t5_linear_weight_dtypes"]
-        add("load: every T5 linear weight still fp8", dtypes, "float8_e4m3fn only",
-            set(dtypes) == {"float8_e4m3fn"} and sum(dtypes.values()) > 0)
+        add(
+            "load: every T5 linear weight still fp8",
+            dtypes,
+            "float8_e4m3fn only",
+            set(dtypes) == {"float8_e4m3fn"} and sum(dtypes.values()) > 0,
+        )
     elif load:
         add("load: weights held <= 10 GB", None, None, False, load.get("error", ""))
     edit_step = by.get("edit")
     if edit_step and edit_step.get("ok"):
         crop = edit_step["details"]["position_crop"]
-        add("edit: 512x768 position crop equals the official crop", crop["max_abs_diff_vs_official"], 0.0,
-            crop["matches_official"])
+        add(
+            "edit: 512x768 position crop equals the official crop",
+            crop["max_abs_diff_vs_official"],
+            0.0,
+            crop["matches_official"],
+        )
     for r in results:
         if "peak_rss_bytes" in r:
-            add(f"{r['step']}: peak RSS <= 16 GB", r["peak_rss_bytes"], 16 * GB, r["peak_rss_bytes"] <= 16 * GB,
-                "" if r.get("ok") else "step did not finish: " + str(r.get("error")))
+            add(
+                f"{r['step']}: peak RSS <= 16 GB",
+                r["peak_rss_bytes"],
+                16 * GB,
+                r["peak_rss_bytes"] <= 16 * GB,
+                "" if r.get("ok") else "step did not finish: " + str(r.get("error")),
+            )
     return checks
 
 
@@ -697,25 +817,41 @@ def markdown_table(report: dict) -> str:
             seconds += f"; confidence {d['confidence']['run_s']:.0f}, ddpm_cache {d['ddpm_cache']['run_s']:.0f}"
         result = "ok" if r.get("ok") else (r.get("skipped") or r.get("error") or "failed")[:160]
         if r["step"] == "fp8" and "max_abs_velocity_diff" in d:
-            result += (f"; max abs velocity diff {d['max_abs_velocity_diff']:.3g} (velocity max abs "
-                       f"{d['velocity_max_abs']:.3g}, mean abs diff {d['mean_abs_velocity_diff']:.3g})")
+            result += (
+                f"; max abs velocity diff {d['max_abs_velocity_diff']:.3g} (velocity max abs "
+                f"{d['velocity_max_abs']:.3g}, mean abs diff {d['mean_abs_velocity_diff']:.3g})"
+            )
         if r["step"] == "caption" and d.get("logit_drift"):
             result += "; logit drift " + ", ".join(
                 f"{k}: max abs {v['max_abs_logit_diff']:.3g} of {v['logit_scale_max_abs']:.3g}"
-                for k, v in d["logit_drift"].items() if k.startswith("refresh"))
-        rows.append(f"| {r['step']} | {what.get(r['step'], '')} | {seconds} | {_gb(r.get('peak_rss_bytes'))} | {result} |")
+                for k, v in d["logit_drift"].items()
+                if k.startswith("refresh")
+            )
+        rows.append(
+            f"| {r['step']} | {what.get(r['step'], '')} | {seconds} | {_gb(r.get('peak_rss_bytes'))} | {result} |"
+        )
     rows += ["", "| bound | value | limit | passed |", "|---|---|---|---|"]
     for c in report["checks"]:
         value, bound = c["value"], c["bound"]
-        fmt = (lambda v: _gb(v) + " GB") if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 1e6 else str
-        rows.append(f"| {c['check']} | {fmt(value)} | {fmt(bound) if not isinstance(bound, str) else bound} | "
-                    f"{'yes' if c['passed'] else 'NO'} |")
+        fmt = (
+            (lambda v: _gb(v) + " GB")
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 1e6
+            else str
+        )
+        rows.append(
+            f"| {c['check']} | {fmt(value)} | {fmt(bound) if not isinstance(bound, str) else bound} | "
+            f"{'yes' if c['passed'] else 'NO'} |"
+        )
     return "\n".join(rows) + "\n"
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m unialign_core.rehearse", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m unialign_core.rehearse",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", help="folder for the files (DIR/files) and the report (DIR/report.json)")
     parser.add_argument("--keep", action="store_true", help="keep DIR/files (default: delete them at the end)")
     parser.add_argument("--reuse", action="store_true", help="use DIR/files from an earlier --keep run")
@@ -765,7 +901,8 @@ def main(argv=None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     report["checks"] = check_bounds(report["steps"])
     report["passed"] = all(c["passed"] for c in report["checks"]) and all(
-        r.get("ok") or r.get("skipped") for r in report["steps"])
+        r.get("ok") or r.get("skipped") for r in report["steps"]
+    )
     _write_json(os.path.join(args.out, "report.json"), report)
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(markdown_table(report))

@@ -114,7 +114,11 @@ class StreamingSafetensorsWriter:
             if dtype not in SAFETENSORS_DTYPES:
                 raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}, which safetensors cannot store")
             size = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[name] = {
+                "dtype": SAFETENSORS_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
             offset += size
         if metadata:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}

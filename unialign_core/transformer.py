@@ -57,8 +57,13 @@ def use_operations(module: nn.Module, operations=None) -> nn.Module:
     for child in list(module.modules()):
         for attr, layer in list(child.named_children()):
             if type(layer) is nn.Linear:
-                new = operations.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                                        device=layer.weight.device, dtype=layer.weight.dtype)
+                new = operations.Linear(
+                    layer.in_features,
+                    layer.out_features,
+                    bias=layer.bias is not None,
+                    device=layer.weight.device,
+                    dtype=layer.weight.dtype,
+                )
                 setattr(child, attr, new)
     return module
 

@@ -104,7 +104,9 @@ def ui_to_api(ui, schema, name="workflow"):
         for socket in node.get("inputs", []):
             if socket.get("link") is not None:
                 if socket["link"] not in links:
-                    raise WorkflowError(f"{where}: input {socket['name']!r} uses link {socket['link']}, which is not in 'links'")
+                    raise WorkflowError(
+                        f"{where}: input {socket['name']!r} uses link {socket['link']}, which is not in 'links'"
+                    )
                 linked[socket["name"]] = links[socket["link"]]
         values = node.get("widgets_values", [])
         if isinstance(values, dict):
@@ -112,8 +114,9 @@ def ui_to_api(ui, schema, name="workflow"):
         widget_values, i = {}, 0
         for widget, extra in spec["widgets"]:
             if i >= len(values):
-                raise WorkflowError(f"{where}: widgets_values has {len(values)} values, the node needs more "
-                                    f"(missing {widget!r})")
+                raise WorkflowError(
+                    f"{where}: widgets_values has {len(values)} values, the node needs more (missing {widget!r})"
+                )
             widget_values[widget] = values[i]
             i += 1 + extra
         inputs = {}
@@ -194,7 +197,9 @@ def fetch_object_info(source):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 on any difference")
-    parser.add_argument("--schema-from", metavar="URL_OR_FILE", help="refresh schema/node_schema.json from /object_info")
+    parser.add_argument(
+        "--schema-from", metavar="URL_OR_FILE", help="refresh schema/node_schema.json from /object_info"
+    )
     args = parser.parse_args(argv)
     try:
         if args.schema_from:

@@ -81,7 +81,9 @@ def contact_sheet(name, panels, note="tiny random-weight test model: wiring, not
 
 # The shapes world's version of each workflow's texts (the graphs stay the same).
 SHAPES_TEXTS = {
-    "UniAlignTextToImage": {"prompt": "a green circle on the left and a magenta square on the right on a gray background"},
+    "UniAlignTextToImage": {
+        "prompt": "a green circle on the left and a magenta square on the right on a gray background"
+    },
     "UniAlignEdit": {"instruction": "change the colour of the red square to green"},
     "UniAlignCompose": {"prompt": "draw this shape on the right, gray background"},
     "UniAlignUnderstand": {"question": "what colour is the square?"},

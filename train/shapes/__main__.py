@@ -3,6 +3,7 @@
 The embedded default: generate the shapes world, train its VAE, tokenizer, T5 and CLIP teacher, train a small
 UniAlignment with the bundled trainer, export it, run every mode on held-out scenes and write a report.
 """
+
 import argparse
 import logging
 import sys
@@ -13,12 +14,14 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="the short CI variant (about 3 minutes, looser checks)")
     parser.add_argument("--out", default=None, help="output folder (default runs/shapes, or runs/shapes-quick)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ablation", action="store_true",
-                        help="also train a second model on the same budget without L_cross and L_align and put both "
-                             "side by side in the report (doubles the training and evaluation time)")
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="also train a second model on the same budget without L_cross and L_align and put both "
+        "side by side in the report (doubles the training and evaluation time)",
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("PIL", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from .pipeline import main_job

@@ -8,6 +8,7 @@ different token columns. (At x4 a whole image was 16 tokens, a shape about one, 
 the latent shift and scale (``shift_factor``, ``scaling_factor``) are then measured on the data so the
 transformer sees latents of mean 0 and variance 1, as with SD3's VAE.
 """
+
 from __future__ import annotations
 
 import json
@@ -84,8 +85,17 @@ def latent_statistics(vae: AutoencoderKL, images: torch.Tensor, batch: int = 256
     return float(z.mean()), float(z.std())
 
 
-def train_vae(images: torch.Tensor, *, steps: int, batch_size: int = 16, lr: float = 1e-3, kl_weight: float = 1e-3,
-              seed: int = 0, progress=None, config: dict | None = None) -> tuple[AutoencoderKL, dict]:
+def train_vae(
+    images: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    kl_weight: float = 1e-3,
+    seed: int = 0,
+    progress=None,
+    config: dict | None = None,
+) -> tuple[AutoencoderKL, dict]:
     """Train a VAE on uint8 images [N, 3, H, W]; returns (vae in eval mode with its latent scaling set, stats).
 
     ``progress(step, parts)`` is called after every step. The learning rate decays with a cosine to 5 %.
@@ -95,7 +105,8 @@ def train_vae(images: torch.Tensor, *, steps: int, batch_size: int = 16, lr: flo
     vae = make_vae(**(config or {})).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(s / max(steps, 1), 1.0))))
+        opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(s / max(steps, 1), 1.0)))
+    )
     parts = {}
     for step in range(steps):
         idx = torch.randint(len(images), (batch_size,), generator=generator)

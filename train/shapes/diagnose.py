@@ -12,6 +12,7 @@
   of them masked, against the sampled captions' all-right share: a high half-masked accuracy with poor sampled
   captions points at the sampler's order of commits, a low one at the model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,12 +43,12 @@ def _errors(model, target, variants: dict, seed: int) -> dict:
 
 def diagnose(model, n: int = 50, seed: int = 0) -> dict:
     from unialign_core import caption
+    from unialign_core.model import caption_ids
     from unialign_core.modes import _generator
 
     from . import evaluate as ev
-    from .scorecard import TEXT, _generate_chunk, _tensor, SAMPLING, records
+    from .scorecard import SAMPLING, TEXT, _generate_chunk, _tensor, records
     from .world import Scene
-    from unialign_core.model import caption_ids
 
     result = {"split": "val", "n": n, "sigmas": list(SIGMAS)}
     dev = model.device
@@ -59,22 +60,33 @@ def diagnose(model, n: int = 50, seed: int = 0) -> dict:
     target = latents([t for _, _, t in t2i])
     context = model.encode_prompts([r["prompt"] for r, _, _ in t2i])
     null = model.encode_prompts([" "] * n)
-    result["t2i_text_use"] = _errors(model, target, {"true prompt": (context, None),
-                                                     "other prompt": (context.roll(1, 0), None),
-                                                     "empty prompt": (null, None)}, seed)
+    result["t2i_text_use"] = _errors(
+        model,
+        target,
+        {"true prompt": (context, None), "other prompt": (context.roll(1, 0), None), "empty prompt": (null, None)},
+        seed,
+    )
 
     edits = records("edit", n, seed, "val")
     source = latents([s[0] for _, s, _ in edits])
     target = latents([t for _, _, t in edits])
     context = model.encode_prompts([r["instruction"] for r, _, _ in edits])
-    result["edit_source_use"] = _errors(model, target, {"true source": (context, [source]),
-                                                        "other source": (context, [source.roll(1, 0)]),
-                                                        "no source": (context, None)}, seed)
+    result["edit_source_use"] = _errors(
+        model,
+        target,
+        {
+            "true source": (context, [source]),
+            "other source": (context, [source.roll(1, 0)]),
+            "no source": (context, None),
+        },
+        seed,
+    )
     result["edit_copy_source_mse"] = round(float(((source - target) ** 2).mean()), 4)
     blank = [(dict(r, instruction=" "), s, t) for r, s, t in edits]
     outs = _generate_chunk(model, "edit", blank, range(seed, seed + n), SAMPLING)
-    result["edit_identity_kept"] = float(np.mean([
-        ev.read_scene(o) == Scene.from_dict(r["meta"]["source_scene"]) for (r, _, _), o in zip(edits, outs)]))
+    result["edit_identity_kept"] = float(
+        np.mean([ev.read_scene(o) == Scene.from_dict(r["meta"]["source_scene"]) for (r, _, _), o in zip(edits, outs)])
+    )
 
     caps = records("caption", n, seed, "val")
     pixels = torch.cat([_tensor(s[0]) for _, s, _ in caps])
@@ -92,8 +104,9 @@ def diagnose(model, n: int = 50, seed: int = 0) -> dict:
         right = (logits.text_logits.argmax(-1) == ids) & hide
         accuracy[name] = round(float(right.sum() / hide.sum().clamp_min(1)), 4)
     texts = caption(model, pixels, seed=seed, resize="as_is", **TEXT)
-    accuracy["sampled all right"] = float(np.mean([
-        ev.score_caption(t, Scene.from_dict(r["meta"]["scene"]))["all"] for t, (r, _, _) in zip(texts, caps)]))
+    accuracy["sampled all right"] = float(
+        np.mean([ev.score_caption(t, Scene.from_dict(r["meta"]["scene"]))["all"] for t, (r, _, _) in zip(texts, caps)])
+    )
     result["caption_teacher_forced"] = accuracy
     return result
 

@@ -11,6 +11,7 @@ cross) whose ideal mask, stretched to the blob's bounding box, overlaps it best 
 Images may be PIL images, uint8 arrays [H, W, 3], float arrays/tensors [H, W, 3] or [3, H, W] in [0, 1]
 (a leading batch dimension of 1 is dropped).
 """
+
 from __future__ import annotations
 
 import re
@@ -348,15 +349,23 @@ def degrade(img: Image.Image, blur: float = 0.6, noise: float = 8.0, seed: int =
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def self_check(n: int = 300, size: int = 32, blur: float = 0.6, noise: float = 8.0, seed: int = 0,
-               sizes=("large",)) -> dict:
+def self_check(
+    n: int = 300, size: int = 32, blur: float = 0.6, noise: float = 8.0, seed: int = 0, sizes=("large",)
+) -> dict:
     """Share of random scenes read back exactly from clean and from degraded renders."""
     rng = np.random.default_rng(seed)
     truths = [sample_scene(rng, sizes=sizes) for _ in range(n)]
     clean = np.mean([read_scene(render(s, size)) == s for s in truths])
     degraded = np.mean([read_scene(degrade(render(s, size), blur, noise, i)) == s for i, s in enumerate(truths)])
-    return {"n": n, "size": size, "blur": blur, "noise": noise, "sizes": list(sizes),
-            "clean": float(clean), "degraded": float(degraded)}
+    return {
+        "n": n,
+        "size": size,
+        "blur": blur,
+        "noise": noise,
+        "sizes": list(sizes),
+        "clean": float(clean),
+        "degraded": float(degraded),
+    }
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Stages (each with a progress bar; outputs under ``--out``):
 With ``--ablation``, stages 5-7 run a second time on the same budget without L_cross and
 L_align (run_ablation/), and the report puts both side by side.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,12 +53,30 @@ class Profile:
 TEXT_LENGTH = 24  # T5 tokens: the longest text of the world is 21
 PROFILES = {
     # 16 minutes on 2 CPU cores (measured, over the 15-minute budget); the trainer sees ~22k samples (55 samples/s)
-    "full": Profile(records=8000, vae_steps=1200, t5_steps=400, teacher_steps=400, train_steps=1400, batch_size=16,
-                    eval_per_task=200),
+    "full": Profile(
+        records=8000,
+        vae_steps=1200,
+        t5_steps=400,
+        teacher_steps=400,
+        train_steps=1400,
+        batch_size=16,
+        eval_per_task=200,
+    ),
     # the CI variant: under 3 minutes, checked against QUICK_FLOORS; sampler settings fixed (no tuning stage); the
     # x4 VAE (16 image tokens) keeps it in budget: at 64 tokens 3 minutes teach the text stream nothing (VQA 0.0-0.2)
-    "quick": Profile(records=3000, vae_steps=400, t5_steps=200, teacher_steps=100, train_steps=500, batch_size=32,
-                     eval_per_task=40, tune_per_setting=0, width=96, lr=3e-3, vae_blocks=3),
+    "quick": Profile(
+        records=3000,
+        vae_steps=400,
+        t5_steps=200,
+        teacher_steps=100,
+        train_steps=500,
+        batch_size=32,
+        eval_per_task=40,
+        tune_per_setting=0,
+        width=96,
+        lr=3e-3,
+        vae_blocks=3,
+    ),
 }
 
 
@@ -90,8 +109,10 @@ class Stages:
             with open(marker, encoding="utf-8") as f:
                 saved = json.load(f)
             if saved != settings:
-                raise SystemExit(f"--out {self.out} holds a run with other settings ({saved}); "
-                                 "give another --out, or delete that folder to start over")
+                raise SystemExit(
+                    f"--out {self.out} holds a run with other settings ({saved}); "
+                    "give another --out, or delete that folder to start over"
+                )
         else:
             with open(marker, "w", encoding="utf-8") as f:
                 json.dump(settings, f)
@@ -117,8 +138,9 @@ class Stages:
 
     # 1
     def data(self) -> str:
-        folder = self.build("data", lambda tmp: world.make_dataset(tmp, self.profile.records, seed=self.seed,
-                                                                  split="train"))
+        folder = self.build(
+            "data", lambda tmp: world.make_dataset(tmp, self.profile.records, seed=self.seed, split="train")
+        )
         return os.path.join(folder, "train.jsonl")
 
     # 2
@@ -130,11 +152,17 @@ class Stages:
             bar, progress = _stepper(self.profile.vae_steps, "2/8 vae")
 
             blocks = self.profile.vae_blocks
-            vae, stats = autoencoder.train_vae(images, steps=self.profile.vae_steps, seed=self.seed,
-                                               progress=progress, config=dict(
-                                                   down_block_types=["DownEncoderBlock2D"] * blocks,
-                                                   up_block_types=["UpDecoderBlock2D"] * blocks,
-                                                   block_out_channels=[32] * blocks))
+            vae, stats = autoencoder.train_vae(
+                images,
+                steps=self.profile.vae_steps,
+                seed=self.seed,
+                progress=progress,
+                config=dict(
+                    down_block_types=["DownEncoderBlock2D"] * blocks,
+                    up_block_types=["UpDecoderBlock2D"] * blocks,
+                    block_out_channels=[32] * blocks,
+                ),
+            )
             bar.close()
             vae.save_pretrained(tmp)
             log.info("vae: %s", stats)
@@ -147,8 +175,9 @@ class Stages:
             images, captions = teacher_pairs(jsonl)
             bar, progress = _stepper(self.profile.teacher_steps, "4/8 teacher (CLIP)")
 
-            model, stats = teacher.train_clip(images, captions, tokenizer, steps=self.profile.teacher_steps,
-                                              seed=self.seed, progress=progress)
+            model, stats = teacher.train_clip(
+                images, captions, tokenizer, steps=self.profile.teacher_steps, seed=self.seed, progress=progress
+            )
             bar.close()
             log.info("teacher: %s", stats)
             teacher.save_teacher(model, tokenizer, tmp)
@@ -173,8 +202,9 @@ class Stages:
                     texts += text_encoder.record_texts(json.loads(line))
             bar, progress = _stepper(self.profile.t5_steps, "3/8 text encoder (T5)")
 
-            model, stats = text_encoder.pretrain_t5(tokenizer, texts, length=TEXT_LENGTH, steps=self.profile.t5_steps,
-                                                    seed=self.seed, progress=progress)
+            model, stats = text_encoder.pretrain_t5(
+                tokenizer, texts, length=TEXT_LENGTH, steps=self.profile.t5_steps, seed=self.seed, progress=progress
+            )
             bar.close()
             log.info("text encoder: %s", stats)
             model.save_pretrained(tmp)
@@ -187,13 +217,29 @@ class Stages:
         from ..config import load_config
         from ..loop import run
 
-        start_dir = self.build("start", lambda tmp: start.write_start(
-            tmp, tokenizer, vae, t5, seed=self.seed, transformer_overrides=dict(
-                sample_size=32 // 2 ** (self.profile.vae_blocks - 1), num_layers=self.profile.layers, attention_head_dim=self.profile.width // 4,
-                caption_projection_dim=self.profile.width)))
+        start_dir = self.build(
+            "start",
+            lambda tmp: start.write_start(
+                tmp,
+                tokenizer,
+                vae,
+                t5,
+                seed=self.seed,
+                transformer_overrides=dict(
+                    sample_size=32 // 2 ** (self.profile.vae_blocks - 1),
+                    num_layers=self.profile.layers,
+                    attention_head_dim=self.profile.width // 4,
+                    caption_projection_dim=self.profile.width,
+                ),
+            ),
+        )
         run_dir = self.path(name)
-        cfg = load_config(None, training_overrides(self.profile, self.seed, start_dir, jsonl, teacher_dir, run_dir,
-                                                   self.path("cache"), ablation))
+        cfg = load_config(
+            None,
+            training_overrides(
+                self.profile, self.seed, start_dir, jsonl, teacher_dir, run_dir, self.path("cache"), ablation
+            ),
+        )
         done = [s for s, _ in runs.list_checkpoints(run_dir)]
         if not done or done[-1] < self.profile.train_steps:
             run(cfg, "latest")
@@ -221,13 +267,17 @@ class Stages:
             chosen = {"split": "none (defaults)", "n": 0, "image": scorecard.SAMPLING, "text": scorecard.TEXT}
         n = self.profile.eval_per_task
         bar = _bar(6 * n, desc)
-        card = scorecard.run_scorecard(model, n, self.seed, sampling=chosen["image"], text=chosen["text"],
-                                       progress=lambda task, i, total: (bar.set_postfix(mode=task, refresh=False),
-                                                                        bar.update(1)))
+        card = scorecard.run_scorecard(
+            model,
+            n,
+            self.seed,
+            sampling=chosen["image"],
+            text=chosen["text"],
+            progress=lambda task, i, total: (bar.set_postfix(mode=task, refresh=False), bar.update(1)),
+        )
         bar.close()
         card.settings = chosen
         return card
-
 
     def diagnose(self, model_file: str) -> dict:
         from unialign_core import load_model
@@ -248,8 +298,11 @@ def teacher_pairs(jsonl: str):
     with open(jsonl, encoding="utf-8") as f:
         for line in f:
             rec = json.loads(line)
-            image = rec.get("target") if rec["task"] in ("t2i", "edit", "compose") else (
-                rec["sources"][0] if rec["task"] == "caption" else None)
+            image = (
+                rec.get("target")
+                if rec["task"] in ("t2i", "edit", "compose")
+                else (rec["sources"][0] if rec["task"] == "caption" else None)
+            )
             if image is None:
                 continue
             with Image.open(os.path.join(base, image)) as img:
@@ -258,24 +311,46 @@ def teacher_pairs(jsonl: str):
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), captions
 
 
-def training_overrides(profile: Profile, seed: int, start_dir: str, jsonl: str, teacher_dir: str, run_dir: str,
-                       cache_dir: str, ablation: bool) -> list:
+def training_overrides(
+    profile: Profile,
+    seed: int,
+    start_dir: str,
+    jsonl: str,
+    teacher_dir: str,
+    run_dir: str,
+    cache_dir: str,
+    ablation: bool,
+) -> list:
     """The trainer's config for the shapes model (as `--set` pairs of ``python -m train``)."""
     pairs = [
-        ("run_dir", run_dir), ("seed", seed),
+        ("run_dir", run_dir),
+        ("seed", seed),
         ("init.path", start_dir),
-        ("data.files", [jsonl]), ("data.resolution", 32), ("data.bucket_step", 16), ("data.max_aspect", 1.0),
-        ("data.text_length", TEXT_LENGTH), ("data.num_workers", 0), ("data.cache_dir", cache_dir),
-        ("teacher.path", teacher_dir), ("teacher.block", 2),
-        ("loss.text", 0.5), ("loss.ignore_padding", True),
-        ("train.mode", "full"), ("train.batch_size", profile.batch_size), ("train.max_steps", profile.train_steps),
+        ("data.files", [jsonl]),
+        ("data.resolution", 32),
+        ("data.bucket_step", 16),
+        ("data.max_aspect", 1.0),
+        ("data.text_length", TEXT_LENGTH),
+        ("data.num_workers", 0),
+        ("data.cache_dir", cache_dir),
+        ("teacher.path", teacher_dir),
+        ("teacher.block", 2),
+        ("loss.text", 0.5),
+        ("loss.ignore_padding", True),
+        ("train.mode", "full"),
+        ("train.batch_size", profile.batch_size),
+        ("train.max_steps", profile.train_steps),
         # bf16 autocast: the CPU's bf16 matrix units make a step about 1.4x faster than fp32 (measured)
         ("train.mixed_precision", "bf16"),
         # velocity loss: x0-MSE (sigma^2-weighted, as published) learned this world more slowly (see README)
         ("loss.image_target", "velocity"),
-        ("train.lr", profile.lr), ("train.warmup_steps", min(100, profile.train_steps // 10)),
-        ("train.schedule", "cosine"), ("train.weight_decay", 0.0),
-        ("checkpoint.every", 250), ("checkpoint.keep", 2), ("log.every", 25),
+        ("train.lr", profile.lr),
+        ("train.warmup_steps", min(100, profile.train_steps // 10)),
+        ("train.schedule", "cosine"),
+        ("train.weight_decay", 0.0),
+        ("checkpoint.every", 250),
+        ("checkpoint.keep", 2),
+        ("log.every", 25),
     ]
     if ablation:
         pairs += [("loss.cross", 0.0), ("loss.align", 0.0), ("teacher.path", None)]
@@ -307,5 +382,6 @@ def main_job(out: str, profile_name: str, seed: int, ablation: bool = False) -> 
         ablation_card = st.timed("evaluate_ablation", st.score, abl_file, "7/8 (ablation) every mode")
     print("8/8 contact sheet and report", flush=True)
     wall = time.perf_counter() - started
-    return report.write(st.out, profile_name, profile, seed, card, ablation_card, st.timings, wall, model_file,
-                        diagnosis)
+    return report.write(
+        st.out, profile_name, profile, seed, card, ablation_card, st.timings, wall, model_file, diagnosis
+    )

@@ -1,4 +1,5 @@
 """The contact sheet and the report of ``python -m train.shapes`` (stage 8)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,8 +59,8 @@ def _diagnosis_lines(d: dict) -> list:
         return "; ".join(f"{k} {'/'.join(f'{v:.3f}' for v in vals)}" for k, vals in rows.items())
 
     return [
-        "## Why (diagnosis on the validation split, "
-        f"{d['n']} records each: `python -m train.shapes.diagnose MODEL`)", "",
+        f"## Why (diagnosis on the validation split, {d['n']} records each: `python -m train.shapes.diagnose MODEL`)",
+        "",
         f"- **Text-to-image reads the prompt only at high noise.** x0 error at sigma {sig}: {errs(t2i)}. A prompt "
         "fixes the whole scene, so a model that reads it fully would reach a small error at sigma 1; the gap "
         "between the true and the empty prompt is what it has learned from the text so far.",
@@ -69,20 +70,40 @@ def _diagnosis_lines(d: dict) -> list:
         "their timestep embedding (the published design), so copying must be learned from content alone.",
         f"- **Captions:** token accuracy in one pass {cap['all masked']:.3f} with every token masked and "
         f"{cap['half masked']:.3f} with half masked, against {cap['sampled all right']:.3f} sampled captions all "
-        "right.", "",
+        "right.",
+        "",
     ]
 
 
-def write(out: str, profile_name: str, profile, seed: int, card, ablation_card, timings: dict, wall: float,
-          model_file: str, diagnosis: dict | None = None) -> dict:
+def write(
+    out: str,
+    profile_name: str,
+    profile,
+    seed: int,
+    card,
+    ablation_card,
+    timings: dict,
+    wall: float,
+    model_file: str,
+    diagnosis: dict | None = None,
+) -> dict:
     sheet = contact_sheet(card.examples, os.path.join(out, "contact_sheet.png"))
     failures = [k for k, floor in QUICK_FLOORS.items() if card.figures.get(k, 0.0) < floor]
     result = {
-        "profile": profile_name, "settings": dataclasses.asdict(profile), "seed": seed, "wall_s": round(wall, 1),
-        "stage_s": timings, "figures": card.figures, "counts": card.counts, "targets": TARGETS,
-        "quick_floors": QUICK_FLOORS, "below_quick_floors": failures,
+        "profile": profile_name,
+        "settings": dataclasses.asdict(profile),
+        "seed": seed,
+        "wall_s": round(wall, 1),
+        "stage_s": timings,
+        "figures": card.figures,
+        "counts": card.counts,
+        "targets": TARGETS,
+        "quick_floors": QUICK_FLOORS,
+        "below_quick_floors": failures,
         "ablation_figures": ablation_card.figures if ablation_card else None,
-        "model": model_file, "contact_sheet": sheet, "diagnosis": diagnosis,
+        "model": model_file,
+        "contact_sheet": sheet,
+        "diagnosis": diagnosis,
         "sampler_settings": card.settings,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
     }
@@ -91,19 +112,30 @@ def write(out: str, profile_name: str, profile, seed: int, card, ablation_card, 
     other = ablation_card.figures if ablation_card else None
     head = "| metric | value | n | target | met |" + (" without L_cross, L_align |" if other else "")
     rule = "|---|---|---|---|---|" + ("---|" if other else "")
-    lines = [f"# Shapes world report ({profile_name})", "",
-             f"seed {seed}; wall time {wall:.0f} s; {result['machine']}", "",
-             f"Test split (held-out scenes): {profile.eval_per_task} records per mode (n: records behind each figure). "
-             f"Model: `{model_file}`. Sampler settings (image {card.settings.get('image')}, text "
-             f"{card.settings.get('text')}) were chosen by this run on the validation split "
-             f"({card.settings.get('n')} records per mode and setting, `train/shapes/tune.py`), never on these "
-             "records.", "",
-             head, rule]
+    lines = [
+        f"# Shapes world report ({profile_name})",
+        "",
+        f"seed {seed}; wall time {wall:.0f} s; {result['machine']}",
+        "",
+        f"Test split (held-out scenes): {profile.eval_per_task} records per mode (n: records behind each figure). "
+        f"Model: `{model_file}`. Sampler settings (image {card.settings.get('image')}, text "
+        f"{card.settings.get('text')}) were chosen by this run on the validation split "
+        f"({card.settings.get('n')} records per mode and setting, `train/shapes/tune.py`), never on these "
+        "records.",
+        "",
+        head,
+        rule,
+    ]
     lines += [_row(k, card.figures.get(k, 0.0), TARGETS[k], other, card.counts.get(k)) for k in TARGETS]
     lines += [_row(k, v, None, other, card.counts.get(k)) for k, v in sorted(card.figures.items()) if k not in TARGETS]
     lines += [""] + _diagnosis_lines(diagnosis)
-    lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()), "",
-              "![contact sheet](contact_sheet.png)", ""]
+    lines += [
+        "",
+        "Stage wall times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()),
+        "",
+        "![contact sheet](contact_sheet.png)",
+        "",
+    ]
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
     return result

@@ -8,6 +8,7 @@ of ``scorecard.records`` and scores them with ``evaluate``'s scorers: caption al
 exact, plus seconds and denoiser passes per text. "Equal quality" (issue 14) is no figure lower than
 ``ddpm_cache``'s by more than 0.02; the table marks each setting. Text length and steps are the scorecard's.
 """
+
 from __future__ import annotations
 
 import argparse

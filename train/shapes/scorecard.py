@@ -6,6 +6,7 @@ targets are fixed here, before any run. The quick CI variant (3 minutes: ~16k tr
 looser ``QUICK_FLOORS``, which a broken model misses: an untrained or broken text stream answers no VQA
 question exactly (0), and a broken image stream draws noise whose background reads right about half the time.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,11 +22,16 @@ from .world import Scene, edge_map, make_record
 
 # (metric, target) -- the issue's table; figures are shares of held-out records (edge F1: a mean).
 TARGETS = {
-    "t2i_colour": 0.90, "t2i_shape": 0.75, "t2i_position": 0.85,
-    "caption_all": 0.85, "vqa_exact": 0.85,
-    "edit_changed": 0.75, "edit_kept": 0.75,
+    "t2i_colour": 0.90,
+    "t2i_shape": 0.75,
+    "t2i_position": 0.85,
+    "caption_all": 0.85,
+    "vqa_exact": 0.85,
+    "edit_changed": 0.75,
+    "edit_kept": 0.75,
     "perception_edge_f1": 0.70,
-    "compose_colour": 0.75, "compose_position": 0.75,
+    "compose_colour": 0.75,
+    "compose_position": 0.75,
     "vae_readback": 0.98,  # the ceiling of every image mode: the VAE alone keeps every attribute readable
 }
 # The quick CI variant's floors: a broken text stream answers nothing right (0), a broken image stream draws
@@ -88,15 +94,37 @@ def _generate_chunk(model, task: str, chunk, seeds, sampling: dict) -> list:
         noises.append(torch.randn((1, model.transformer.config.in_channels, 32 // side, 32 // side), generator=g))
         prompts.append(rec["prompt"] if task in ("t2i", "compose") else rec["instruction"])
     conds = [torch.cat(conditions)] if conditions else []
-    out = _generate(model, prompts=prompts, negative_prompt="", conditions=conds, width=32, height=32,
-                    steps=sampling["steps"], guidance=sampling["guidance"], image_guidance=None, generator=None,
-                    text_length=None, callback=None, cancel=None, noise=torch.cat(noises)).images
+    out = _generate(
+        model,
+        prompts=prompts,
+        negative_prompt="",
+        conditions=conds,
+        width=32,
+        height=32,
+        steps=sampling["steps"],
+        guidance=sampling["guidance"],
+        image_guidance=None,
+        generator=None,
+        text_length=None,
+        callback=None,
+        cancel=None,
+        noise=torch.cat(noises),
+    ).images
     return [_image(out[i : i + 1]) for i in range(out.shape[0])]
 
 
-def run_scorecard(model, n: int, seed: int, progress=None, examples: int = 3, split: str = "test",
-                  tasks=("t2i", "caption", "vqa", "edit", "perception", "compose"), sampling: dict = SAMPLING,
-                  text: dict = TEXT, ceiling: bool = True) -> Scorecard:
+def run_scorecard(
+    model,
+    n: int,
+    seed: int,
+    progress=None,
+    examples: int = 3,
+    split: str = "test",
+    tasks=("t2i", "caption", "vqa", "edit", "perception", "compose"),
+    sampling: dict = SAMPLING,
+    text: dict = TEXT,
+    ceiling: bool = True,
+) -> Scorecard:
     """Every mode on ``n`` held-out records per task (perception: edge maps; depth is reported as a MAE)."""
     card, results = Scorecard(), {}
     for task in tasks:
@@ -105,8 +133,9 @@ def run_scorecard(model, n: int, seed: int, progress=None, examples: int = 3, sp
         outputs = []
         if task in ("t2i", "edit", "perception", "compose"):
             for c in range(0, n, CHUNK):
-                outputs += _generate_chunk(model, task, recs[c : c + CHUNK], range(seed + c, seed + c + CHUNK),
-                                           sampling)
+                outputs += _generate_chunk(
+                    model, task, recs[c : c + CHUNK], range(seed + c, seed + c + CHUNK), sampling
+                )
         elif task == "caption":  # one call per chunk: the same (empty) prompt for every image
             for c in range(0, n, CHUNK):
                 pixels = torch.cat([_tensor(src[0]) for _, src, _ in recs[c : c + CHUNK]])

@@ -5,6 +5,7 @@ on the world's (image, caption) pairs, then saved as an ordinary Hugging Face fo
 processor, tokenizer) that ``train.teacher.Teacher.load`` reads like any CLIP checkpoint. Its text tower reads
 the world's word-level tokenizer and pools at the first ``</s>``.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,11 +18,25 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 def make_clip(tokenizer, image_size: int = 32, width: int = 96, layers: int = 2, dim: int = 64) -> CLIPModel:
     """A fresh toy CLIP whose text tower reads ``tokenizer``'s ids."""
-    text = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                num_attention_heads=4, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
-    vision = dict(image_size=image_size, patch_size=4, hidden_size=width, intermediate_size=2 * width,
-                  num_hidden_layers=layers, num_attention_heads=4)
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
+    vision = dict(
+        image_size=image_size,
+        patch_size=4,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+    )
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=dim))
 
 
@@ -30,8 +45,17 @@ def image_processor(image_size: int = 32) -> CLIPImageProcessor:
     return CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
-def train_clip(images: torch.Tensor, captions: list[str], tokenizer, *, steps: int, batch_size: int = 64,
-               lr: float = 1e-3, seed: int = 0, progress=None) -> tuple[CLIPModel, dict]:
+def train_clip(
+    images: torch.Tensor,
+    captions: list[str],
+    tokenizer,
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress=None,
+) -> tuple[CLIPModel, dict]:
     """Train a toy CLIP on uint8 images [N, 3, H, W] and their captions; returns (model in eval mode, stats).
 
     ``progress(step, parts)`` is called after every step. Batches never hold the same caption twice, so no pair
@@ -46,7 +70,8 @@ def train_clip(images: torch.Tensor, captions: list[str], tokenizer, *, steps: i
     ids = tokenizer(captions, padding=True, return_tensors="pt")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(s / max(steps, 1), 1)))))
+        opt, lambda s: min(1.0, (s + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(s / max(steps, 1), 1))))
+    )
     by_caption: dict[str, list[int]] = {}
     for i, c in enumerate(captions):
         by_caption.setdefault(c, []).append(i)

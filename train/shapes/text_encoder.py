@@ -7,6 +7,7 @@ the next. This stage gives the toy T5 a short pretraining of its own: masked-tok
 texts (captions, prompts, instructions, VQA prompts with answers) at random mask rates, with a linear head
 that is thrown away afterwards. The trainer then keeps the encoder frozen, as with the real model.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,8 +17,19 @@ from transformers import T5Config, T5EncoderModel
 
 from unialign_core.modes import VQA_TEMPLATE
 
-T5 = dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, feed_forward_proj="gated-gelu",
-          dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, is_encoder_decoder=False)
+T5 = dict(
+    d_model=64,
+    d_ff=128,
+    d_kv=16,
+    num_heads=4,
+    num_layers=2,
+    feed_forward_proj="gated-gelu",
+    dropout_rate=0.0,
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
+    is_encoder_decoder=False,
+)
 
 
 def make_t5(vocab_size: int) -> T5EncoderModel:
@@ -33,8 +45,17 @@ def record_texts(record: dict) -> list[str]:
     return texts
 
 
-def pretrain_t5(tokenizer, texts: list[str], *, length: int, steps: int, batch_size: int = 128, lr: float = 2e-3,
-                seed: int = 0, progress=None) -> tuple[T5EncoderModel, dict]:
+def pretrain_t5(
+    tokenizer,
+    texts: list[str],
+    *,
+    length: int,
+    steps: int,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    progress=None,
+) -> tuple[T5EncoderModel, dict]:
     """Masked-token pretraining of a toy T5 on ``texts``; returns (encoder in eval mode, stats).
 
     Each row is padded to ``length`` with EOS (how captions are laid out) or with pad (how prompts are), and a
@@ -56,7 +77,8 @@ def pretrain_t5(tokenizer, texts: list[str], *, length: int, steps: int, batch_s
     params = list(model.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 30) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(s / max(steps, 1), 1)))))
+        opt, lambda s: min(1.0, (s + 1) / 30) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(s / max(steps, 1), 1))))
+    )
     parts = {}
     for step in range(steps):
         ids = data[torch.from_numpy(rng.integers(len(data), size=batch_size))]

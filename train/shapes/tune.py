@@ -5,6 +5,7 @@ on validation scenes that neither training nor the report uses (``world.scene_sp
 streams), by the mean of the image-mode figures and of the text-mode figures. ``python -m train.shapes.tune
 MODEL`` prints the whole grid.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,16 @@ import sys
 
 IMAGE_GRID = [dict(steps=20, guidance=g) for g in (2.0, 3.0, 5.0)]
 TEXT_GRID = [dict(answer_tokens=24, steps=s, sampler="confidence") for s in (12, 24)]
-IMAGE_KEYS = ("t2i_colour", "t2i_shape", "t2i_position", "edit_changed", "edit_kept", "perception_edge_f1",
-              "compose_colour", "compose_position")
+IMAGE_KEYS = (
+    "t2i_colour",
+    "t2i_shape",
+    "t2i_position",
+    "edit_changed",
+    "edit_kept",
+    "perception_edge_f1",
+    "compose_colour",
+    "compose_position",
+)
 TEXT_KEYS = ("caption_all", "vqa_exact")
 
 
@@ -23,12 +32,22 @@ def choose(model, n: int = 50, seed: int = 0, progress=None) -> dict:
     from .scorecard import SAMPLING, TEXT, run_scorecard
 
     rows, best = [], {}
-    for kind, grid, tasks, keys in (("image", IMAGE_GRID, ("t2i", "edit", "perception", "compose"), IMAGE_KEYS),
-                                    ("text", TEXT_GRID, ("caption", "vqa"), TEXT_KEYS)):
+    for kind, grid, tasks, keys in (
+        ("image", IMAGE_GRID, ("t2i", "edit", "perception", "compose"), IMAGE_KEYS),
+        ("text", TEXT_GRID, ("caption", "vqa"), TEXT_KEYS),
+    ):
         for setting in grid:
-            card = run_scorecard(model, n, seed, split="val", tasks=tasks, ceiling=False, examples=0,
-                                 sampling=setting if kind == "image" else SAMPLING,
-                                 text=setting if kind == "text" else TEXT)
+            card = run_scorecard(
+                model,
+                n,
+                seed,
+                split="val",
+                tasks=tasks,
+                ceiling=False,
+                examples=0,
+                sampling=setting if kind == "image" else SAMPLING,
+                text=setting if kind == "text" else TEXT,
+            )
             figures = {k: round(card.figures.get(k, 0.0), 3) for k in keys}
             row = {kind: setting, "figures": figures, "mean": round(sum(figures.values()) / len(figures), 4)}
             rows.append(row)

@@ -7,6 +7,7 @@ mask) is the last id. Text is lower-cased and split like a whitespace/punctuatio
 run of punctuation); every encoding ends with ``</s>``. The transformer's text head and the T5 table both have
 ``len(tokenizer)`` rows.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -60,8 +61,7 @@ def build_tokenizer(vocabulary: list[str] | None = None) -> PreTrainedTokenizerF
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", special_tokens=[(EOS, 1)])
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces, tidies punctuation
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK,
-                                   mask_token=MASK)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, mask_token=MASK)
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, folder: str) -> str:
@@ -77,8 +77,9 @@ def unknown_words(tokenizer, texts) -> set:
     found = set()
     for text in texts:
         enc = tokenizer(text, add_special_tokens=False)
-        for tok_id, (a, b) in zip(enc["input_ids"], tokenizer(text, return_offsets_mapping=True,
-                                                              add_special_tokens=False)["offset_mapping"]):
+        for tok_id, (a, b) in zip(
+            enc["input_ids"], tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
+        ):
             if tok_id == unk:
                 found.add(text[a:b])
     return found

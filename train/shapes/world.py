@@ -20,6 +20,7 @@ the scene of the target image, or of the source for caption, vqa and perception)
 so train and test never share a scene (an edit's source scene may come from either part). Random streams are also disjoint: record ``i`` of a split uses
 ``numpy.random.SeedSequence([seed, SPLIT_IDS[split], i])``.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -358,8 +359,14 @@ def _available_edits(scene: Scene) -> list[str]:
     return kinds
 
 
-EDIT_ATTRIBUTES = {"recolour": "colour", "reshape": "kind", "move": "position", "add": "presence",
-                   "remove": "presence", "background": "background"}
+EDIT_ATTRIBUTES = {
+    "recolour": "colour",
+    "reshape": "kind",
+    "move": "position",
+    "add": "presence",
+    "remove": "presence",
+    "background": "background",
+}
 
 
 def make_edit(rng: np.random.Generator, scene: Scene | None = None, kind: str | None = None, sizes=("large",)):
@@ -403,8 +410,13 @@ def make_edit(rng: np.random.Generator, scene: Scene | None = None, kind: str | 
         raise ValueError(f"unknown edit kind {kind!r}; expected one of {EDIT_KINDS}")
     fmt["new"] = new
     instruction = _pick(rng, EDIT_TEMPLATES[kind]).format(**fmt)
-    meta = {"kind": kind, "attribute": EDIT_ATTRIBUTES[kind], "shape": shape.to_dict() if shape else None,
-            "from": old, "to": new}
+    meta = {
+        "kind": kind,
+        "attribute": EDIT_ATTRIBUTES[kind],
+        "shape": shape.to_dict() if shape else None,
+        "from": old,
+        "to": new,
+    }
     return src, instruction, Scene(background, tuple(shapes)), meta
 
 
@@ -415,44 +427,65 @@ def _record(rng: np.random.Generator, task: str, size: int, sizes) -> tuple[dict
     """(record without paths, source images, target image or None, scene that decides the split) for one task."""
     if task == "edit":
         src, instruction, tgt, edit_meta = make_edit(rng, sizes=sizes)
-        rec = {"task": task, "instruction": instruction, "caption": canonical_caption(tgt),
-               "meta": {"scene": tgt.to_dict(), "source_scene": src.to_dict(), "edit": edit_meta}}
+        rec = {
+            "task": task,
+            "instruction": instruction,
+            "caption": canonical_caption(tgt),
+            "meta": {"scene": tgt.to_dict(), "source_scene": src.to_dict(), "edit": edit_meta},
+        }
         return rec, [render(src, size)], render(tgt, size), tgt
     scene = sample_scene(rng, sizes=sizes)
     if task == "t2i":
-        rec = {"task": task, "prompt": caption(scene, rng), "caption": canonical_caption(scene),
-               "meta": {"scene": scene.to_dict()}}
+        rec = {
+            "task": task,
+            "prompt": caption(scene, rng),
+            "caption": canonical_caption(scene),
+            "meta": {"scene": scene.to_dict()},
+        }
         return rec, [], render(scene, size), scene
     if task == "caption":
         rec = {"task": task, "caption": canonical_caption(scene), "meta": {"scene": scene.to_dict()}}
         return rec, [render(scene, size)], None, scene
     if task == "vqa":
         question, answer, qtype = vqa(scene, rng)
-        rec = {"task": task, "prompt": question, "caption": answer,
-               "meta": {"scene": scene.to_dict(), "question_type": qtype, "answer": answer}}
+        rec = {
+            "task": task,
+            "prompt": question,
+            "caption": answer,
+            "meta": {"scene": scene.to_dict(), "question_type": qtype, "answer": answer},
+        }
         return rec, [render(scene, size)], None, scene
     if task == "perception":
         kind = _pick(rng, ("edge", "depth"))
         instruction = _pick(rng, EDGE_INSTRUCTIONS if kind == "edge" else DEPTH_INSTRUCTIONS)
         target = (edge_map if kind == "edge" else depth_map)(scene, size)
         text = f"{kind} map of {canonical_caption(scene)}"
-        rec = {"task": task, "instruction": instruction, "caption": text,
-               "meta": {"scene": scene.to_dict(), "map": kind}}
+        rec = {
+            "task": task,
+            "instruction": instruction,
+            "caption": text,
+            "meta": {"scene": scene.to_dict(), "map": kind},
+        }
         return rec, [render(scene, size)], target, scene
     if task == "compose":
         shape = scene.shapes[0]
         scene = Scene(scene.background, (shape,))
         where = _pick(rng, POSITION_PHRASES[shape.position])
         prompt = _pick(rng, COMPOSE_TEMPLATES).format(where=where, bg=scene.background)
-        rec = {"task": task, "prompt": prompt, "caption": canonical_caption(scene),
-               "meta": {"scene": scene.to_dict(), "reference": {"kind": shape.kind, "colour": shape.colour,
-                                                                "size": shape.size}}}
+        rec = {
+            "task": task,
+            "prompt": prompt,
+            "caption": canonical_caption(scene),
+            "meta": {
+                "scene": scene.to_dict(),
+                "reference": {"kind": shape.kind, "colour": shape.colour, "size": shape.size},
+            },
+        }
         return rec, [render_reference(shape, size)], render(scene, size), scene
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
-def make_record(seed: int, index: int, task: str, split: str = "train", size: int = DEFAULT_SIZE,
-                sizes=("large",)):
+def make_record(seed: int, index: int, task: str, split: str = "train", size: int = DEFAULT_SIZE, sizes=("large",)):
     """Deterministic record ``index`` of a split: redraws until its scene belongs to ``split``."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, SPLIT_IDS[split], index]))
     while True:
@@ -472,8 +505,9 @@ def _progress(iterable, total: int):
     return tqdm(iterable, total=total, desc="shapes world")
 
 
-def make_dataset(out_dir, n: int, seed: int = 0, size: int = DEFAULT_SIZE, tasks=TASKS, split: str = "train",
-                 sizes=("large",)) -> str:
+def make_dataset(
+    out_dir, n: int, seed: int = 0, size: int = DEFAULT_SIZE, tasks=TASKS, split: str = "train", sizes=("large",)
+) -> str:
     """Write ``n`` records (tasks round-robin) as PNGs plus ``<out_dir>/<split>.jsonl``; return the JSONL path.
 
     Record format (the native one of ``train/data.py``; paths relative to the JSONL): ``task``; ``prompt``
