@@ -4,6 +4,7 @@ micro-batch turned into the tensors the losses take (`losses.Prepared`)."""
 import torch
 
 from unialign_core import UniAlignModel
+from unialign_core.vae import posterior
 
 from . import data as D
 from .config import Config
@@ -50,7 +51,7 @@ class Encoders:
             keys = [D.FeatureCache.key("vae", self.vae_id, tuple(x.shape), x.numpy().tobytes()) for x in q]
 
         def compute(todo):
-            dist = self.vae.encode(pixels[todo].to(self.device, self.vae.dtype) * 2 - 1).latent_dist
+            dist = posterior(self.vae, pixels[todo])
             return torch.cat([dist.mean, dist.std], dim=1).float()
 
         out, _ = D.cached(pixels.shape[0], self.cache, keys, compute)

@@ -85,10 +85,14 @@ def unscale_latents(latents: torch.Tensor, config) -> torch.Tensor:
     return latents / config.scaling_factor + config.shift_factor
 
 
+def posterior(vae: AutoencoderKL, pixels: torch.Tensor):
+    """The VAE's posterior (raw, unscaled latents) of pixels [B, 3, H, W] in [0, 1], which it reads as [-1, 1]."""
+    return vae.encode(pixels.to(vae.device, vae.dtype) * 2 - 1).latent_dist
+
+
 def encode(vae: AutoencoderKL, pixels: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Pixels [B, 3, H, W] in [0, 1] to scaled latents, sampling the posterior as published."""
-    x = pixels.to(vae.device, vae.dtype) * 2 - 1
-    dist = vae.encode(x).latent_dist
+    dist = posterior(vae, pixels)
     z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator, device="cpu").to(dist.mean)
     return scale_latents(z, vae.config)
 
@@ -96,8 +100,7 @@ def encode(vae: AutoencoderKL, pixels: torch.Tensor, generator: Optional[torch.G
 @torch.no_grad()
 def encode_mean(vae, pixels: torch.Tensor) -> torch.Tensor:
     """Scaled latents of the posterior mean (no sampling noise)."""
-    x = pixels.to(vae.device, vae.dtype) * 2 - 1
-    return scale_latents(vae.encode(x).latent_dist.mean, vae.config)
+    return scale_latents(posterior(vae, pixels).mean, vae.config)
 
 
 def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from PIL import Image
 
+from unialign_core.vae import posterior
+
 VAE_CONFIG = {
     "in_channels": 3,
     "out_channels": 3,
@@ -130,5 +132,5 @@ def train_vae(
 @torch.no_grad()
 def reconstruct(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
     """Encode (posterior mean) and decode float pixels [B, 3, H, W] in [0, 1]."""
-    z = vae.encode(pixels * 2 - 1).latent_dist.mean
+    z = posterior(vae, pixels).mean
     return ((vae.decode(z).sample + 1) / 2).clamp(0, 1)
