@@ -698,31 +698,10 @@ def run_steps(root: str, out: str, steps: Sequence[str], device: str, timeout: f
             if not train_step_available():
                 results.append({"step": step, "ok": False, "skipped": "the train package is not installed here"})
                 continue
-            cmd = [
-                sys.executable,
-                "-m",
-                "train.rehearse_step",
-                "--root",
-                root,
-                "--device",
-                device,
-                "--result",
-                result_path,
-            ]
+            module = ["train.rehearse_step"]
         else:
-            cmd = [
-                sys.executable,
-                "-m",
-                "unialign_core.rehearse",
-                "--child",
-                step,
-                "--root",
-                root,
-                "--device",
-                device,
-                "--result",
-                result_path,
-            ]
+            module = ["unialign_core.rehearse", "--child", step]
+        cmd = [sys.executable, "-m", *module, "--root", root, "--device", device, "--result", result_path]
         print(f"[rehearse] step {step} ...", flush=True)
         proc = run_child(cmd, timeout, rss_limit)
         entry = {"step": step, **proc}
