@@ -21,6 +21,7 @@ class Encoders:
         for module in (self.vae, self.t5):
             cast_frozen(module.to(device).eval().requires_grad_(False), frozen_dtype)
         self.text_length = cfg.data.text_length
+        self.padding = cfg.data.prompt_padding  # "training" (end-of-text, official) or "inference" (<pad>)
         self.cache = D.FeatureCache(cfg.data.cache_dir) if cfg.data.cache_dir else None
         self.vae_id = fingerprint(self.vae) if self.cache else ""
         self.t5_id = fingerprint(self.t5) if self.cache else ""
@@ -33,12 +34,15 @@ class Encoders:
 
     @torch.no_grad()
     def encode_prompts(self, texts):
-        keys = [D.FeatureCache.key("t5", self.t5_id, t, self.text_length) for t in texts] if self.cache else None
+        """T5 states of prompts, padded by `data.prompt_padding` (`PROMPT_PADDING`; the official training's rule,
+        end-of-text, by default)."""
+        pad = self.padding
+        keys = [D.FeatureCache.key("t5", self.t5_id, t, self.text_length, pad) for t in texts] if self.cache else None
         out, _ = D.cached(
             len(texts),
             self.cache,
             keys,
-            lambda todo: self.encode_ids(self.bundle.tokenize([texts[i] for i in todo], self.text_length)),
+            lambda todo: self.encode_ids(self.bundle.tokenize([texts[i] for i in todo], self.text_length, pad)),
         )
         return torch.stack([o.to(self.device, self.compute_dtype) for o in out])
 
@@ -58,11 +62,15 @@ class Encoders:
         both = torch.stack([o.to(self.device) for o in out])
         return both.chunk(2, dim=1)
 
-    def latents(self, pixels: torch.Tensor, rng: SampleRNG, purpose: str) -> torch.Tensor:
-        """Scaled latents, sampling the posterior with per-sample noise (as published: `.sample()`)."""
+    def latents(self, pixels: torch.Tensor, rng: SampleRNG, *purposes: str):
+        """Scaled latents, sampling the posterior with per-sample noise (as published: `.sample()`): one
+        independent sample per purpose (one tensor for one purpose, else a list), the VAE run once."""
         mean, std = self.moments(pixels)
-        z = mean + std * rng.randn(purpose, mean.shape[1:]).to(self.device)
-        return self.bundle.scale_latents(z).to(self.compute_dtype)
+        out = []
+        for purpose in purposes:
+            z = mean + std * rng.randn(purpose, mean.shape[1:]).to(self.device)
+            out.append(self.bundle.scale_latents(z).to(self.compute_dtype))
+        return out[0] if len(out) == 1 else out
 
 
 def pad_batch(batch: dict, size: int) -> dict:
@@ -86,8 +94,16 @@ def prepare_batch(batch: dict, enc: Encoders, rng: SampleRNG, need_teacher: bool
     """Run the frozen encoders on one collated micro-batch."""
     task, device = batch["task"], enc.device
     present = torch.tensor(batch["present"], device=device)
-    target = enc.latents(batch["target"], rng, "vae_target") if batch["target"] is not None else None
     sources = [enc.latents(s, rng, f"vae_source{k}") for k, s in enumerate(batch["sources"])]
+    target = understand = None
+    if batch["target"] is not None and not sources:
+        # text-to-image: the official training encodes the image twice, once for the image pass and once for the
+        # text pass, so the two passes see independent posterior samples
+        target, understand = enc.latents(batch["target"], rng, "vae_target", "vae_understand")
+    elif batch["target"] is not None:  # edit, perception, compose: both passes read the one target sample
+        target = understand = enc.latents(batch["target"], rng, "vae_target")
+    else:  # caption, vqa: the text pass reads the source
+        understand = sources[0]
     conditions = sources if target is not None else []
     rows = [enc.bundle.caption_ids(task, t, c, enc.text_length) for t, c in zip(batch["text"], batch["caption"])]
     ids, maskable, not_pad = (torch.tensor([r[i] for r in rows], device=device) for i in range(3))
@@ -97,7 +113,7 @@ def prepare_batch(batch: dict, enc: Encoders, rng: SampleRNG, need_teacher: bool
         conditions=conditions,
         prompt_context=enc.encode_prompts(batch["text"]) if target is not None else None,
         null_context=enc.null_context,
-        understand=target if target is not None else sources[0],
+        understand=understand,
         ids=ids,
         maskable=maskable,
         not_pad=not_pad,

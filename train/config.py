@@ -14,6 +14,8 @@ from typing import Dict, List, Optional, Union
 
 import yaml
 
+from unialign_core.model import PROMPT_PADDING
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
@@ -39,6 +41,10 @@ class DataConfig:
     ratios: Optional[Dict[str, float]] = None  # task -> share of batches; None: in proportion to the data
     t2i_as_caption: bool = False  # also use t2i records as caption items
     text_length: int = 256  # T5 tokens of prompts and captions
+    # how prompts are padded to text_length: "training" (end-of-text, as the official training pads; for the
+    # released model) or "inference" (<pad>, as the official pipeline and our nodes sample; for a model of your own
+    # whose training should see what its sampling sees, such as the shapes world's)
+    prompt_padding: str = "training"
     num_workers: int = 2
     cache_dir: Optional[str] = None  # cache VAE moments and T5 prompt states here (content-keyed)
 
@@ -52,6 +58,8 @@ class TeacherConfig:
 
 
 IMAGE_TARGETS = ("x0", "velocity")
+CROSS_NEGATIVES = ("local", "global")
+GRAD_ACCUM_REDUCE = ("sum", "mean")
 
 
 @dataclass
@@ -66,6 +74,9 @@ class LossConfig:
     logit_std: float = 1.0
     ignore_padding: bool = False  # L_text: False counts padding positions, as upstream
     image_target: str = "x0"  # L_image: "x0" (MSE on x0 = sigma^2-weighted velocity error, as upstream) or "velocity"
+    # L_cross negatives: "global" (the micro-batches of all processes together; N processes train like one) or
+    # "local" (each process's own micro-batch, as the official training contrasts them)
+    cross_negatives: str = "global"
 
 
 @dataclass
@@ -92,6 +103,9 @@ class TrainConfig:
     mode: str = "lora"  # lora | full
     batch_size: int = 4  # per process, per micro-step
     grad_accum: int = 1
+    # how the grad_accum micro-batches' gradients add up before clipping: "sum" (as the official training does) or
+    # "mean" (accelerate's average; the same update direction, but clipping and the logged grad_norm see 1/grad_accum)
+    grad_accum_reduce: str = "sum"
     max_steps: int = 1000  # optimizer steps
     lr: float = 3e-5
     warmup_steps: int = 2000
@@ -150,6 +164,10 @@ class Config:
 
 CHOICES = {
     "train.mode": ("lora", "full"),
+    "data.prompt_padding": PROMPT_PADDING,
+    "train.grad_accum_reduce": GRAD_ACCUM_REDUCE,
+    "loss.cross_negatives": CROSS_NEGATIVES,
+    "loss.image_target": IMAGE_TARGETS,
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "train.frozen_dtype": ("auto", "fp32", "bf16", "fp16"),
     "train.schedule": ("constant", "cosine", "linear"),
@@ -274,8 +292,6 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)!r}")
     if not 0 <= cfg.loss.text_dropout <= 1:
         raise ConfigError(f"loss.text_dropout: must be in [0, 1], got {cfg.loss.text_dropout}")
-    if cfg.loss.image_target not in IMAGE_TARGETS:
-        raise ConfigError(f"loss.image_target: must be one of {IMAGE_TARGETS}, got {cfg.loss.image_target!r}")
     if cfg.loss.temperature <= 0:
         raise ConfigError(f"loss.temperature: must be > 0, got {cfg.loss.temperature}")
     if not 0 < cfg.train.ema_decay < 1:

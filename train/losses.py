@@ -11,7 +11,9 @@ batch, purpose) -- see `SampleRNG` -- so two processes with half the batch each 
 the whole batch draws, and a resumed run draws what the uninterrupted run drew.
 
 Sums over the batch are divided by *global* counts (see `Reducer`), so the mean of the per-process losses, which is
-what DDP's gradient averaging optimises, equals the loss of the whole global batch.
+what DDP's gradient averaging optimises, equals the loss of the whole global batch. The contrastive loss takes its
+negatives from the whole global batch (`loss.cross_negatives: global`) or, as the official training does, from each
+process's own micro-batch (`local`).
 """
 
 import zlib
@@ -24,6 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from unialign_core.text_sampler import subs_log_probs
+
+from .config import CROSS_NEGATIVES
 
 NUM_TRAIN_TIMESTEPS = 1000  # unshifted FlowMatchEulerDiscreteScheduler grid, as upstream samples it
 MDLM_EPS = 1e-3  # MDLM sampling_eps (antithetic t) and the log-linear noise eps
@@ -67,6 +71,12 @@ def sample_sigmas(rng: SampleRNG, mean: float = 0.0, std: float = 1.0) -> torch.
     return (NUM_TRAIN_TIMESTEPS - index).float() / NUM_TRAIN_TIMESTEPS
 
 
+def train_timesteps(sigmas: torch.Tensor) -> torch.Tensor:
+    """The transformer's timestep for training sigmas, as the official training passes it: the unshifted
+    scheduler's `sigma * 1000` in float32, not rounded (10 of the 1000 are up to 3.05e-5 off an integer)."""
+    return sigmas.float() * NUM_TRAIN_TIMESTEPS
+
+
 def antithetic_t(rng: SampleRNG) -> torch.Tensor:
     """MDLM's stratified t over the *global* batch: t_i = (1 - eps) ((u_i / n + i / n) mod 1) + eps."""
     n = rng.global_size
@@ -75,9 +85,19 @@ def antithetic_t(rng: SampleRNG) -> torch.Tensor:
     return (1 - MDLM_EPS) * ((u / n + offset) % 1) + MDLM_EPS
 
 
+def log_linear_noise(t: torch.Tensor):
+    """MDLM's log-linear schedule at times t: (move chance, loss weight). The move chance 1 - e^-sigma is
+    (1 - eps) t and the weight sigma'(t) / (e^sigma - 1) is 1 / t; both are computed through
+    sigma(t) = -log(1 - (1 - eps) t), as the official training computes them, so that they are its float32 values
+    (1 / t itself differs in the last bit, which moves L_text by about 1e-6)."""
+    sigma = -torch.log1p(-(1 - MDLM_EPS) * t)
+    rate = (1 - MDLM_EPS) / (1 - (1 - MDLM_EPS) * t)
+    return 1 - torch.exp(-sigma), rate / torch.expm1(sigma)
+
+
 def mask_ids(ids: torch.Tensor, t: torch.Tensor, maskable: torch.Tensor, mask_id: int, rng: SampleRNG):
     """Mask each maskable position with probability (1 - eps) t (the log-linear schedule's move chance)."""
-    move = (1 - MDLM_EPS) * t
+    move, _ = log_linear_noise(t)
     u = rng.rand("mdlm_mask", (ids.shape[1],)).to(ids.device)
     moved = (u < move.to(ids.device)[:, None]) & maskable
     return torch.where(moved, torch.full_like(ids, mask_id), ids), moved
@@ -133,32 +153,45 @@ def image_flow_loss(velocity, x0, noise, sigmas, weight, reducer: Reducer, targe
 
 
 def text_mdlm_loss(logits, ids, xt, t, count_mask, mask_id: int, reducer: Reducer):
-    """MDLM with SUBS: -log p(x0 | x_t) / t at masked positions, summed and divided by the (global) count of
-    positions in `count_mask` (all positions of valid captions as upstream, or only non-padding ones)."""
+    """MDLM with SUBS: -log p(x0 | x_t) / t (the weight of `log_linear_noise`) at masked positions, summed and
+    divided by the (global) count of positions in `count_mask` (all positions of valid captions as upstream, or only
+    non-padding ones)."""
     logp = subs_log_probs(logits.float(), xt, mask_id)
-    nll = -logp.gather(-1, ids[..., None]).squeeze(-1) * (1.0 / t.to(logp.device))[:, None]
+    _, weight = log_linear_noise(t.to(logp.device))
+    nll = -logp.gather(-1, ids[..., None]).squeeze(-1) * weight[:, None]
     nll = nll * (xt == mask_id) * count_mask
     return nll.sum() / reducer.mean_divisor(count_mask.sum())
 
 
-def contrastive_loss(image_states, text_states, valid, temperature: float, reducer: Reducer):
-    """Symmetric InfoNCE between mean-pooled final image and text states of matching pairs over the whole global
-    batch (features gathered from all processes).
+def contrastive_gradient_factor(negatives: str, reducer: Reducer) -> int:
+    """What `contrastive_loss` multiplies its loss by (the number of processes for global negatives, else 1)."""
+    return reducer.world if negatives == "global" else 1
 
-    Returns the loss of the whole batch, multiplied by the number of processes: each process back-propagates into
-    its own rows only, and DDP averages the gradients, so the factor makes the update that of the whole batch.
+
+def contrastive_loss(image_states, text_states, valid, temperature: float, reducer: Reducer, negatives="global"):
+    """Symmetric InfoNCE between mean-pooled final image and text states of matching pairs.
+
+    negatives "global": over the whole global batch (features gathered from all processes). Returns the loss of
+    the whole batch multiplied by the number of processes: each process back-propagates into its own rows only,
+    and DDP averages the gradients, so the factor makes the update that of the whole batch.
+    negatives "local" (the official training): over this process's micro-batch alone; DDP's average of the
+    gradients is then the mean of the processes' losses, as in the official training.
     """
+    if negatives not in CROSS_NEGATIVES:
+        raise ValueError(f"loss.cross_negatives: must be one of {', '.join(CROSS_NEGATIVES)}, got {negatives!r}")
     img = F.normalize(image_states.float().mean(1), dim=-1)
     txt = F.normalize(text_states.float().mean(1), dim=-1)
-    img, txt = reducer.gather_with_grad(img), reducer.gather_with_grad(txt)
-    keep = reducer.gather_with_grad(valid.float()).bool() if reducer.world > 1 else valid.bool()
+    keep = valid.bool()
+    if negatives == "global" and reducer.world > 1:
+        img, txt = reducer.gather_with_grad(img), reducer.gather_with_grad(txt)
+        keep = reducer.gather_with_grad(valid.float()).bool()
     img, txt = img[keep], txt[keep]
     if img.shape[0] < 2:
         return (image_states.sum() + text_states.sum()) * 0.0  # nothing to contrast
     logits = img @ txt.T / temperature
     labels = torch.arange(logits.shape[0], device=logits.device)
     loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-    return loss * reducer.world
+    return loss * contrastive_gradient_factor(negatives, reducer)
 
 
 def align_loss(projected, teacher, valid, reducer: Reducer):
@@ -239,7 +272,8 @@ def compute_losses(
 ):
     """All loss terms of one micro-batch. Returns (total for backward, {term: detached value for logging}).
 
-    `cfg` is the `loss` section (weights, temperature, text_dropout, logit_mean/std, ignore_padding);
+    `cfg` is the `loss` section (weights, temperature, text_dropout, logit_mean/std, ignore_padding,
+    cross_negatives);
     `encode_ids` maps token ids to T5 states (no gradient); `module` is a (wrapped) `TrainModule`.
     """
     reducer = reducer or Reducer()
@@ -258,7 +292,7 @@ def compute_losses(
         image_pass = {
             "x_t": (1 - s) * x0 + s * noise,
             "context": context,
-            "timestep": (sigmas * NUM_TRAIN_TIMESTEPS).round(),
+            "timestep": train_timesteps(sigmas),
             "conditions": batch.conditions,
         }
 
@@ -288,7 +322,9 @@ def compute_losses(
         count = count & batch.caption_valid[:, None]
         terms["text"] = text_mdlm_loss(out["text_logits"], batch.ids, xt, t, count.float(), mask_id, reducer)
         if cfg.cross > 0 and "image_states" in out:
-            terms["cross"] = contrastive_loss(out["image_states"], out["text_states"], valid, cfg.temperature, reducer)
+            terms["cross"] = contrastive_loss(
+                out["image_states"], out["text_states"], valid, cfg.temperature, reducer, cfg.cross_negatives
+            )
     if align and "align_image" in out:
         terms["align"] = align_loss(out["align_image"], batch.teacher_image, present, reducer) + align_loss(
             out["align_text"], batch.teacher_text, valid, reducer
@@ -296,6 +332,7 @@ def compute_losses(
     weights = {"image": cfg.image, "text": cfg.text, "cross": cfg.cross, "align": cfg.align}
     total = sum(weights[k] * v for k, v in terms.items())
     logged = {k: v.detach().float() for k, v in terms.items()}
-    logged["cross"] = logged["cross"] / reducer.world  # the logged value without the gradient factor
+    # the logged value without the gradient factor
+    logged["cross"] = logged["cross"] / contrastive_gradient_factor(cfg.cross_negatives, reducer)
     logged["loss"] = sum(weights[k] * v for k, v in logged.items())
     return total, logged

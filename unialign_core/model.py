@@ -3,6 +3,7 @@
     model = load_model(path)                     # a UniAlignModel (see loader.py)
     model.scale_latents(raw) / model.unscale_latents(latents)
     model.tokenize(texts) / model.encode_prompts(texts)       # `model.text_length` T5 tokens per prompt
+    model.tokenize(texts, padding="training")    # padded as the official training pads (see PROMPT_PADDING)
     model.question_ids(question)                 # the frozen `Q: ... A: ` prompt of a VQA answer
     model.caption_ids(task, text, caption)       # (ids, maskable, not_pad): one training row of a caption/VQA sample
     model.fit_latent_rgb()                       # a latent -> RGB preview matrix
@@ -27,6 +28,21 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_TEXT_LENGTH = 256  # T5 tokens per prompt in the published training
 VQA_TEMPLATE = "Q: {question} A: "  # the published VQA prompt; the answer follows it
 
+# How token ids are padded to `text_length`. The official code pads in two ways, and each side keeps its own:
+#   "inference": the official pipeline pads prompts with the tokenizer's <pad> (id 0); the modes and nodes do.
+#   "training": the official training sets the tokenizer's pad token to end-of-text, so it pads prompts, the " " of
+#       text dropout and the captions with </s> (id 1); the trainer does.
+PROMPT_PADDING = ("inference", "training")
+
+
+def pad_id(tokenizer, padding: str) -> int:
+    """The id that pads token ids under `padding` (one of PROMPT_PADDING)."""
+    if padding == "inference":
+        return tokenizer.pad_token_id
+    if padding == "training":
+        return tokenizer.eos_token_id
+    raise ValueError(f"padding: must be one of {', '.join(PROMPT_PADDING)}, got {padding!r}")
+
 
 def question_ids(tokenizer, question: str) -> List[int]:
     """Token ids of the VQA prompt `Q: {question} A: `, without the tokenizer's trailing end-of-text: the answer
@@ -38,7 +54,8 @@ def question_ids(tokenizer, question: str) -> List[int]:
 def caption_ids(tokenizer, task: str, text: str, caption: str, text_length: int):
     """(ids, maskable, not_pad) for one training sample, each `text_length` long. VQA ("vqa"): the `Q: ... A: `
     prompt of `text` stays visible, the answer `caption` is learned; other tasks learn the whole `caption`.
-    Ids are padded with EOS (as published); the first EOS is a real token."""
+    Ids are padded as the official training pads (with EOS, `pad_id(..., "training")`); the first EOS is a real
+    token."""
     eos = tokenizer.eos_token_id
     if task == "vqa":
         prompt = question_ids(tokenizer, text)
@@ -50,7 +67,7 @@ def caption_ids(tokenizer, task: str, text: str, caption: str, text_length: int)
         ids = ids[: text_length - 1] + [eos]
     frozen = min(frozen, text_length - 1)
     n = len(ids)
-    ids = ids + [eos] * (text_length - n)
+    ids = ids + [pad_id(tokenizer, "training")] * (text_length - n)
     maskable = [i >= frozen for i in range(text_length)]
     not_pad = [i < n for i in range(text_length)]
     return ids, maskable, not_pad
@@ -142,8 +159,11 @@ class UniAlignModel:
             self.transformer.to(dtype=dtype)
         return self
 
-    def tokenize(self, texts: List[str], text_length: Optional[int] = None) -> torch.Tensor:
-        """Token ids padded to `text_length` (default: `self.text_length`); logs what a too-long text lost."""
+    def tokenize(self, texts: List[str], text_length: Optional[int] = None, padding: str = "inference") -> torch.Tensor:
+        """Token ids padded to `text_length` (default: `self.text_length`) by the `padding` rule ("inference",
+        the official pipeline's <pad>, or "training", the official training's end-of-text; see PROMPT_PADDING);
+        logs what a too-long text lost."""
+        fill = pad_id(self.tokenizer, padding)
         text_length = text_length or self.text_length
         full = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
         for ids in full:
@@ -153,7 +173,7 @@ class UniAlignModel:
         batch = self.tokenizer(
             texts, padding="max_length", max_length=text_length, truncation=True, return_tensors="pt"
         )
-        return batch["input_ids"]
+        return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, fill)
 
     def question_ids(self, question: str) -> List[int]:
         """The frozen prompt ids of a VQA answer (`Q: {question} A: `, no trailing end-of-text)."""
@@ -171,9 +191,12 @@ class UniAlignModel:
             ids = ids.to(self.text_encoder.shared.weight.device)
             return self.text_encoder(input_ids=ids)[0].to(self.dtype)
 
-    def encode_prompts(self, prompts: List[str], text_length: Optional[int] = None) -> torch.Tensor:
-        """T5 states of prompts padded to `text_length` tokens (default: the length the model was trained with)."""
-        return self.encode_ids(self.tokenize(prompts, text_length))
+    def encode_prompts(
+        self, prompts: List[str], text_length: Optional[int] = None, padding: str = "inference"
+    ) -> torch.Tensor:
+        """T5 states of prompts padded to `text_length` tokens (default: the length the model was trained with)
+        by the `padding` rule (see `tokenize`)."""
+        return self.encode_ids(self.tokenize(prompts, text_length, padding))
 
     def scale_latents(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw VAE latents -> the model's latents: `(z - shift_factor) * scaling_factor` of the VAE config."""
