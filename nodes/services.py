@@ -21,6 +21,7 @@ import folder_paths
 
 from ..unialign_core import DTYPES, CheckpointError, load_lora, load_model, lora_deltas
 from ..unialign_core import InputError as CoreInputError
+from ..unialign_core.demo import bundled_models
 from .image_types import InputError
 from .preview import latent_to_rgb_image
 
@@ -76,7 +77,7 @@ def is_upstream_folder(path: str) -> bool:
 
 
 def list_models():
-    """Single files and upstream-layout folders under every models/unialignment path."""
+    """The bundled demo model, then single files and upstream-layout folders under every models/unialignment path."""
     names = set()
     for base in _folder_paths(FOLDER):
         if not os.path.isdir(base):
@@ -92,7 +93,7 @@ def list_models():
             for f in files:
                 if f.lower().endswith(WEIGHT_EXTENSIONS):
                     names.add(f if depth == 0 else f"{rel.replace(os.sep, '/')}/{f}")
-    return sorted(names, key=str.lower)
+    return list(bundled_models()) + sorted(names, key=str.lower)
 
 
 def _safe_relative(name: str) -> str:
@@ -100,7 +101,9 @@ def _safe_relative(name: str) -> str:
 
 
 def resolve_model(name: str):
-    """The full path of a model file or folder, or None."""
+    """The full path of a model file or folder (or of the bundled demo model), or None."""
+    if name in bundled_models():
+        return bundled_models()[name]
     rel = _safe_relative(name)
     for base in _folder_paths(FOLDER):
         path = os.path.join(base, rel)

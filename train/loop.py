@@ -500,8 +500,11 @@ class Trainer:
             world=acc.num_processes,
         )
 
-    def train(self):
+    def train(self, stop_at: int | None = None):
+        """Train to ``train.max_steps`` (or only to step ``stop_at``, with a checkpoint there: a later run with
+        ``resume="latest"`` continues exactly, on the same schedule)."""
         cfg, acc = self.cfg, self.accelerator
+        end = min(cfg.train.max_steps, stop_at or cfg.train.max_steps)
         reducer = self._reducer()
         batches = self._batches()
         block = cfg.teacher.block if self.encoders.teacher is not None else None
@@ -509,7 +512,7 @@ class Trainer:
         bar = self._progress_bar()
         self.last_good, self.speed, final = None, None, {}
         self.module.train()
-        while self.step < cfg.train.max_steps:
+        while self.step < end:
             started = time.perf_counter()
             sums, seen, grad_norm, good = defaultdict(float), [], None, 0
             for _ in range(cfg.train.grad_accum):
@@ -529,7 +532,7 @@ class Trainer:
                         reducer,
                         block,
                     )
-                    acc.backward(total)
+                    self._backward(total)
                     if acc.sync_gradients:
                         grad_norm = self._clip_gradients()
                     self.optimizer.step()
@@ -549,7 +552,7 @@ class Trainer:
             if cfg.validation.every and self.step % cfg.validation.every == 0:
                 self.validate()
             every = cfg.checkpoint.every
-            if (every and self.step % every == 0) or self.step == cfg.train.max_steps:
+            if (every and self.step % every == 0) or self.step == end:
                 self.save_checkpoint()
         self._finish(bar)
         return final
@@ -610,6 +613,13 @@ class Trainer:
                 }
             )
         return batch, empty
+
+    def _backward(self, total):
+        """Back-propagate one micro-batch's loss. accelerate divides it by train.grad_accum, which averages the
+        micro-batches; with `train.grad_accum_reduce: sum` (the official training's rule) the factor is taken back,
+        so the micro-batches' gradients add up and the clipping at train.grad_clip sees their sum."""
+        cfg = self.cfg.train
+        self.accelerator.backward(total * cfg.grad_accum if cfg.grad_accum_reduce == "sum" else total)
 
     def _clip_gradients(self):
         grad_norm = self.accelerator.clip_grad_norm_([p for _, p in self.trainable], self.cfg.train.grad_clip)
@@ -738,6 +748,6 @@ class Trainer:
         acc.wait_for_everyone()
 
 
-def run(cfg: Config, resume: str = None) -> dict:
-    """Train with `cfg`; returns the last step's metrics."""
-    return Trainer(cfg, resume).train()
+def run(cfg: Config, resume: str = None, stop_at: int | None = None) -> dict:
+    """Train with `cfg` (to step `stop_at` only, when given); returns the last step's metrics."""
+    return Trainer(cfg, resume).train(stop_at)

@@ -169,17 +169,14 @@ def apply_checkpoint(transformer, checkpoint: str, ema: bool = False, strict_pro
 
     Returns a small report. Projector tensors whose shape does not match are skipped unless strict.
     """
-    from unialign_core import lora_deltas
+    from unialign_core import merge_lora
 
     tensors, meta = read_trainable(checkpoint, ema)
     own = transformer.state_dict()
     report = {"checkpoint": checkpoint, "mode": meta.get("mode", "full"), "loaded": 0, "skipped": []}
     if meta.get("mode") == "lora":
         layers, tensors = split_lora(tensors, float(meta["lora_alpha"]))
-        with torch.no_grad():
-            params = dict(transformer.named_parameters())
-            for key, delta in lora_deltas(transformer, layers, 1.0, checkpoint).items():
-                params[key].add_(delta.to(params[key].dtype))
+        merge_lora(transformer, layers, 1.0, checkpoint)
         report["lora_layers"] = len(layers)
     usable = {}
     for key, value in tensors.items():

@@ -378,9 +378,8 @@ def resolve_device(name: Optional[str], state):
 
 def load(args, device, dtype):
     """The model (any format load_model reads) with the LoRA merged into its weights."""
-    import torch
 
-    from unialign_core import load_lora, load_model, lora_deltas
+    from unialign_core import load_lora, load_model, merge_lora
 
     model = load_model(
         args.model,
@@ -392,11 +391,7 @@ def load(args, device, dtype):
         dtype=dtype,
     )
     if args.lora:
-        deltas = lora_deltas(model.transformer, load_lora(args.lora), args.lora_strength, args.lora)
-        params = dict(model.transformer.named_parameters())
-        with torch.no_grad():
-            for key, delta in deltas.items():
-                params[key].add_(delta.to(params[key].device, params[key].dtype))
+        merge_lora(model.transformer, load_lora(args.lora), args.lora_strength, args.lora)
     return model
 
 

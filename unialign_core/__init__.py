@@ -2,7 +2,7 @@
 
 from .errors import Cancelled, CheckpointError, InputError
 from .loader import load_model, load_tokenizer, load_transformer
-from .lora import load_lora, lora_deltas, save_lora
+from .lora import load_lora, lora_deltas, merge_lora, save_lora
 from .model import DTYPES, UniAlignModel
 from .modes import (
     PERCEPTION_PRESETS,
@@ -41,6 +41,7 @@ __all__ = [
     "load_transformer",
     "load_vae",
     "lora_deltas",
+    "merge_lora",
     "perceive",
     "save_lora",
     "save_single_file",

@@ -80,6 +80,17 @@ def lora_deltas(
     return deltas
 
 
+def merge_lora(transformer: torch.nn.Module, layers: Dict[str, LoraLayer], strength: float, path: str = "LoRA") -> int:
+    """Add a LoRA's deltas to the transformer's weights in place (checked first: nothing changes on a mismatch);
+    returns the number of layers merged."""
+    deltas = lora_deltas(transformer, layers, strength, path)
+    params = dict(transformer.named_parameters())
+    with torch.no_grad():
+        for key, delta in deltas.items():
+            params[key].add_(delta.to(params[key].device, params[key].dtype))
+    return len(deltas)
+
+
 def save_lora(path: str, layers: Dict[str, LoraLayer], metadata: Optional[Dict[str, str]] = None) -> str:
     """Write layers in diffusers' SD3 format with alpha keys (atomically)."""
     tensors = {}

@@ -41,14 +41,14 @@ def _errors(model, target, variants: dict, seed: int) -> dict:
     return out
 
 
-def diagnose(model, n: int = 50, seed: int = 0) -> dict:
+def diagnose(model, n: int = 50, seed: int = 0, vocab=None) -> dict:
     from unialign_core import caption
     from unialign_core.model import caption_ids
     from unialign_core.modes import _generator
 
     from . import evaluate as ev
     from .scorecard import SAMPLING, TEXT, _generate_chunk, _tensor, records
-    from .world import Scene
+    from .world import FULL, Scene
 
     result = {"split": "val", "n": n, "sigmas": list(SIGMAS)}
     dev = model.device
@@ -56,7 +56,7 @@ def diagnose(model, n: int = 50, seed: int = 0) -> dict:
     def latents(images):
         return torch.cat([model.encode_images(_tensor(im).to(dev), _generator(i)) for i, im in enumerate(images)])
 
-    t2i = records("t2i", n, seed, "val")
+    t2i = records("t2i", n, seed, "val", vocab or FULL)
     target = latents([t for _, _, t in t2i])
     context = model.encode_prompts([r["prompt"] for r, _, _ in t2i])
     null = model.encode_prompts([" "] * n)
@@ -67,7 +67,7 @@ def diagnose(model, n: int = 50, seed: int = 0) -> dict:
         seed,
     )
 
-    edits = records("edit", n, seed, "val")
+    edits = records("edit", n, seed, "val", vocab or FULL)
     source = latents([s[0] for _, s, _ in edits])
     target = latents([t for _, _, t in edits])
     context = model.encode_prompts([r["instruction"] for r, _, _ in edits])
@@ -88,7 +88,7 @@ def diagnose(model, n: int = 50, seed: int = 0) -> dict:
         np.mean([ev.read_scene(o) == Scene.from_dict(r["meta"]["source_scene"]) for (r, _, _), o in zip(edits, outs)])
     )
 
-    caps = records("caption", n, seed, "val")
+    caps = records("caption", n, seed, "val", vocab or FULL)
     pixels = torch.cat([_tensor(s[0]) for _, s, _ in caps])
     lat = model.encode_images(pixels.to(dev), _generator(seed))
     rows = [caption_ids(model.tokenizer, "caption", "", r["caption"], model.text_length) for r, _, _ in caps]

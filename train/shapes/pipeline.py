@@ -48,9 +48,17 @@ class Profile:
     layers: int = 4
     lr: float = 2e-3
     vae_blocks: int = 2  # VAE blocks: 2 is x2 (64 image tokens at 32 px), 3 is x4 (16 tokens)
+    latent_channels: int = 16
+    vocab: str = "full"  # what the transformer's training data may use: "full", or "base" (no NEW_COLOUR/NEW_KIND)
+    frozen_records: int = 0  # >0: the VAE, T5 and teacher learn from this many records of the FULL world instead
+    curve_every: int = 0  # >0: score the validation split every N steps (the learning curve, curve.jsonl)
+    curve_per_task: int = 24  # validation records per mode at each point of the curve
+    tasks: tuple = world.TASKS  # the transformer's training tasks (round-robin)
+    export_dtype: str = "fp32"  # the exported single file's weights (the shipped demo base: bf16)
 
 
 TEXT_LENGTH = 24  # T5 tokens: the longest text of the world is 21
+FROZEN_SEED_OFFSET = 5000  # the frozen parts' records use seed + this: other random streams than the transformer's
 PROFILES = {
     # 922 s on 2 idle CPU cores (measured; over the 15-minute budget by 22 s); the trainer sees 22.4k samples
     "full": Profile(
@@ -61,6 +69,24 @@ PROFILES = {
         train_steps=1400,
         batch_size=16,
         eval_per_task=200,
+    ),
+    # the demo base (python -m train.shapes base): trained once, shipped in the repository; the frozen parts learn
+    # the whole world, the transformer never sees NEW_COLOUR or NEW_KIND
+    "base": Profile(
+        records=40000,
+        vae_steps=2000,
+        t5_steps=600,
+        teacher_steps=600,
+        train_steps=24000,
+        batch_size=16,
+        eval_per_task=200,
+        width=192,
+        lr=1.5e-3,
+        latent_channels=4,
+        vocab="base",
+        frozen_records=12000,
+        curve_every=1000,
+        export_dtype="bf16",
     ),
     # the CI variant: under 3 minutes, checked against QUICK_FLOORS; sampler settings fixed (no tuning stage); the
     # x4 VAE (16 image tokens) keeps it in budget: at 64 tokens 3 minutes teach the text stream nothing (VQA 0.0-0.2)
@@ -99,15 +125,21 @@ def _stepper(total: int, desc: str):
 class Stages:
     """The stages, each reusing its output when it is already complete (a rerun continues where it stopped)."""
 
-    def __init__(self, out: str, profile: Profile, seed: int):
+    def __init__(self, out: str, profile: Profile, seed: int, resume: bool = True):
         self.out, self.profile, self.seed = os.path.abspath(out), profile, seed
+        # the colours and kinds of the transformer's training data, and so of the scenes it is scored on
+        self.vocab = world.BASE if profile.vocab == "base" else world.FULL
         self.timings: dict[str, float] = {}
         os.makedirs(self.out, exist_ok=True)
-        settings = {"profile": dataclasses.asdict(profile), "seed": seed}
+        settings = json.loads(json.dumps({"profile": dataclasses.asdict(profile), "seed": seed}))  # tuples as lists
         marker = self.path("settings.json")
         if os.path.isfile(marker):
             with open(marker, encoding="utf-8") as f:
                 saved = json.load(f)
+            if not resume:
+                raise SystemExit(
+                    f"--out {self.out} already holds a run: add --resume to continue it, or give another --out"
+                )
             if saved != settings:
                 raise SystemExit(
                     f"--out {self.out} holds a run with other settings ({saved}); "
@@ -137,11 +169,20 @@ class Stages:
         return result
 
     # 1
-    def data(self) -> str:
-        folder = self.build(
-            "data", lambda tmp: world.make_dataset(tmp, self.profile.records, seed=self.seed, split="train")
-        )
-        return os.path.join(folder, "train.jsonl")
+    def data(self) -> tuple[str, str]:
+        """(the transformer's training records, the frozen parts' records: the same file unless
+        ``frozen_records``, then records of the FULL world)."""
+
+        def write(tmp):
+            world.make_dataset(
+                tmp, self.profile.records, seed=self.seed, split="train", vocab=self.vocab, tasks=self.profile.tasks
+            )
+            if self.profile.frozen_records:
+                world.make_dataset(tmp, self.profile.frozen_records, seed=self.seed + FROZEN_SEED_OFFSET, name="frozen")
+
+        folder = self.build("data", write)
+        jsonl = os.path.join(folder, "train.jsonl")
+        return jsonl, (os.path.join(folder, "frozen.jsonl") if self.profile.frozen_records else jsonl)
 
     # 2
     def vae(self, jsonl: str):
@@ -161,6 +202,7 @@ class Stages:
                     down_block_types=["DownEncoderBlock2D"] * blocks,
                     up_block_types=["UpDecoderBlock2D"] * blocks,
                     block_out_channels=[32] * blocks,
+                    latent_channels=self.profile.latent_channels,
                 ),
             )
             bar.close()
@@ -226,6 +268,8 @@ class Stages:
                 t5,
                 seed=self.seed,
                 transformer_overrides=dict(
+                    in_channels=self.profile.latent_channels,
+                    out_channels=self.profile.latent_channels,
                     sample_size=32 // 2 ** (self.profile.vae_blocks - 1),
                     num_layers=self.profile.layers,
                     attention_head_dim=self.profile.width // 4,
@@ -240,17 +284,58 @@ class Stages:
                 self.profile, self.seed, start_dir, jsonl, teacher_dir, run_dir, self.path("cache"), ablation
             ),
         )
+        total, every = self.profile.train_steps, self.profile.curve_every or self.profile.train_steps
         done = [s for s, _ in runs.list_checkpoints(run_dir)]
-        if not done or done[-1] < self.profile.train_steps:
-            run(cfg, "latest")
+        while not done or done[-1] < total:
+            stop = min(total, ((done[-1] if done else 0) // every + 1) * every)
+            started = time.perf_counter()
+            run(cfg, "latest", stop_at=stop)
+            self.timings["train_segments"] = self.timings.get("train_segments", 0.0) + time.perf_counter() - started
+            if self.profile.curve_every:
+                self.curve_point(run_dir, name, stop)
+            done = [s for s, _ in runs.list_checkpoints(run_dir)]
         return run_dir
+
+    def curve_point(self, run_dir: str, name: str, step: int) -> dict:
+        """Score the latest checkpoint on the validation split (``curve_per_task`` records per mode) and add a
+        line to ``<name>_curve.jsonl``: the learning curve, per task, against samples seen."""
+        from unialign_core import load_model
+
+        from ..export import export_single_file
+
+        tmp = self.path(f".{name}_curve.safetensors")
+        export_single_file(run_dir, tmp, bundle_parts=True)
+        started = time.perf_counter()
+        card = scorecard.run_scorecard(
+            load_model(tmp),
+            self.profile.curve_per_task,
+            self.seed,
+            split="val",
+            examples=0,
+            ceiling=False,
+            tasks=self.profile.tasks,
+            vocab=self.vocab,
+        )
+        os.remove(tmp)
+        point = {
+            "step": step,
+            "samples": step * self.profile.batch_size,
+            "train_s": round(self.timings.get("train_segments", 0.0), 1),
+            "eval_s": round(time.perf_counter() - started, 1),
+            "n": self.profile.curve_per_task,
+            "figures": {k: round(v, 3) for k, v in card.figures.items()},
+        }
+        with open(self.path(f"{name}_curve.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(point) + "\n")
+        log.info("curve %s", point)
+        return point
 
     # 6
     def export(self, run_dir: str, name: str) -> str:
         from ..export import export_single_file
 
         out = self.path(name)
-        export_single_file(run_dir, out, bundle_parts=True)
+        export_single_file(run_dir, out, dtype=self.profile.export_dtype, bundle_parts=True)
         return out
 
     # 7
@@ -261,7 +346,9 @@ class Stages:
         if self.profile.tune_per_setting:
             grid = len(tune.IMAGE_GRID) + len(tune.TEXT_GRID)
             bar = _bar(grid, f"{desc}: sampler settings on the validation split")
-            chosen = tune.choose(model, self.profile.tune_per_setting, self.seed, progress=lambda row: bar.update(1))
+            chosen = tune.choose(
+                model, self.profile.tune_per_setting, self.seed, progress=lambda row: bar.update(1), vocab=self.vocab
+            )
             bar.close()
         else:  # the quick variant: the defaults (chosen on the full job's validation split, seed 0)
             chosen = {"split": "none (defaults)", "n": 0, "image": scorecard.SAMPLING, "text": scorecard.TEXT}
@@ -274,6 +361,7 @@ class Stages:
             sampling=chosen["image"],
             text=chosen["text"],
             progress=lambda task, i, total: (bar.set_postfix(mode=task, refresh=False), bar.update(1)),
+            vocab=self.vocab,
         )
         bar.close()
         card.settings = chosen
@@ -285,7 +373,7 @@ class Stages:
         from .diagnose import diagnose
 
         print("7/8 diagnosis (validation split)", flush=True)
-        return diagnose(load_model(model_file), n=min(50, self.profile.eval_per_task), seed=self.seed)
+        return diagnose(load_model(model_file), n=min(50, self.profile.eval_per_task), seed=self.seed, vocab=self.vocab)
 
 
 def teacher_pairs(jsonl: str):
@@ -331,6 +419,8 @@ def training_overrides(
         ("data.bucket_step", 16),
         ("data.max_aspect", 1.0),
         ("data.text_length", TEXT_LENGTH),
+        # our own model: train on prompts padded as the modes pad them when sampling (<pad>)
+        ("data.prompt_padding", "inference"),
         ("data.num_workers", 0),
         ("data.cache_dir", cache_dir),
         ("teacher.path", teacher_dir),
@@ -357,17 +447,17 @@ def training_overrides(
     return pairs
 
 
-def main_job(out: str, profile_name: str, seed: int, ablation: bool = False) -> dict:
+def main_job(out: str, profile_name: str, seed: int, ablation: bool = False, resume: bool = True) -> dict:
     """Run every stage (reusing finished ones in ``out``); returns the report dict (also in ``out/report.json``)."""
     profile = PROFILES[profile_name]
-    st = Stages(out, profile, seed)
+    st = Stages(out, profile, seed, resume)
     started = time.perf_counter()
     print(f"1/8 data: {profile.records} records", flush=True)
-    jsonl = st.timed("data", st.data)
-    vae = st.timed("vae", st.vae, jsonl)
+    jsonl, frozen_jsonl = st.timed("data", st.data)
+    vae = st.timed("vae", st.vae, frozen_jsonl)
     tok = st.timed("tokenizer", st.tokenizer)
-    t5 = st.timed("text_encoder", st.t5, jsonl, tok)
-    teacher_dir = st.timed("teacher", st.teacher, jsonl, tok)
+    t5 = st.timed("text_encoder", st.t5, frozen_jsonl, tok)
+    teacher_dir = st.timed("teacher", st.teacher, frozen_jsonl, tok)
     print("5/8 train UniAlignment (all four losses)", flush=True)
     run_dir = st.timed("train", st.train, "run", tok, vae, t5, jsonl, teacher_dir, False)
     print("6/8 export", flush=True)
@@ -382,6 +472,46 @@ def main_job(out: str, profile_name: str, seed: int, ablation: bool = False) -> 
         ablation_card = st.timed("evaluate_ablation", st.score, abl_file, "7/8 (ablation) every mode")
     print("8/8 contact sheet and report", flush=True)
     wall = time.perf_counter() - started
-    return report.write(
+    result = report.write(
         st.out, profile_name, profile, seed, card, ablation_card, st.timings, wall, model_file, diagnosis
     )
+    if profile_name == "base":
+        result["demo"] = write_demo(st, model_file, teacher_dir, result)
+    return result
+
+
+def write_demo(st: Stages, model_file: str, teacher_dir: str, result: dict) -> str:
+    """``<out>/demo/``: what the repository ships as ``demo/`` (the model, its card, the teacher of L_align)."""
+    import hashlib
+    import subprocess
+
+    folder = st.path("demo")
+    os.makedirs(folder, exist_ok=True)
+    shutil.copy(model_file, os.path.join(folder, "shapes-demo.safetensors"))
+    shutil.rmtree(os.path.join(folder, "shapes-teacher"), ignore_errors=True)
+    shutil.copytree(teacher_dir, os.path.join(folder, "shapes-teacher"))
+    with open(model_file, "rb") as f:
+        sha256 = hashlib.sha256(f.read()).hexdigest()
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__), check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    card = {
+        "command": "python -m train.shapes base",
+        "commit": commit,
+        "seed": st.seed,
+        "sha256": sha256,
+        "bytes": os.path.getsize(model_file),
+        "held_out": {"colour": world.NEW_COLOUR, "kind": world.NEW_KIND},
+        "stage_s": st.timings,
+        "wall_s": result["wall_s"],
+        "sampler_settings": result["sampler_settings"],
+        "figures": result["figures"],
+        "counts": result["counts"],
+        "profile": result["settings"],
+    }
+    with open(os.path.join(folder, "shapes-demo.json"), "w", encoding="utf-8") as f:
+        json.dump(card, f, indent=1)
+    return folder

@@ -139,3 +139,45 @@ def write(
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
     return result
+
+
+def loss_curve_plot(metrics_jsonl: str, path: str, width: int = 640, height: int = 320, smooth: int = 25) -> str:
+    """A plot of each loss term of a run's ``metrics.jsonl`` against the step (moving mean over ``smooth`` steps),
+    each term scaled to its own first value so that all fit one axis."""
+    rows = []
+    if os.path.isfile(metrics_jsonl):
+        with open(metrics_jsonl, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    terms = [t for t in ("image", "text", "cross", "align") if any(r.get(t) is not None for r in rows)]
+    colours = {"image": (200, 30, 30), "text": (30, 90, 220), "cross": (30, 150, 40), "align": (180, 120, 0)}
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    left, top, right, bottom = 50, 20, width - 110, height - 30
+    draw.rectangle((left, top, right, bottom), outline=(0, 0, 0))
+    steps = [r["step"] for r in rows]
+    for n, term in enumerate(terms):
+        values = [r.get(term) for r in rows]
+        points, window = [], []
+        for step, v in zip(steps, values):
+            if v is None:
+                continue
+            window = (window + [v])[-smooth:]
+            points.append((step, sum(window) / len(window)))
+        if len(points) < 2:
+            continue
+        first = max(abs(points[0][1]), 1e-8)
+        scaled = [(s, v / first) for s, v in points]
+        top_value = max(1.0, max(v for _, v in scaled))
+        xy = [
+            (
+                left + (right - left) * (s - steps[0]) / max(steps[-1] - steps[0], 1),
+                bottom - (bottom - top) * v / top_value,
+            )
+            for s, v in scaled
+        ]
+        draw.line(xy, fill=colours[term], width=2)
+        draw.text((right + 8, top + 16 * n), f"{term} {points[0][1]:.3g} -> {points[-1][1]:.3g}", fill=colours[term])
+    draw.text((left, bottom + 8), f"step {steps[0] if steps else 0} .. {steps[-1] if steps else 0}", fill=(0, 0, 0))
+    draw.text((left, 4), "loss terms, each relative to its first value (moving mean)", fill=(0, 0, 0))
+    img.save(path)
+    return path

@@ -18,7 +18,7 @@ from unialign_core import answer, caption
 
 from . import evaluate as ev
 from .autoencoder import reconstruct
-from .world import Scene, edge_map, make_record
+from .world import FULL, Scene, Vocabulary, edge_map, make_record
 
 # (metric, target) -- the issue's table; figures are shares of held-out records (edge F1: a mean).
 TARGETS = {
@@ -65,13 +65,14 @@ def _image(t: torch.Tensor):
     return Image.fromarray((t[0].permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8))
 
 
-def records(task: str, n: int, seed: int, split: str = "test"):
+def records(task: str, n: int, seed: int, split: str = "test", vocab: Vocabulary = FULL, concept=None):
     """n held-out records of a task: (record, source images, target image or None).
 
     ``split`` "test" is what the report scores; "val" (other scenes, other random streams) is where sampler
-    settings are chosen (``python -m train.shapes.tune``)."""
+    settings are chosen (``python -m train.shapes.tune``). ``vocab`` and ``concept`` as in ``world.make_record``.
+    """
     offset = EVAL_SEED_OFFSET if split == "test" else VAL_SEED_OFFSET
-    return [make_record(seed + offset, i, task, split) for i in range(n)]
+    return [make_record(seed + offset, i, task, split, vocab=vocab, concept=concept) for i in range(n)]
 
 
 CHUNK = 50  # records generated in one batched call (each keeps its own seed: same noise as a call of its own)
@@ -124,12 +125,17 @@ def run_scorecard(
     sampling: dict = SAMPLING,
     text: dict = TEXT,
     ceiling: bool = True,
+    vocab: Vocabulary = FULL,
+    concept=None,
 ) -> Scorecard:
-    """Every mode on ``n`` held-out records per task (perception: edge maps; depth is reported as a MAE)."""
+    """Every mode on ``n`` held-out records per task (perception: edge maps; depth is reported as a MAE).
+
+    ``vocab`` limits the scenes' colours and kinds; ``concept`` makes every record use it (``world.make_record``).
+    """
     card, results = Scorecard(), {}
     for task in tasks:
         results[task] = []
-        recs = records(task, n, seed, split)
+        recs = records(task, n, seed, split, vocab, concept)
         outputs = []
         if task in ("t2i", "edit", "perception", "compose"):
             for c in range(0, n, CHUNK):
@@ -176,7 +182,7 @@ def run_scorecard(
     # The ceiling of the image modes: how often the VAE alone (encode, decode) keeps every attribute readable.
     if ceiling:
         readable = []
-        for rec, _, target in records("t2i", n, seed, split):
+        for rec, _, target in records("t2i", n, seed, split, vocab, concept):
             recon = reconstruct(model.vae, _tensor(target).to(model.device, model.vae.dtype)).float().cpu()
             readable.append(all(ev.score_t2i(recon[0], Scene.from_dict(rec["meta"]["scene"])).values()))
         results["vae"] = [{"readback": r} for r in readable]

@@ -27,9 +27,10 @@ IMAGE_KEYS = (
 TEXT_KEYS = ("caption_all", "vqa_exact")
 
 
-def choose(model, n: int = 50, seed: int = 0, progress=None) -> dict:
+def choose(model, n: int = 50, seed: int = 0, progress=None, vocab=None) -> dict:
     """{"image": best image settings, "text": best text settings, "rows": every setting's validation figures}."""
     from .scorecard import SAMPLING, TEXT, run_scorecard
+    from .world import FULL
 
     rows, best = [], {}
     for kind, grid, tasks, keys in (
@@ -47,6 +48,7 @@ def choose(model, n: int = 50, seed: int = 0, progress=None) -> dict:
                 examples=0,
                 sampling=setting if kind == "image" else SAMPLING,
                 text=setting if kind == "text" else TEXT,
+                vocab=vocab or FULL,
             )
             figures = {k: round(card.figures.get(k, 0.0), 3) for k in keys}
             row = {kind: setting, "figures": figures, "mean": round(sum(figures.values()) / len(figures), 4)}

@@ -2,9 +2,12 @@
 
 Vocabulary (kept small and unambiguous so a tiny model can learn it on CPU):
 
-- shape colours: red, green, blue, yellow, white, magenta (far apart in RGB, never a background colour)
+- shape colours: red, green, blue, yellow, white, magenta, cyan (far apart in RGB, never a background colour)
 - backgrounds: black, gray
-- kinds: circle, square, triangle, cross
+- kinds: circle, square, triangle, cross, ring
+- held out of the demo base's training data on purpose (``NEW_COLOUR`` cyan and ``NEW_KIND`` ring): the frozen
+  parts (VAE, T5, teacher) are pretrained on the whole world (``FULL``), as T5-XXL knows words that a DiT was never
+  shown; the base transformer sees only ``BASE``, and README command 1 fine-tunes it on one of them
 - positions: left, center, right (three columns; every shape is vertically centred)
 - sizes: large (default) and small (only sampled when asked for; captions then say "small")
 - one or two shapes per scene; two shapes never share a position, a colour or a kind, so every
@@ -42,14 +45,16 @@ COLOURS = {
     "yellow": (240, 220, 30),
     "white": (245, 245, 245),
     "magenta": (220, 40, 220),
+    "cyan": (30, 210, 220),
 }
 BACKGROUNDS = {"black": (0, 0, 0), "gray": (128, 128, 128)}
 REFERENCE_BACKGROUND = (64, 64, 64)  # neutral backdrop of compose reference images (not a scene background)
-KINDS = ("circle", "square", "triangle", "cross")
+KINDS = ("circle", "square", "triangle", "cross", "ring")
 POSITIONS = ("left", "center", "right")
 SIZES = ("large", "small")
 SIZE_FRACTION = {"large": 0.3, "small": 0.2}  # shape diameter as a fraction of the image side
-CROSS_ARM = 1.0 / 3.0  # half-width of a cross arm, relative to the shape radius
+CROSS_ARM = 1.0 / 3.0
+RING_HOLE = 0.3  # squared inner radius of a ring, relative to the shape radius  # half-width of a cross arm, relative to the shape radius
 MAX_SHAPES = 2
 DEFAULT_SIZE = 32
 TASKS = ("t2i", "caption", "vqa", "edit", "perception", "compose")
@@ -57,6 +62,20 @@ EDIT_KINDS = ("recolour", "reshape", "move", "add", "remove", "background")
 SPLIT_IDS = {"train": 0, "test": 1, "val": 2}
 TEST_FRACTION_TENTHS = 2  # scenes with crc32(key) % 10 below this are held out for the test split
 VAL_BUCKET = 2  # scenes with crc32(key) % 10 equal to this are the validation split
+
+NEW_COLOUR, NEW_KIND = "cyan", "ring"  # never in the demo base's training data
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The colours and kinds a data set may use (backgrounds, positions and sizes are always all there)."""
+
+    colours: tuple = tuple(COLOURS)
+    kinds: tuple = KINDS
+
+
+FULL = Vocabulary()  # the frozen parts' pretraining data and the fine-tuning sets
+BASE = Vocabulary(tuple(c for c in COLOURS if c != NEW_COLOUR), tuple(k for k in KINDS if k != NEW_KIND))
 
 # ---------------------------------------------------------------------------------------------- scenes
 
@@ -119,17 +138,33 @@ def _pick(rng: np.random.Generator, items):
     return items[int(rng.integers(len(items)))]
 
 
-def sample_scene(rng: np.random.Generator, n_shapes: int | None = None, sizes=("large",)) -> Scene:
+def sample_scene(
+    rng: np.random.Generator, n_shapes: int | None = None, sizes=("large",), vocab: Vocabulary = FULL
+) -> Scene:
     """A random scene of ``n_shapes`` (default 1 or 2) shapes with distinct positions, colours and kinds."""
     n = int(rng.integers(1, MAX_SHAPES + 1)) if n_shapes is None else n_shapes
     positions = rng.permutation(len(POSITIONS))[:n]
-    colours = rng.permutation(len(COLOURS))[:n]
-    kinds = rng.permutation(len(KINDS))[:n]
-    names = list(COLOURS)
+    colours = rng.permutation(len(vocab.colours))[:n]
+    kinds = rng.permutation(len(vocab.kinds))[:n]
     shapes = tuple(
-        Shape(KINDS[k], names[c], POSITIONS[p], _pick(rng, sizes)) for p, c, k in zip(positions, colours, kinds)
+        Shape(vocab.kinds[k], vocab.colours[c], POSITIONS[p], _pick(rng, sizes))
+        for p, c, k in zip(positions, colours, kinds)
     )
     return Scene(_pick(rng, BACKGROUNDS), shapes)
+
+
+def with_concept(rng: np.random.Generator, scene: Scene, concept: tuple[str, str] | None) -> Scene:
+    """``scene`` with one of its shapes given ``concept`` (("colour", "cyan") or ("kind", "ring")), unless a
+    shape already has it; the other shapes keep distinct colours and kinds."""
+    if concept is None:
+        return scene
+    attribute, value = concept
+    if any(getattr(s, attribute) == value for s in scene.shapes):
+        return scene
+    shapes = list(scene.shapes)
+    i = int(rng.integers(len(shapes)))
+    shapes[i] = replace(shapes[i], **{attribute: value})
+    return Scene(scene.background, tuple(shapes))
 
 
 # ------------------------------------------------------------------------------------------- rendering
@@ -146,6 +181,8 @@ def _unit_mask(kind: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return inside_box & (np.abs(u) <= (v + 1) / 2)
     if kind == "cross":
         return inside_box & ((np.abs(u) <= CROSS_ARM) | (np.abs(v) <= CROSS_ARM))
+    if kind == "ring":  # a disc with a hole of about half its radius
+        return (u * u + v * v <= 1) & (u * u + v * v >= RING_HOLE)
     raise ValueError(f"unknown shape kind {kind!r}")
 
 
@@ -319,8 +356,25 @@ def caption(scene: Scene, rng: np.random.Generator, templates=CAPTION_TEMPLATES)
     return _pick(rng, all_captions(scene, templates))
 
 
-def vqa(scene: Scene, rng: np.random.Generator, qtype: str | None = None) -> tuple[str, str, str]:
-    """(question, single-word answer, question type) about a scene."""
+CONCEPT_QUESTIONS = {"colour": ("colour", "position", "exists"), "kind": ("shape", "position", "exists")}
+
+
+def vqa(
+    scene: Scene,
+    rng: np.random.Generator,
+    qtype: str | None = None,
+    vocab: Vocabulary = FULL,
+    concept: tuple[str, str] | None = None,
+) -> tuple[str, str, str]:
+    """(question, single-word answer, question type) about a scene; with ``concept``, a question about the shape
+    that has it, whose question or answer names it."""
+    if concept is not None:
+        qtype = qtype or _pick(rng, CONCEPT_QUESTIONS[concept[0]])
+        template = _pick(rng, VQA_TEMPLATES[qtype])
+        shape = next(s for s in scene.shapes if getattr(s, concept[0]) == concept[1])
+        answer = {"colour": shape.colour, "shape": shape.kind, "position": shape.position, "exists": "yes"}[qtype]
+        where = _pick(rng, POSITION_PHRASES[shape.position])
+        return template.format(kind=shape.kind, colour=shape.colour, where=where), answer, qtype
     qtype = qtype or _pick(rng, VQA_TEMPLATES)
     template = _pick(rng, VQA_TEMPLATES[qtype])
     shape = _pick(rng, scene.shapes)
@@ -338,7 +392,7 @@ def vqa(scene: Scene, rng: np.random.Generator, qtype: str | None = None) -> tup
         answer = _pick(rng, ("yes", "no"))
         if answer == "no":
             present = {(s.colour, s.kind) for s in scene.shapes}
-            absent = [(c, k) for c in COLOURS for k in KINDS if (c, k) not in present]
+            absent = [(c, k) for c in vocab.colours for k in vocab.kinds if (c, k) not in present]
             colour, kind = _pick(rng, absent)
             shape = Shape(kind, colour, shape.position)
     where = _pick(rng, POSITION_PHRASES[shape.position])
@@ -369,21 +423,45 @@ EDIT_ATTRIBUTES = {
 }
 
 
-def make_edit(rng: np.random.Generator, scene: Scene | None = None, kind: str | None = None, sizes=("large",)):
+def make_edit(
+    rng: np.random.Generator,
+    scene: Scene | None = None,
+    kind: str | None = None,
+    sizes=("large",),
+    vocab: Vocabulary = FULL,
+    concept: tuple[str, str] | None = None,
+):
     """(source scene, instruction, target scene, meta) for one edit.
+
+    With ``concept`` (("colour", "cyan") or ("kind", "ring")) the edit introduces it: a recolour to that
+    colour, a reshape into that kind, or an added shape that has it.
 
     meta = {kind, attribute, shape (the shape acted on; for "add" the new one), from, to}; for add/remove
     the attribute is "presence" going "absent" -> "present" or back; for background edits shape is None.
     """
-    src = scene if scene is not None else sample_scene(rng, sizes=sizes)
+    src = scene if scene is not None else sample_scene(rng, sizes=sizes, vocab=vocab)
+    if concept is not None:  # the source lacks the concept, so the edit can introduce it
+        attribute, value = concept
+        options = [s for s in (vocab.colours if attribute == "colour" else vocab.kinds) if s != value]
+        src = Scene(
+            src.background,
+            tuple(replace(s, **{attribute: o}) for s, o in zip(src.shapes, _distinct(rng, options, src, attribute))),
+        )
+        edit_kinds = [
+            k for k in ("recolour" if attribute == "colour" else "reshape", "add") if k in _available_edits(src)
+        ]
+        kind = kind or _pick(rng, edit_kinds)
     kind = kind or _pick(rng, _available_edits(src))
     if kind not in _available_edits(src):
         raise ValueError(f"edit {kind!r} does not apply to a scene with {len(src.shapes)} shape(s)")
     shape = _pick(rng, src.shapes)
     others = [s for s in src.shapes if s != shape]
     free = [p for p in POSITIONS if src.at(p) is None]
-    new_colours = [c for c in COLOURS if c not in {s.colour for s in src.shapes}]
-    new_kinds = [k for k in KINDS if k not in {s.kind for s in src.shapes}]
+    new_colours = [c for c in vocab.colours if c not in {s.colour for s in src.shapes}]
+    new_kinds = [k for k in vocab.kinds if k not in {s.kind for s in src.shapes}]
+    if concept is not None:
+        new_colours = [concept[1]] if concept[0] == "colour" else [c for c in new_colours if c != concept[1]]
+        new_kinds = [concept[1]] if concept[0] == "kind" else [k for k in new_kinds if k != concept[1]]
     fmt = {"colour": shape.colour, "kind": shape.kind}
     background, shapes = src.background, others
     if kind == "recolour":
@@ -420,13 +498,26 @@ def make_edit(rng: np.random.Generator, scene: Scene | None = None, kind: str | 
     return src, instruction, Scene(background, tuple(shapes)), meta
 
 
+def _distinct(rng: np.random.Generator, options: list, scene: Scene, attribute: str) -> list:
+    """Values for ``attribute`` of each shape of ``scene``: its own where allowed, else a free one from ``options``."""
+    taken, values = set(), []
+    for s in scene.shapes:
+        own = getattr(s, attribute)
+        value = own if own in options and own not in taken else _pick(rng, [o for o in options if o not in taken])
+        taken.add(value)
+        values.append(value)
+    return values
+
+
 # --------------------------------------------------------------------------------------------- records
 
 
-def _record(rng: np.random.Generator, task: str, size: int, sizes) -> tuple[dict, list, Image.Image | None, Scene]:
+def _record(
+    rng: np.random.Generator, task: str, size: int, sizes, vocab: Vocabulary, concept
+) -> tuple[dict, list, Image.Image | None, Scene]:
     """(record without paths, source images, target image or None, scene that decides the split) for one task."""
     if task == "edit":
-        src, instruction, tgt, edit_meta = make_edit(rng, sizes=sizes)
+        src, instruction, tgt, edit_meta = make_edit(rng, sizes=sizes, vocab=vocab, concept=concept)
         rec = {
             "task": task,
             "instruction": instruction,
@@ -434,7 +525,7 @@ def _record(rng: np.random.Generator, task: str, size: int, sizes) -> tuple[dict
             "meta": {"scene": tgt.to_dict(), "source_scene": src.to_dict(), "edit": edit_meta},
         }
         return rec, [render(src, size)], render(tgt, size), tgt
-    scene = sample_scene(rng, sizes=sizes)
+    scene = with_concept(rng, sample_scene(rng, sizes=sizes, vocab=vocab), concept)
     if task == "t2i":
         rec = {
             "task": task,
@@ -447,7 +538,7 @@ def _record(rng: np.random.Generator, task: str, size: int, sizes) -> tuple[dict
         rec = {"task": task, "caption": canonical_caption(scene), "meta": {"scene": scene.to_dict()}}
         return rec, [render(scene, size)], None, scene
     if task == "vqa":
-        question, answer, qtype = vqa(scene, rng)
+        question, answer, qtype = vqa(scene, rng, vocab=vocab, concept=concept)
         rec = {
             "task": task,
             "prompt": question,
@@ -468,7 +559,7 @@ def _record(rng: np.random.Generator, task: str, size: int, sizes) -> tuple[dict
         }
         return rec, [render(scene, size)], target, scene
     if task == "compose":
-        shape = scene.shapes[0]
+        shape = next((s for s in scene.shapes if concept and getattr(s, concept[0]) == concept[1]), scene.shapes[0])
         scene = Scene(scene.background, (shape,))
         where = _pick(rng, POSITION_PHRASES[shape.position])
         prompt = _pick(rng, COMPOSE_TEMPLATES).format(where=where, bg=scene.background)
@@ -485,11 +576,24 @@ def _record(rng: np.random.Generator, task: str, size: int, sizes) -> tuple[dict
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
-def make_record(seed: int, index: int, task: str, split: str = "train", size: int = DEFAULT_SIZE, sizes=("large",)):
-    """Deterministic record ``index`` of a split: redraws until its scene belongs to ``split``."""
+def make_record(
+    seed: int,
+    index: int,
+    task: str,
+    split: str = "train",
+    size: int = DEFAULT_SIZE,
+    sizes=("large",),
+    vocab: Vocabulary = FULL,
+    concept: tuple[str, str] | None = None,
+):
+    """Deterministic record ``index`` of a split: redraws until its scene belongs to ``split``.
+
+    ``vocab`` limits the colours and kinds drawn; ``concept`` (("colour", "cyan") or ("kind", "ring")) makes
+    the record use it (a shape that has it; an edit that introduces it; the question asked about such a shape
+    where the question type allows)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, SPLIT_IDS[split], index]))
     while True:
-        rec, sources, target, scene = _record(rng, task, size, sizes)
+        rec, sources, target, scene = _record(rng, task, size, sizes, vocab, concept)
         if scene_split(scene) == split:
             return rec, sources, target
 
@@ -506,7 +610,16 @@ def _progress(iterable, total: int):
 
 
 def make_dataset(
-    out_dir, n: int, seed: int = 0, size: int = DEFAULT_SIZE, tasks=TASKS, split: str = "train", sizes=("large",)
+    out_dir,
+    n: int,
+    seed: int = 0,
+    size: int = DEFAULT_SIZE,
+    tasks=TASKS,
+    split: str = "train",
+    sizes=("large",),
+    vocab: Vocabulary = FULL,
+    concept: tuple[str, str] | None = None,
+    name: str | None = None,
 ) -> str:
     """Write ``n`` records (tasks round-robin) as PNGs plus ``<out_dir>/<split>.jsonl``; return the JSONL path.
 
@@ -519,13 +632,14 @@ def make_dataset(
     """
     if split not in SPLIT_IDS:
         raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLIT_IDS)}")
-    image_dir = os.path.join(out_dir, f"{split}_images")
+    name = name or split
+    image_dir = os.path.join(out_dir, f"{name}_images")
     os.makedirs(image_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{split}.jsonl")
+    path = os.path.join(out_dir, f"{name}.jsonl")
     with open(path, "w", encoding="utf-8") as f:
         for i in _progress(range(n), n):
             task = tasks[i % len(tasks)]
-            rec, sources, target = make_record(seed, i, task, split, size, sizes)
+            rec, sources, target = make_record(seed, i, task, split, size, sizes, vocab, concept)
             rec["sources"] = [_save(img, image_dir, f"{i:06d}_src{j}.png") for j, img in enumerate(sources)]
             if target is not None:
                 rec["target"] = _save(target, image_dir, f"{i:06d}_tgt.png")
