@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from unialign_core.demo import DEMO_CARD, DEMO_MODEL, DEMO_TEACHER, PACK_ROOT
 
 from . import world
+from .pipeline import mixed_precision
 from .report import contact_sheet, loss_curve_plot
 from .scorecard import SAMPLING, TARGETS, TEXT, run_scorecard
 
@@ -108,6 +109,7 @@ def training_overrides(
         ("data.cache_dir", os.path.join(out, "cache")),
         ("teacher.path", teacher if os.path.isdir(teacher) else None),
         ("train.max_steps", budget.steps),
+        ("train.mixed_precision", mixed_precision()),
     ]
     if not os.path.isdir(teacher):
         pairs.append(("loss.align", 0.0))

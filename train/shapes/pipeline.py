@@ -399,6 +399,19 @@ def teacher_pairs(jsonl: str):
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), captions
 
 
+def mixed_precision() -> str:
+    """bf16 autocast where the CPU computes bf16 natively (AMX or AVX512-BF16: about 1.4x faster than fp32 on the
+    Xeon these figures were first measured on), else "no": without those units bf16 is emulated, and a 1024^2
+    matrix product took 3.2 s in bf16 against 0.035 s in fp32 on an AVX2-only AMD EPYC (measured)."""
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    try:
+        native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    except AttributeError:  # an older torch without these probes: the safe choice
+        native = False
+    return "bf16" if native else "no"
+
+
 def training_overrides(
     profile: Profile,
     seed: int,
@@ -430,8 +443,7 @@ def training_overrides(
         ("train.mode", "full"),
         ("train.batch_size", profile.batch_size),
         ("train.max_steps", profile.train_steps),
-        # bf16 autocast: the CPU's bf16 matrix units make a step about 1.4x faster than fp32 (measured)
-        ("train.mixed_precision", "bf16"),
+        ("train.mixed_precision", mixed_precision()),
         # velocity loss: x0-MSE (sigma^2-weighted, as published) learned this world more slowly (see README)
         ("loss.image_target", "velocity"),
         ("train.lr", profile.lr),
