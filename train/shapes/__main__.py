@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("PIL", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.profile is None:
+    if args.profile is None and not args.quick:
         return finetune(args)
     from .pipeline import main_job
 

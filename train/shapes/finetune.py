@@ -175,7 +175,7 @@ def finetune_job(
     from ..export import export_lora, export_single_file
     from ..loop import run
 
-    if not os.path.isfile(base):
+    if not os.path.exists(base):
         raise MissingBase(
             f"the demo base {base} is missing: it ships with the repository (a clone without Git LFS or a "
             "partial checkout leaves it out); rebuild it with `python -m train.shapes base` (about 2 hours)"
