@@ -45,7 +45,9 @@ def close_losses(a, b, keys=("loss", "image", "text", "cross", "align"), rtol=RT
             assert abs(x[key] - y[key]) <= rtol * max(1.0, abs(x[key])), (x["step"], key, x[key], y[key])
 
 
-def close_tensors(a, b, rtol=RTOL, atol=1e-6):
+# Weights after a few AdamW steps at lr 1e-3 move by about 1e-3; the processes' different summation orders change
+# them by up to 4.6e-6 on an AVX2 AMD EPYC (1e-6 held on an AMX Xeon), far below what a wrong gradient would do.
+def close_tensors(a, b, rtol=RTOL, atol=1e-5):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), rtol=rtol, atol=atol), (k, (a[k] - b[k]).abs().max())

@@ -110,7 +110,7 @@ def test_init_from_sd3_reports_mapping_and_trains(sd3_folder):
     assert bundle.mask_id == 32099
 
     # one training step from this start: every loss term is finite, the fresh text head gets gradients
-    cfg = type("C", (), {"data": type("D", (), {"text_length": 16, "cache_dir": None})})()
+    cfg = type("C", (), {"data": type("D", (), {"text_length": 16, "cache_dir": None, "prompt_padding": "training"})})()
     enc = Encoders(bundle, torch.device("cpu"), torch.float32, torch.float32, cfg)
     module = TrainModule(transformer)
     ids = bundle.tokenize(["a red square"] * 2, 16)
