@@ -1,4 +1,4 @@
-"""Helpers for the node tests and `workflows/render_images.py`: the tiny models a server needs,
+"""Helpers for the node tests and `tools/render_images.py`: the tiny models a server needs,
 input images, the tiny-model settings for the example workflows, and running a prompt.
 """
 

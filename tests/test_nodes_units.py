@@ -13,7 +13,7 @@ from nodes_support import REPO, WORKFLOW_NAMES, WORKFLOWS
 from unialign_core.model import fit_latent_rgb
 from unialign_core.vae import encode_mean
 
-sys.path.insert(0, str(WORKFLOWS))
+sys.path.insert(0, str(REPO / "tools"))
 import make_api  # noqa: E402
 
 
@@ -165,6 +165,8 @@ def test_only_workflows_at_the_top_of_workflows_with_a_thumbnail_each():
     for path in tops:
         ui = json.loads(path.read_text(encoding="utf-8"))
         assert isinstance(ui.get("nodes"), list) and "links" in ui, f"{path.name} is not a workflow"
+    # ComfyUI serves the whole folder over HTTP: data only, no scripts (they live in tools/)
+    assert not [p.name for p in WORKFLOWS.rglob("*") if p.suffix in (".py", ".sh", ".js")]
     for name in WORKFLOW_NAMES:
         thumb = WORKFLOWS / f"{name}.jpg"
         assert thumb.is_file(), f"{name}.json has no thumbnail {thumb.name}"

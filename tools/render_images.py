@@ -1,8 +1,8 @@
 """Render one PNG per example workflow for the README: run it through a real ComfyUI server and lay its
 inputs and outputs side by side.
 
-    COMFYUI_DIR=/path/to/ComfyUI python workflows/render_images.py [name ...]
-    COMFYUI_DIR=/path/to/ComfyUI python workflows/render_images.py --shapes runs/shapes/shapes.safetensors
+    COMFYUI_DIR=/path/to/ComfyUI python tools/render_images.py [name ...]
+    COMFYUI_DIR=/path/to/ComfyUI python tools/render_images.py --shapes runs/shapes/shapes.safetensors
 
 By default the workflows run on the tiny random-weight test model, so the pictures show what each workflow
 produces and how it is wired, not image quality (workflows/images/<name>.png). With ``--shapes`` they run on the
@@ -12,7 +12,7 @@ shapes world, on held-out scenes (workflows/images/shapes_<name>.png).
 Each run also writes the template thumbnail workflows/<name>.jpg (what ComfyUI's template browser shows beside
 the workflow) from those pictures: the shapes picture where there is one, else the tiny-model one.
 
-    python workflows/render_images.py --thumbnails      # only the thumbnails, from the PNGs already there
+    python tools/render_images.py --thumbnails      # only the thumbnails, from the PNGs already there
 """
 
 import argparse

@@ -1,9 +1,9 @@
 """Make the API-format twins of the UI-format workflows, so the two cannot drift.
 
-    python workflows/make_api.py                 # write workflows/api/<name>.json for every workflows/<name>.json
-    python workflows/make_api.py --check         # exit 1 if a twin is missing or differs
-    python workflows/make_api.py --schema-from http://127.0.0.1:8188    # first refresh schema/node_schema.json
-    python workflows/make_api.py --schema-from object_info.json         # (from a running ComfyUI or a saved reply)
+    python tools/make_api.py                 # write workflows/api/<name>.json for every workflows/<name>.json
+    python tools/make_api.py --check         # exit 1 if a twin is missing or differs
+    python tools/make_api.py --schema-from http://127.0.0.1:8188    # first refresh schema/node_schema.json
+    python tools/make_api.py --schema-from object_info.json         # (from a running ComfyUI or a saved reply)
 
 The frontend saves widget values by position (`widgets_values`), so the conversion needs each node's
 widget order. `schema/node_schema.json` holds it for the node types the workflows use, taken from a ComfyUI
@@ -17,7 +17,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1] / "workflows"  # the workflows; this script is not served from there
 API_DIR = HERE / "api"
 SCHEMA_PATH = HERE / "schema" / "node_schema.json"
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
