@@ -272,3 +272,15 @@ def test_pack_never_installs_or_downloads():
         match = forbidden.search(path.read_text())
         assert match is None, f"{path.name}: {match.group(0)}"
     assert "from .nodes import" in (REPO / "__init__.py").read_text()
+
+
+def test_requirements_install_libraries_only():
+    """`pip install -r requirements.txt` into ComfyUI's Python adds no package of ours (no top-level `train` or
+    `unialign_core` in site-packages): every line is a requirement on a library from the index, and pyproject reads
+    its dependencies from that one list."""
+    lines = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
+    requirements = [line for line in lines if line]
+    assert requirements and all(re.fullmatch(r"[A-Za-z0-9_.\-]+([<>=!~]=?[0-9.*]+)?", r) for r in requirements), (
+        requirements
+    )
+    assert 'dynamic = ["dependencies"]' in (REPO / "pyproject.toml").read_text()
