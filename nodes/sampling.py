@@ -1,7 +1,7 @@
 """The image modes: UniAlignTextToImage, UniAlignEdit, UniAlignPerceive, UniAlignCompose."""
 
 from .. import unialign_core as core
-from ..unialign_core.modes import max_image_side, prompt_overflow
+from ..unialign_core.modes import max_image_side, prompt_notes
 from . import services
 from .image_types import (
     InputError,
@@ -101,23 +101,19 @@ def batch_input(what):
 def _run(handle, mode, *args, texts=(), names=None, **kwargs):
     """Load the weights through ComfyUI, run a unialign_core mode with progress/preview/cancel, convert.
 
-    `texts` are (input name, text) pairs fed to T5: any part past the model's token limit is named in the
-    node's UI output ("text", shown on the node by web/show_text.js, and in /history for API clients).
-    `names` maps the mode's argument names to the node's inputs: the core's InputError about one of them is
-    raised naming the node input (`services.core_inputs`)."""
-    warnings = []
-    for name, text in texts:
-        cut = prompt_overflow(handle.model, text)
-        if cut:
-            warnings.append(
-                f"{name}: longer than this model's {handle.model.text_length} T5 tokens; this end was "
-                f"cut and not used: {cut!r}"
-            )
+    `texts` are (input name, text) pairs fed to T5: the core's notes on them (an end cut at the model's token
+    limit, text T5 cannot read) are the node's UI output ("text", shown on the node by web/show_text.js, and in
+    /history for API clients). `names` maps the mode's argument names to the node's inputs: the core's InputError
+    about one of them is raised naming the node input (`services.core_inputs`); guidance and each text are named
+    as they are."""
+    names = dict({"guidance": "guidance", **{name: name for name, _ in texts}}, **(names or {}))
+    with services.core_inputs(names):
+        warnings = [note for name, text in texts for note in prompt_notes(handle.model, text, name)]
     for warning in warnings:
         services.log.warning("[UniAlign] %s", warning)
     model = handle.activate(text_encoder_each_step=False)  # T5 only around the prompt encoding
     progress = services.Progress(handle)
-    with services.core_inputs(names or {}):
+    with services.core_inputs(names):
         result = mode(model, *args, callback=progress, cancel=services.cancel, **kwargs)
     device = services.output_device()
     images = image_from_core(result.images, device), latent_to_comfy(result.latents, model, device)
@@ -263,7 +259,12 @@ class UniAlignEdit:
             seed=seed,
             num_images=batch_size,
             texts=(("instruction", instruction), ("negative_prompt", negative_prompt)),
-            names={"image": "image", "instruction": "instruction", "steps": "steps"},
+            names={
+                "image": "image",
+                "instruction": "instruction",
+                "steps": "steps",
+                "image_guidance": "image_guidance",
+            },
         )
 
 

@@ -22,6 +22,7 @@ import folder_paths
 from ..unialign_core import DTYPES, CheckpointError, load_lora, load_model, lora_deltas
 from ..unialign_core import InputError as CoreInputError
 from ..unialign_core.demo import bundled_models
+from ..unialign_core.errors import check_finite
 from .image_types import InputError
 from .preview import latent_to_rgb_image
 
@@ -428,6 +429,8 @@ def with_lora(handle: UniAlignHandle, lora_name: str, lora_path: str, strength: 
     The base weights are never changed: ComfyUI patches them when this clone is loaded and
     restores them when another clone (e.g. the base) is loaded next. The patch value `(delta,)`
     is the plain weight difference every ComfyUI version understands."""
+    with core_inputs({"strength": "strength"}):  # NaN passes ComfyUI's min/max check and would blacken the image
+        check_finite("strength", strength)
     key = (lora_path, file_signature(lora_path), handle.key, handle.loras)
     deltas = _lora_cache.get(key)
     if deltas is None:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from nodes_support import REPO, SIDE, TINY_MODEL, make_models_dir
 from tiny_models import golden_model, write_single_file
-from unialign_core import CheckpointError, InputError, answer, caption, compose, load_model, text_to_image
+from unialign_core import CheckpointError, InputError, answer, caption, compose, edit, load_model, text_to_image
 from unialign_core.errors import InputTypeError
 from unialign_core.single_file import FORMAT_VERSION
 
@@ -80,6 +80,35 @@ def test_a_bad_image_to_caption_is_an_input_error_named_image():
             "references",
             "references: give 1 to 3 reference images, got 4",
         ),
+        # NaN passes ComfyUI's min/max check: it silently turned guidance off, or blackened the image
+        (
+            lambda m: text_to_image(m, "a cat", width=16, height=16, guidance=float("nan")),
+            "guidance",
+            "guidance: must be a finite number, got nan",
+        ),
+        (
+            lambda m: edit(m, image(), "make it blue", image_guidance=float("nan")),
+            "image_guidance",
+            "image_guidance: must be a finite number, got nan",
+        ),
+        (
+            lambda m: compose(m, [image()], "these", width=16, height=16, guidance=float("inf")),
+            "guidance",
+            "guidance: must be a finite number, got inf",
+        ),
+        # a lone surrogate (half of a UTF-16 pair) is no text: the tokenizer's "TextEncodeInput must be Union[...]"
+        (
+            lambda m: text_to_image(m, "a red \ud83d cube", width=16, height=16),
+            "prompt",
+            "prompt: holds a lone surrogate \\ud83d at character 6: half of a UTF-16 pair (e.g. of an emoji), which is "
+            "not text; the client sent a broken string: send the whole character or remove it",
+        ),
+        (
+            lambda m: text_to_image(m, "a red cube", negative_prompt="\udc00", width=16, height=16),
+            "negative_prompt",
+            "negative_prompt: holds a lone surrogate \\udc00 at character 0: half of a UTF-16 pair (e.g. of an emoji), "
+            "which is not text; the client sent a broken string: send the whole character or remove it",
+        ),
     ],
 )
 def test_input_errors_name_the_argument(call, name, message):
@@ -93,6 +122,43 @@ def test_too_few_answer_tokens_names_answer_tokens():
     with pytest.raises(InputError) as excinfo:
         answer(golden_model(), image(), "what colour is the cube in the middle of the picture?", answer_tokens=8)
     assert excinfo.value.name == "answer_tokens" and "raise it above that (now 8)" in excinfo.value.problem
+
+
+def test_prompt_notes_give_the_cut_in_brief_and_what_t5_cannot_read(caplog):
+    """A cut prompt's warning gives the count and the first words only (a 1M-character prompt once put 999,827
+    characters into the UI and the history); a prompt mostly in a script T5's tokenizer cannot represent (it becomes
+    <unk> and is silently ignored) is warned about, naming the language limit."""
+    from unialign_core.modes import prompt_notes
+
+    model = golden_model()
+    assert prompt_notes(model, "a red cube on a wooden table") == []
+    assert prompt_notes(model, "a red cube on a wooden table, so cute 😀") == []  # one unknown character of 31
+    huge = "word " * 200_000  # 1,000,000 characters, 200,000 tokens
+    (note,) = prompt_notes(model, huge)
+    assert note == (
+        "prompt: longer than this model's 256 T5 tokens; its last 199745 tokens were cut and not used, starting with "
+        "'word word word word word word word word ...'"
+    )
+    caplog.set_level("WARNING", logger="unialign_core")
+    model.tokenize([huge[:20_000]])
+    (record,) = [r for r in caplog.records if "T5 tokens" in r.getMessage()]
+    assert record.getMessage().startswith("prompt longer than this model's 256 T5 tokens; its last 3745 tokens")
+    assert len(record.getMessage()) < 200
+    for text in (
+        "一只红色的猫坐在桌子上",
+        "赤い猫がテーブルの上に座っている",
+        "แมวสีแดงนั่งบนโต๊ะ",
+        "빨간 고양이가 테이블 위에 앉아 있다",
+        "قطة حمراء تجلس على الطاولة",
+    ):
+        (note,) = prompt_notes(model, text, "instruction")
+        assert note.startswith("instruction: 100% of its characters are unknown to the T5 tokenizer and ignored")
+        assert "Chinese, Japanese, Korean, Thai, Arabic" in note and note.endswith("Write the instruction in English.")
+    (note,) = prompt_notes(model, "一只红色的猫坐在桌子上")
+    assert "(e.g. '一只红色的猫坐在桌子上')" in note
+    with pytest.raises(InputError) as excinfo:
+        prompt_notes(model, "a \ud800 cube", "negative_prompt")
+    assert excinfo.value.name == "negative_prompt" and "lone surrogate \\ud800 at character 2" in str(excinfo.value)
 
 
 def test_a_batch_as_a_reference_is_refused_before_any_image_is_encoded(monkeypatch):

@@ -1,5 +1,6 @@
 """Every checkpoint format loads to the same model, and every bad file gets one clear error."""
 
+import inspect
 import json
 import os
 
@@ -7,12 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import unialign_core.loader as loader
 from tiny_models import (
     GOLDEN,
     REFERENCE,
     copy_tree,
     golden_model,
     golden_vectors,
+    with_json_entry,
+    with_metadata,
     write_single_file,
     write_t5_file,
     write_vae_file,
@@ -244,8 +248,34 @@ def test_pickle_with_code_is_refused(tmp_path):
 
     path = tmp_path / "mask.pth"
     torch.save({"x": Evil()}, path)
-    with pytest.raises(CheckpointError, match="mask.pth: not a weights-only torch file"):
+    with pytest.raises(CheckpointError, match="mask.pth: not a plain tensor file") as e:
         load_mask_embedding(str(path))
+    # torch's own advice (retry with weights_only=False, i.e. run the file's code) is never passed on
+    assert "weights_only=False" not in str(e.value) and "weights_only` set to `False" not in str(e.value)
+    assert "never unpickles" in e.value.problem and "save_file(" in e.value.problem
+    assert "mask.safetensors" in e.value.problem
+
+
+def test_pth_files_need_torch_2_6_and_a_converted_file_needs_none(tmp_path, monkeypatch):
+    """Before PyTorch 2.6 a crafted file gets past torch.load(weights_only=True) (CVE-2025-32434): .pth files are
+    refused there, with how to convert them; the .safetensors conversion loads on any PyTorch."""
+    folder = copy_tree(GOLDEN, tmp_path / "m")
+    (folder / "checkpoint").mkdir()
+    torch.save(torch.ones(32), folder / "checkpoint" / "mask_token_emb.00-of-01.pth")
+    monkeypatch.setattr(torch, "__version__", "2.5.1")
+    for call in (
+        lambda: load_mask_embedding(str(REFERENCE / "mask_token_emb.00-of-01.pth")),
+        lambda: load_model(str(folder)),
+    ):
+        with pytest.raises(CheckpointError) as e:
+            call()
+        assert e.value.path.endswith("mask_token_emb.00-of-01.pth")
+        problem = e.value.problem
+        assert problem.startswith("reading .pth files needs PyTorch 2.6 or newer (this is 2.5.1)")
+        assert "CVE-2025-32434" in problem and "mask_token_emb.00-of-01.safetensors" in problem
+    converted = folder / "checkpoint" / "mask_token_emb.00-of-01.safetensors"
+    save_file({"mask_token_emb": torch.full((32,), 2.0)}, str(converted))
+    assert torch.equal(load_model(str(folder)).text_encoder.shared.weight[MASK_ID], torch.full((32,), 2.0))
 
 
 def test_save_single_file_is_atomic(tmp_path, monkeypatch):
@@ -310,3 +340,189 @@ def test_vae_single_file_in_original_ldm_layout(tmp_path):
         assert torch.allclose(a.encode(x).latent_dist.mean, b.encode(x).latent_dist.mean)
         z = torch.randn(1, 16, 8, 8)
         assert torch.allclose(a.decode(z).sample, b.decode(z).sample)
+
+
+# ---- what a file says is checked before anything is built (issue 20) ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    return write_single_file(tmp_path_factory.mktemp("tiny") / "tiny.safetensors", bundle=True)
+
+
+def meta(**changes):
+    return lambda source, target: with_metadata(source, target, **changes)
+
+
+def entry(key, **entries):
+    return lambda source, target: with_json_entry(source, target, key, **entries)
+
+
+def nothing_built(monkeypatch):
+    """Fail if the loader builds a transformer, T5 or VAE: a file's numbers are checked before anything is."""
+
+    def built(*args, **kwargs):
+        raise AssertionError("a model part was built before the file's metadata was checked")
+
+    for name in ("build_transformer", "t5_from_state_dict", "vae_from_state_dict"):
+        monkeypatch.setattr(loader, name, built)
+
+
+# A text_length of 1e9 aborted the whole ComfyUI process at the first prompt; 4000 layers kept the loader busy 42 s.
+UNBOUNDED = [
+    (meta(text_length="1000000000"), "text_length is 1000000000, more than 4096, the most this pack accepts"),
+    (meta(text_length="100000"), "text_length is 100000, more than 4096"),
+    (meta(text_length="1" + "0" * 40), f"text_length is '1{'0' * 40}', more than 4096"),
+    (entry("model_config", num_layers=4000), "model_config.num_layers is 4000, more than 64"),
+    (entry("model_config", num_attention_heads=4096), "model_config.num_attention_heads is 4096, more than 256"),
+    (entry("model_config", attention_head_dim=2048), "model_config.attention_head_dim is 2048, more than 512"),
+    (entry("model_config", joint_attention_dim=10**6), "model_config.joint_attention_dim is 1000000, more than 16384"),
+    (entry("model_config", pos_embed_max_size=10**5), "model_config.pos_embed_max_size is 100000, more than 1024"),
+    (entry("model_config", sample_size=10**6), "model_config.sample_size is 1000000, more than 4096"),
+    (entry("model_config", vocab_size=10**9), "model_config.vocab_size is 1000000000, more than 262144"),
+    (entry("model_config", patch_size=0), "model_config.patch_size is 0, less than 1"),
+    (entry("model_config", num_layers=3.5), "model_config.num_layers is 3.5, expected a whole number from 1 to 64"),
+    (entry("text_encoder_config", num_layers=4000), "text_encoder_config.num_layers is 4000, more than 64"),
+    (entry("text_encoder_config", d_model=10**6), "text_encoder_config.d_model is 1000000, more than 16384"),
+    (entry("text_encoder_config", vocab_size=10**9), "text_encoder_config.vocab_size is 1000000000, more than 262144"),
+    (entry("vae_config", block_out_channels=[8] * 100), "vae_config.block_out_channels is [8, 8,"),
+    (entry("vae_config", layers_per_block=1000), "vae_config.layers_per_block is 1000, more than 16"),
+    (entry("scheduler_config", num_train_timesteps=10**9), "scheduler_config.num_train_timesteps is 1000000000"),
+    (meta(mask_id="9" * 30), f"mask_id is '{'9' * 30}', more than 262143"),
+    (meta(mask_id="40000"), "mask_id is 40000, but model_config.vocab_size is 32100"),
+    (
+        meta(mask_embedding={"dtype": "float32", "values": [0.5] * 20000}),
+        "metadata mask_embedding holds 20000 values, expected a list of 1 to 16384 numbers",
+    ),
+]
+
+
+@pytest.mark.parametrize("change, message", UNBOUNDED, ids=lambda x: x if isinstance(x, str) else "")
+def test_every_number_a_file_gives_is_bounded_before_anything_is_built(
+    tiny_file, tmp_path, monkeypatch, change, message
+):
+    path = change(tiny_file, tmp_path / "bad.safetensors")
+    nothing_built(monkeypatch)
+    with pytest.raises(CheckpointError) as e:
+        load_model(str(path))
+    assert e.value.path == str(path) and message in e.value.problem, e.value.problem
+    if "more than" in message or "less than" in message:
+        assert "the file is damaged or is not a model this pack reads" in e.value.problem
+
+
+# Malformed metadata gave raw Python text ("unexpected keyword argument 'foo'") naming neither file nor fix; a bad
+# scheduler_config failed only when sampling.
+MALFORMED = [
+    (
+        entry("model_config", foo=1),
+        "unknown transformer config entries ['foo'] in model_config; the transformer takes vocab_size, sample_size,",
+    ),
+    (
+        meta(model_config=[3, 32]),
+        "metadata model_config must be a JSON object of the transformer's settings, found a list",
+    ),
+    (meta(model_config="{not json"), "metadata model_config is not valid JSON"),
+    (
+        entry("model_config", fp16_time_projection="yes"),
+        "model_config.fp16_time_projection is 'yes', expected true or false",
+    ),
+    (
+        entry("model_config", caption_projection_dim=48),
+        "model_config.caption_projection_dim is 48, but the blocks are 2 x 16",
+    ),
+    (
+        meta(mask_embedding={"dtype": "int64", "values": [1] * 32}),
+        "metadata mask_embedding has dtype 'int64', expected one of float32, float16, bfloat16",
+    ),
+    (meta(mask_embedding={"dtype": "float32", "values": "abc"}), "metadata mask_embedding holds str values"),
+    (meta(mask_embedding=[1, 2]), 'metadata mask_embedding must be a JSON object {"dtype": ..., "values": [...]}'),
+    (meta(tokenizer="{broken"), "metadata tokenizer is not a valid tokenizer.json"),
+    (meta(tokenizer_special={"eos_token": "<nope>"}), "tokenizer_special eos_token '<nope>' is not in the bundled"),
+    (meta(tokenizer_special={"bos": 3}), "metadata tokenizer_special has bos: 3; expected token strings for eos_token"),
+    (entry("vae_config", foo=1), "unknown VAE config entries ['foo'] in vae_config; the VAE takes in_channels,"),
+    (meta(vae_config="[1]"), "metadata vae_config must be a JSON object of the VAE's settings, found a list"),
+    (
+        entry("vae_config", block_out_channels="abc"),
+        "vae_config.block_out_channels is 'abc', expected a list of 1 to 8",
+    ),
+    (
+        entry("vae_config", down_block_types=["DownEncoderBlock2D"]),
+        "vae_config.down_block_types is ['DownEncoderBlock2D'], expected a list of 2 block names",
+    ),
+    (entry("vae_config", scaling_factor=float("nan")), "vae_config.scaling_factor is nan, expected a number"),
+    (entry("text_encoder_config", feed_forward_proj="gated-gelu-x"), "text_encoder_config is not a usable T5 config"),
+    (entry("scheduler_config", shift="fast"), "scheduler_config.shift is 'fast', expected a number from 0.001 to 1000"),
+    (
+        entry("scheduler_config", use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=256),
+        "scheduler_config.base_image_seq_len equals max_image_seq_len with dynamic shifting on",
+    ),
+    (meta(scheduler_config="3"), "metadata scheduler_config must be a JSON object of the scheduler's settings"),
+]
+
+
+@pytest.mark.parametrize("change, message", MALFORMED, ids=lambda x: x[:40] if isinstance(x, str) else "")
+def test_malformed_metadata_names_the_file_the_entry_and_what_is_expected(tiny_file, tmp_path, change, message):
+    path = change(tiny_file, tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        load_model(str(path))
+    assert e.value.path == str(path) and message in e.value.problem, e.value.problem
+
+
+def test_upstream_folder_configs_are_checked_at_load(tmp_path):
+    """The same checks for an upstream folder's config.json files (transformer, scheduler, T5, VAE, tokenizer)."""
+    folder = copy_tree(GOLDEN, tmp_path / "m")
+
+    def edit(relative, **entries):
+        path = folder / relative
+        original = path.read_text()
+        path.write_text(json.dumps(dict(json.loads(original), **entries)))
+        return path, original
+
+    cases = [
+        ("transformer/config.json", dict(num_layers=4000), "num_layers is 4000, more than 64"),
+        ("transformer/config.json", dict(foo=1), "unknown transformer config entries ['foo']; the transformer takes"),
+        ("scheduler/scheduler_config.json", dict(num_train_timesteps=10**9), "num_train_timesteps is 1000000000"),
+        ("scheduler/scheduler_config.json", dict(shift=None, base_shift="x"), "base_shift is 'x', expected a number"),
+        ("text_encoder/config.json", dict(num_heads=10**5), "num_heads is 100000, more than 256"),
+        ("vae/config.json", dict(latent_channels=10**4), "latent_channels is 10000, more than 256"),
+        ("vae/config.json", dict(foo=1), "unknown VAE config entries ['foo']; the VAE takes"),
+    ]
+    for relative, entries, message in cases:
+        path, original = edit(relative, **entries)
+        with pytest.raises(CheckpointError) as e:
+            load_model(str(folder))
+        assert e.value.path == str(path) and message in e.value.problem, (relative, e.value.problem)
+        path.write_text(original)
+    (folder / "tokenizer" / "tokenizer.json").write_text("{broken")
+    with pytest.raises(CheckpointError) as e:
+        load_model(str(folder))
+    assert e.value.path == str(folder / "tokenizer") and e.value.problem.startswith("not a readable tokenizer")
+
+
+def test_a_t5_file_whose_tensor_names_claim_4000_layers_is_refused(tmp_path):
+    state = load_file(str(GOLDEN / "text_encoder" / "model.safetensors"))
+    state["encoder.block.3999.layer.0.layer_norm.weight"] = torch.ones(32)
+    path = tmp_path / "t5.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match="num_layers is 4000, more than 64") as e:
+        load_text_encoder(str(path))
+    assert e.value.path == str(path)
+
+
+def test_the_bounds_admit_the_released_model():
+    """24 layers, 24 heads x 64, joint_attention_dim 4096, pos_embed_max_size 192, vocab 32100, text_length 256;
+    T5-XXL; SD3's VAE and scheduler."""
+    from transformers import T5Config
+
+    from unialign_core.transformer import UniAlignTransformer
+    from unialign_core.vae import SD3_VAE_CONFIG
+
+    released = {k: v.default for k, v in inspect.signature(UniAlignTransformer.__init__).parameters.items()}
+    released = {k: v for k, v in released.items() if k != "self"}
+    assert released["num_layers"] == 24 and released["pos_embed_max_size"] == 192
+    assert loader.transformer_config(dict(released, caption_projection_dim=1536), "released")["vocab_size"] == 32100
+    xxl = T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
+    loader.check_t5_config(xxl, "t5xxl")
+    loader.check_vae_config(SD3_VAE_CONFIG, "sd3_vae")
+    loader.check_scheduler(json.loads((GOLDEN / "scheduler" / "scheduler_config.json").read_text()), "scheduler")
+    assert loader.metadata_whole({"text_length": "256"}, "text_length", "released") == 256

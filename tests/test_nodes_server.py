@@ -12,6 +12,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from comfy_server import PACK_NAME, PromptError
@@ -37,6 +38,7 @@ from nodes_support import (
     tiny_settings,
     understand_nodes,
 )
+from tiny_models import GOLDEN, copy_tree, with_json_entry, with_metadata
 
 sys.path.insert(0, str(__import__("nodes_support").REPO / "tools"))
 import make_api  # noqa: E402
@@ -299,14 +301,25 @@ def test_batched_images_give_one_text_each(server):
     assert len(output_files(server, entry, save_image_nodes(api)[0])) == 3
 
 
-def test_prompt_over_the_token_limit_is_named_on_the_node(server):
-    """The cut part is in the node's UI output (shown on the node, and in /history for API clients)."""
-    long_prompt = "token limit test: " + " ".join(f"word{i}" for i in range(400)) + " the very end"
+def test_prompt_notes_are_shown_on_the_node(server):
+    """A prompt past the T5 limit: how many tokens were cut and its first words, never the whole cut text, in the
+    node's UI output (shown on the node, and in /history for API clients); a prompt in a script T5's tokenizer cannot
+    represent: a warning naming the language limit. The images are made all the same."""
+    long_prompt = "token limit test: " + " ".join(f"word{i}" for i in range(20000)) + " the very end"  # 189k chars
     api = t2i_prompt(prompt=long_prompt)
     sampler = next(k for k, n in api.items() if n["class_type"] == "UniAlignTextToImage")
     entry = run(server, api)
     (warning,) = entry["outputs"][sampler]["text"]
-    assert warning.startswith("prompt: longer than this model's 256 T5 tokens") and "the very end" in warning
+    assert warning == (
+        "prompt: longer than this model's 256 T5 tokens; its last 60402 tokens were cut and not used, starting with "
+        "'word125 word126 word127 word128 word129 word130 word131 word132 ...'"
+    )
+    assert len(json.dumps(entry["outputs"])) < 1000, "the cut text went into the history"
+    api = t2i_prompt(prompt="一只红色的猫坐在桌子上")
+    sampler = next(k for k, n in api.items() if n["class_type"] == "UniAlignTextToImage")
+    (warning,) = run(server, api)["outputs"][sampler]["text"]
+    assert warning.startswith("prompt: 100% of its characters are unknown to the T5 tokenizer and ignored")
+    assert "Chinese, Japanese, Korean, Thai, Arabic" in warning
     short = run(server, t2i_prompt(prompt="token limit test: short"))
     assert all(not out.get("text") for out in short["outputs"].values())
 
@@ -516,6 +529,96 @@ def bad_width_past_the_model(server):
     return error["exception_message"]
 
 
+class _PickledCode:
+    """Unpickling this runs print(...): what a crafted .pth does with worse code."""
+
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def bad_model_files(server):
+    """Files whose metadata once aborted the whole server (text_length 1e9 at the first prompt), kept the loader busy
+    (4000 layers) or gave raw Python text ("unexpected keyword argument 'foo'") are refused by the Loader, naming the
+    file, the entry, its value and what is expected; a .pth that is not a plain tensor file is refused without
+    torch's advice to load it unsafely."""
+    folder = server_models / "unialignment"
+    source = folder / TINY_MODEL
+
+    def entry(key, **entries):
+        return lambda target: with_json_entry(source, target, key, **entries)
+
+    def meta(**changes):
+        return lambda target: with_metadata(source, target, **changes)
+
+    def pickled_mask(target):
+        copy_tree(GOLDEN, target)
+        (target / "checkpoint").mkdir()
+        torch.save({"x": _PickledCode()}, target / "checkpoint" / "mask_token_emb.00-of-01.pth")
+
+    cases = {
+        "bad_text_length.safetensors": (meta(text_length="1000000000"), "text_length is 1000000000, more than 4096"),
+        "bad_layers.safetensors": (
+            entry("model_config", num_layers=4000),
+            "model_config.num_layers is 4000, more than 64",
+        ),
+        "bad_key.safetensors": (
+            entry("model_config", foo=1),
+            "unknown transformer config entries ['foo'] in model_config",
+        ),
+        "bad_config_list.safetensors": (meta(model_config=[1, 2]), "metadata model_config must be a JSON object"),
+        "bad_mask_dtype.safetensors": (
+            meta(mask_embedding={"dtype": "int64", "values": [1] * 32}),
+            "metadata mask_embedding has dtype 'int64', expected one of float32",
+        ),
+        "bad_tokenizer.safetensors": (meta(tokenizer="{broken"), "metadata tokenizer is not a valid tokenizer.json"),
+        "bad_vae.safetensors": (entry("vae_config", foo=1), "unknown VAE config entries ['foo'] in vae_config"),
+        "bad_scheduler.safetensors": (
+            entry("scheduler_config", shift="fast"),
+            "scheduler_config.shift is 'fast', expected a number",
+        ),
+        "pickled_mask": (pickled_mask, "mask_token_emb.00-of-01.pth: not a plain tensor file"),
+    }
+    shown = []
+    for name, (make, expected) in cases.items():
+        make(folder / name)
+        started = time.monotonic()
+        error = error_of(server.wait(server.queue_prompt(t2i_prompt(model=name))))
+        text = error["exception_message"]
+        assert error["node_type"] == "UniAlignLoader" and text.startswith("model: "), text
+        assert f"models/unialignment/{name}" in text and expected in text, text
+        assert "weights_only=False" not in text and "Traceback" not in text, text
+        no_server_path(text)
+        shown.append(f"{name} ({time.monotonic() - started:.1f} s): {text[:160]}")
+    return "\n".join(shown)
+
+
+def bad_nan_inputs(server):
+    """NaN passes ComfyUI's min/max check: guidance NaN acted as 1.0, LoRA strength and image_guidance NaN gave a
+    black image reported as success. Each is refused naming the input."""
+    nan = float("nan")
+    guidance = t2i_prompt(prompt="nan test: guidance")
+    next(n for n in guidance.values() if n["class_type"] == "UniAlignTextToImage")["inputs"]["guidance"] = nan
+    image_guidance = fresh(tiny_settings(load_api("edit")))
+    next(n for n in image_guidance.values() if n["class_type"] == "UniAlignEdit")["inputs"]["image_guidance"] = nan
+    cases = [
+        (guidance, "UniAlignTextToImage", "guidance: must be a finite number, got nan"),
+        (t2i_prompt(prompt="nan test: lora", lora=nan), "UniAlignLoRA", "strength: must be a finite number, got nan"),
+        (image_guidance, "UniAlignEdit", "image_guidance: must be a finite number, got nan"),
+    ]
+    for api, node_type, expected in cases:
+        error = error_of(server.wait(server.queue_prompt(api)))
+        assert error["node_type"] == node_type and error["exception_message"] == expected, error
+    return "; ".join(expected for _, _, expected in cases)
+
+
+def bad_lone_surrogate(server):
+    """Half of a UTF-16 pair in the prompt: a clear error, not the tokenizer's "TextEncodeInput must be Union[...]"."""
+    error = error_of(server.wait(server.queue_prompt(t2i_prompt(prompt="a red \ud83d cube"))))
+    assert error["node_type"] == "UniAlignTextToImage"
+    assert error["exception_message"].startswith("prompt: holds a lone surrogate \\ud83d at character 6")
+    return error["exception_message"]
+
+
 def bad_interrupt(server):
     steps = 3000  # about 0.05 s each at 64x64 on the tiny model: minutes if not interrupted
     prompt_id = server.queue_prompt(t2i_prompt(steps=steps))
@@ -545,6 +648,9 @@ def bad_interrupt(server):
         bad_pickle_by_name,
         bad_oversized_source,
         bad_width_past_the_model,
+        bad_model_files,
+        bad_nan_inputs,
+        bad_lone_surrogate,
         bad_interrupt,
     ],
     ids=lambda f: f.__name__[4:],

@@ -111,3 +111,29 @@ def to_ldm_vae_keys(state: dict, num_up_blocks: int) -> dict:
             value = value[:, :, None, None]  # LDM stores the attention projections as 1x1 convs
         out["first_stage_model." + new] = value
     return out
+
+
+def with_metadata(source: Path, target: Path, **changes) -> Path:
+    """A copy of a single file with metadata entries replaced (str values as they are, others as JSON)."""
+    from safetensors import safe_open
+
+    with safe_open(str(source), "pt") as f:
+        metadata = dict(f.metadata())
+    for key, value in changes.items():
+        metadata[key] = value if isinstance(value, str) else json.dumps(value)
+    save_file(load_file(str(source)), str(target), metadata=metadata)
+    return target
+
+
+def with_json_entry(source: Path, target: Path, key: str, **entries) -> Path:
+    """A copy of a single file whose JSON metadata entry `key` has `entries` set (None removes one)."""
+    from safetensors import safe_open
+
+    with safe_open(str(source), "pt") as f:
+        value = json.loads(f.metadata()[key])
+    for name, entry in entries.items():
+        if entry is None:
+            value.pop(name, None)
+        else:
+            value[name] = entry
+    return with_metadata(source, target, **{key: value})

@@ -1,6 +1,6 @@
 """Command line.
 
-python -m train CONFIG.yaml [--set key=value ...] [--resume latest|CHECKPOINT]
+python -m train CONFIG.yaml [--set key=value ...] [--resume latest|CHECKPOINT | --overwrite]
 python -m train export RUN_OR_CHECKPOINT (--out model.safetensors | --lora lora.safetensors) [--ema]
 python -m train.bench [--size tiny|small|full] [--steps N]
 accelerate launch [--config_file train/configs/accelerate/ddp.yaml] -m train CONFIG.yaml ...
@@ -32,7 +32,14 @@ def train_main(argv) -> int:
         metavar="latest|CHECKPOINT",
         help="continue from the run folder's latest checkpoint, or from a given one",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a run folder that holds checkpoints (deletes its checkpoints, metrics and logs)",
+    )
     args = parser.parse_args(argv)
+
+    from unialign_core.files import NoSpaceError
 
     from .config import ConfigError, load_config
 
@@ -51,19 +58,35 @@ def train_main(argv) -> int:
         return 2
     from unialign_core.errors import CheckpointError
 
+    from . import runs
     from .loop import run
-    from .runs import TrainingError
 
     try:
-        metrics = run(cfg, args.resume)
+        metrics = run(cfg, args.resume, overwrite=args.overwrite)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingError as e:
+    except runs.Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
+    except runs.TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:  # a second Ctrl-C (or SIGTERM), or one before training started
+        run_dir = os.path.abspath(cfg.run_dir)
+        found = runs.list_checkpoints(run_dir)
+        saved = f"the last checkpoint is {found[-1][1]}" if found else "no checkpoint was written"
+        hint = f"; continue with: {runs.resume_command(run_dir)}" if found else ""
+        print(f"stopped at once ({e or 'Ctrl-C'}); {saved}{hint}", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not runs.is_no_space(e):
+            raise
+        message = str(e) if isinstance(e, NoSpaceError) else f"no space left on the device ({e})"
+        print(f"error: {message}; then run the command again", file=sys.stderr)
         return 1
     logging.getLogger("train").info("done: %s", {k: v for k, v in metrics.items() if k != "micro"})
     return 0

@@ -3,11 +3,13 @@
     cfg = load_config("train/configs/lora.yaml", ["train.lr=1e-4", "data.ratios={t2i: 1.0}"])
 
 Values given with `--set` are parsed as YAML (numbers, true/false, null, [lists], {maps}) and type-checked
-against the field; every error names the key. Relative paths are relative to the working directory.
+against the field, then against its allowed range (`RANGES`; every number must be finite); every error names the
+key, the value and what is allowed. Relative paths are relative to the working directory.
 """
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
@@ -47,6 +49,9 @@ class DataConfig:
     prompt_padding: str = "training"
     num_workers: int = 2
     cache_dir: Optional[str] = None  # cache VAE moments and T5 prompt states here (content-keyed)
+    # image paths of records must lie in the data folder (the JSONL's folder, or the entry's root) once symlinks
+    # and ../ are resolved; true allows any path (absolute ones, symlinks to a shared image store)
+    allow_outside: bool = False
 
 
 @dataclass
@@ -172,30 +177,88 @@ CHOICES = {
     "train.frozen_dtype": ("auto", "fp32", "bf16", "fp16"),
     "train.schedule": ("constant", "cosine", "linear"),
 }
-POSITIVE = (
-    "data.resolution",
-    "data.text_length",
-    "train.batch_size",
-    "train.grad_accum",
-    "train.max_steps",
-    "train.lora.rank",
-    "teacher.block",
-    "checkpoint.keep",
-    "log.every",
-)
-NON_NEGATIVE = (
-    "loss.image",
-    "loss.text",
-    "loss.cross",
-    "loss.align",
-    "train.lr",
-    "train.warmup_steps",
-    "train.weight_decay",
-    "train.grad_clip",
-    "checkpoint.every",
-    "validation.every",
-    "data.num_workers",
-)
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a number: low/high bounds (inclusive unless `*_open`), optionally a multiple of `step`;
+    `why` is said with the error."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    step: Optional[int] = None
+    why: str = ""
+
+    def allows(self, v) -> bool:
+        if not math.isfinite(v):
+            return False
+        if self.low is not None and (v <= self.low if self.low_open else v < self.low):
+            return False
+        if self.high is not None and (v >= self.high if self.high_open else v > self.high):
+            return False
+        return self.step is None or v % self.step == 0
+
+    def describe(self) -> str:
+        def num(x):
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+        text = "a finite number"
+        if self.low is not None and self.high is not None:
+            low, high = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            text += f" in {low}{num(self.low)}, {num(self.high)}{high}"
+        elif self.low is not None:
+            text += f" {'>' if self.low_open else '>='} {num(self.low)}"
+        elif self.high is not None:
+            text += f" {'<' if self.high_open else '<='} {num(self.high)}"
+        if self.step:
+            text += f" and a multiple of {self.step}"
+        return text + (f" ({self.why})" if self.why else "")
+
+
+STEPS = 10**9  # a bound on step counts: far beyond any run, short of nonsense such as 1e12
+# Every number of the config and the values it may take (a key ending in [] means each element of a list or
+# each value of a mapping). Numbers not listed need only be finite.
+RANGES = {
+    "seed": Range(0, 2**32 - 1, why="NumPy's seeds"),
+    "data.resolution": Range(16, 4096, why="pixels per side of the square bucket; at least data.bucket_step"),
+    "data.bucket_step": Range(16, 4096, step=16, why="the VAE and the patches need sides in multiples of 16"),
+    "data.max_aspect": Range(1, 16, why="the widest bucket's width / height; 1: square buckets only"),
+    "data.text_length": Range(1, 4096),
+    "data.num_workers": Range(0, 256),
+    "data.ratios[]": Range(0, why="the share of batches of that task; 0 leaves it out"),
+    "teacher.block": Range(1),
+    "teacher.image_size": Range(1, 8192),
+    "loss.image": Range(0),
+    "loss.text": Range(0),
+    "loss.cross": Range(0),
+    "loss.align": Range(0),
+    "loss.temperature": Range(0, low_open=True),
+    "loss.text_dropout": Range(0, 1),
+    "loss.logit_std": Range(0, low_open=True),
+    "train.batch_size": Range(1),
+    "train.grad_accum": Range(1),
+    "train.max_steps": Range(1, STEPS),
+    "train.lr": Range(0, low_open=True),
+    "train.warmup_steps": Range(0, STEPS),
+    "train.weight_decay": Range(0),
+    "train.betas[]": Range(0, 1, high_open=True, why="Adam's decay rates"),
+    "train.grad_clip": Range(0, low_open=True, why="a large value such as 1e9 leaves the gradients unclipped"),
+    "train.ema_decay": Range(0, 1, low_open=True, high_open=True),
+    "train.lora.rank": Range(1, 1536, why="SD3-medium's width is 1536: a higher rank is no longer low-rank"),
+    "train.lora.alpha": Range(0, low_open=True),
+    "train.lora.dropout": Range(0, 1, high_open=True),
+    "checkpoint.every": Range(0, STEPS, why="0: only at the end"),
+    "checkpoint.keep": Range(1),
+    "log.every": Range(1, STEPS),
+    "validation.every": Range(0, STEPS, why="0: never"),
+    "validation.width": Range(16, 4096),
+    "validation.height": Range(16, 4096),
+    "validation.steps": Range(1, 10000),
+    "validation.caption_length": Range(1, 4096),
+    "validation.seed": Range(0, 2**32 - 1, why="NumPy's seeds"),
+}
 
 
 def _type_name(tp) -> str:
@@ -280,24 +343,48 @@ def _get(cfg, key):
     return obj
 
 
+def _numbers(obj, prefix=""):
+    """(key, value) of every number in a config section, lists and mappings included."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from _numbers(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{prefix}[{i}]")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(v, f"{prefix}.{k}")
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield prefix, obj
+
+
+def _check_ranges(cfg: Config):
+    for key, allowed in RANGES.items():
+        value = _get(cfg, key.removesuffix("[]"))
+        if key.endswith("[]"):
+            items = value.items() if isinstance(value, dict) else enumerate(value or [])
+            named = [(f"{key[:-2]}.{k}" if isinstance(value, dict) else f"{key[:-2]}[{k}]", v) for k, v in items]
+        else:
+            named = [(key, value)]
+        for name, v in named:
+            if v is not None and not allowed.allows(v):
+                raise ConfigError(f"{name}: must be {allowed.describe()}, got {v!r}")
+    for key, v in _numbers(cfg):
+        if not math.isfinite(v):
+            raise ConfigError(f"{key}: must be a finite number, got {v!r}")
+
+
 def validate(cfg: Config) -> Config:
     for key, choices in CHOICES.items():
         if _get(cfg, key) not in choices:
             raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {_get(cfg, key)!r}")
-    for key in POSITIVE:
-        if not _get(cfg, key) > 0:
-            raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)!r}")
-    for key in NON_NEGATIVE:
-        if _get(cfg, key) < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)!r}")
-    if not 0 <= cfg.loss.text_dropout <= 1:
-        raise ConfigError(f"loss.text_dropout: must be in [0, 1], got {cfg.loss.text_dropout}")
-    if cfg.loss.temperature <= 0:
-        raise ConfigError(f"loss.temperature: must be > 0, got {cfg.loss.temperature}")
-    if not 0 < cfg.train.ema_decay < 1:
-        raise ConfigError(f"train.ema_decay: must be in (0, 1), got {cfg.train.ema_decay}")
     if len(cfg.train.betas) != 2:
         raise ConfigError(f"train.betas: give two numbers, got {cfg.train.betas}")
+    _check_ranges(cfg)
+    if cfg.data.resolution < cfg.data.bucket_step:
+        raise ConfigError(
+            f"data.resolution: must be >= data.bucket_step ({cfg.data.bucket_step}), got {cfg.data.resolution}"
+        )
     if not cfg.init.path:
         raise ConfigError("init.path: required (upstream folder, single file, previous run, or SD3-medium)")
     if not cfg.data.files:
@@ -404,5 +491,6 @@ def to_dict(cfg) -> dict:
 
 
 def dump_config(cfg: Config, path: str):
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    from unialign_core.files import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

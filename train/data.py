@@ -19,7 +19,8 @@ import json
 import logging
 import math
 import os
-import tempfile
+import signal
+import stat
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -214,15 +215,41 @@ def parse_record(obj, base_dir, ti2i_task="edit"):
     raise BadRecord("bad_field", "no 'task', 'image' or 'original_images' field")
 
 
-def read_jsonl(path, skips, root=None, ti2i_task="edit"):
+def _image_problem(paths, folder, allow_outside):
+    """(reason, detail) for the first image path of a record that cannot be used, or None.
+
+    Each path is resolved (symlinks, ../) and must lie in `folder` unless `allow_outside`; it must then be a regular
+    file (not a folder, FIFO or device, which would hang or feed endless bytes to the decoder)."""
+    for p in paths:
+        real = os.path.realpath(p)
+        if not allow_outside and os.path.commonpath([real, folder]) != folder:
+            shown = p if real == os.path.abspath(p) else f"{p} -> {real}"
+            return "outside_data_folder", (
+                f"{shown} is outside the data folder {folder}; set data.allow_outside: true to allow it"
+            )
+        try:
+            mode = os.stat(real).st_mode
+        except FileNotFoundError:
+            return "missing_image", p
+        except OSError as e:
+            return "missing_image", f"{p}: {e}"
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+            return "not_a_regular_file", f"{p} is {kind}, not a regular file"
+    return None
+
+
+def read_jsonl(path, skips, root=None, ti2i_task="edit", allow_outside=False):
     """Records of one JSONL file; bad lines are logged and counted in `skips` (a SkipLog) and left out.
 
-    Paths are relative to `root` (default: the JSONL file's folder) unless absolute. Checks that every image file
-    exists; images are not opened here. A missing JSONL file raises (that is a config error, not a bad record).
+    Paths are relative to `root` (default: the JSONL file's folder) unless absolute. Every image path must lie in
+    that folder once resolved (unless `allow_outside`) and be an existing regular file; images are not opened here.
+    A missing JSONL file raises (that is a config error, not a bad record).
     """
     if ti2i_task not in ("edit", "perception"):
         raise ValueError(f"ti2i_task must be 'edit' or 'perception', got {ti2i_task!r}")
     base = root if root is not None else os.path.dirname(os.path.abspath(path))
+    folder = os.path.realpath(base)
     records = []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -239,26 +266,33 @@ def read_jsonl(path, skips, root=None, ti2i_task="edit"):
             except BadRecord as e:
                 skips.add(where, e.reason, e.detail)
                 continue
-            missing = [p for p in rec.paths() if not os.path.isfile(p)]
-            if missing:
-                skips.add(where, "missing_image", missing[0])
+            problem = _image_problem(rec.paths(), folder, allow_outside)
+            if problem:
+                skips.add(where, *problem)
                 continue
             rec.origin = where
             records.append(rec)
     return records
 
 
-def load_records(files, skips=None):
+def load_records(files, skips=None, allow_outside=False):
     """Read several JSONL files; returns (records, skips) and logs one summary line.
 
     Each entry of `files` is a path, or a dict {"path": ..., "root": ..., "ti2i_task": "edit"|"perception"}.
+    `allow_outside` (data.allow_outside) lets image paths point outside each file's data folder.
     """
     skips = skips if skips is not None else SkipLog()
     records = []
     for entry in files:
         if not isinstance(entry, dict):
             entry = {"path": entry}
-        records += read_jsonl(entry["path"], skips, root=entry.get("root"), ti2i_task=entry.get("ti2i_task", "edit"))
+        records += read_jsonl(
+            entry["path"],
+            skips,
+            root=entry.get("root"),
+            ti2i_task=entry.get("ti2i_task", "edit"),
+            allow_outside=allow_outside,
+        )
     per_task = dict(sorted(Counter(r.task for r in records).items()))
     log.info(
         "data: %d records from %d files %s; skipped %d %s",
@@ -650,6 +684,12 @@ def _interleave(counts, total):
     return out
 
 
+def _ignore_interrupts(_worker_id):
+    """DataLoader workers leave Ctrl-C to the trainer, which finishes its step (a worker that died of it would
+    fail the next batch)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset, sampler, num_workers=4, pin_memory=False):
     """A torch DataLoader over `dataset` driven by `sampler`, batches built by `collate`."""
     return torch.utils.data.DataLoader(
@@ -659,6 +699,7 @@ def make_loader(dataset, sampler, num_workers=4, pin_memory=False):
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        worker_init_fn=_ignore_interrupts if num_workers > 0 else None,
     )
 
 
@@ -739,19 +780,7 @@ class FeatureCache:
         """Store `tensor` (moved to CPU); readers see either no file or the complete one."""
         from safetensors.torch import save
 
+        from unialign_core.files import write_bytes_atomic
+
         data = save({"t": tensor.detach().to("cpu").contiguous()})
-        final = self.path(key)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(final), prefix="." + key[:8], suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        write_bytes_atomic(self.path(key), data, clean_stale=False)  # thousands of files per folder

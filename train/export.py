@@ -15,6 +15,7 @@ import sys
 
 from unialign_core import DTYPES, save_lora, save_single_file
 from unialign_core.errors import CheckpointError
+from unialign_core.files import NoSpaceError
 
 from . import runs
 from .init import load_start
@@ -91,5 +92,8 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NoSpaceError as e:  # the writer removed its temporary; the previous file is as it was
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {path}")
     return 0

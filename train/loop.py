@@ -15,9 +15,12 @@ and paths (absolute paths in the config).
 
 import json
 import logging
+import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 
@@ -51,8 +54,44 @@ TERMS = ("loss", "image", "text", "cross", "align")  # the loss section's names,
 # The trainer
 
 
+class StopSignals:
+    """SIGINT and SIGTERM while training: the first asks the loop to stop after the current step, with a checkpoint;
+    a second one stops at once (KeyboardInterrupt). Installed by `Trainer.train`, restored by `Trainer.close`."""
+
+    def __init__(self):
+        self.received = None  # the first signal's number
+        self._previous = {}
+
+    def install(self):
+        if threading.current_thread() is not threading.main_thread() or self._previous:
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        # os.write: a signal handler must not re-enter the buffered sys.stderr the loop may be writing to
+        if self.received is None:
+            self.received = signum
+            os.write(
+                2, f"\n{name}: finishing this step, then writing a checkpoint; {name} again stops at once\n".encode()
+            )
+        elif signum == signal.SIGTERM and self.received == signal.SIGINT:
+            # a launcher (torchrun) relays the Ctrl-C its workers got themselves as SIGTERM: not a second request
+            os.write(2, b"SIGTERM: already stopping after this step\n")
+        else:
+            self.restore()
+            raise KeyboardInterrupt(f"a second {name}")
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        self._previous = {}
+
+
 class Trainer:
-    def __init__(self, cfg: Config, resume: str = None):
+    def __init__(self, cfg: Config, resume: str = None, overwrite: bool = False):
+        """`resume`: "latest" or a checkpoint; `overwrite`: start over in a run folder that holds checkpoints."""
         self.cfg = cfg = check_paths(absolute_paths(cfg))
         self.accelerator = acc = self._accelerator()
         self.main = acc.is_main_process
@@ -64,11 +103,39 @@ class Trainer:
             acc.mixed_precision,
         )
         self.run_dir = cfg.run_dir
-        self.resume_from = self._find_resume(resume)
+        self.lock, self.signals = None, StopSignals()
         if self.main:
             os.makedirs(self.run_dir, exist_ok=True)
+            self.lock = runs.RunLock(self.run_dir).acquire()  # one trainer per run folder
+            if self.lock.stale:
+                log.info("run_dir: took over the lock of a trainer that no longer runs (%s)", self.lock.stale)
+        try:
+            self._setup(resume, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        """Release the run folder and the signal handlers (the end of `train`, or a failure)."""
+        self.signals.restore()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _setup(self, resume, overwrite):
+        cfg, acc = self.cfg, self.accelerator
+        self.resume_from = self._find_resume(resume)
+        self._refuse_earlier_run(resume, overwrite)
+        if self.main:
             runs.clean_temporaries(self.run_dir)
-            self._check_config_against_saved()
+            if overwrite:
+                removed = runs.remove_outputs(self.run_dir)
+                if removed:
+                    log.warning("--overwrite: deleted the earlier run's %s in %s", ", ".join(removed), self.run_dir)
+            elif not self.resume_from:
+                runs.truncate_metrics(self.run_dir, 0)  # lines of a killed start that never wrote a checkpoint
+            if not overwrite:
+                self._check_config_against_saved()
             dump_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         acc.wait_for_everyone()
         set_seed(cfg.seed)  # identical fresh initialisation on every process
@@ -127,7 +194,7 @@ class Trainer:
             self.ema = EMA(self.trainable, cfg.train.ema_decay)
 
         self._data()
-        self.step, self.batch_no = 0, 0
+        self.step, self.batch_no, self.saved_step = 0, 0, None
         self.empty_batches = Counter()  # micro-batches per task in which no image could be decoded
         if self.resume_from:
             self._resume(self.resume_from)
@@ -205,6 +272,20 @@ class Trainer:
         if ds.get("gradient_clipping", "auto") == "auto":
             ds["gradient_clipping"] = cfg.train.grad_clip
 
+    def _refuse_earlier_run(self, resume, overwrite):
+        """A run folder with checkpoints is continued (--resume) or started over (--overwrite), never mixed."""
+        if resume and overwrite:
+            raise ConfigError(
+                "--resume and --overwrite: give one (--resume continues the run, --overwrite starts over)"
+            )
+        found = runs.list_checkpoints(self.run_dir)
+        if found and not resume and not overwrite:
+            raise ConfigError(
+                f"run_dir {self.run_dir} already holds checkpoints (the latest is step {found[-1][0]}); continue "
+                f"it with --resume latest, start it over with --overwrite (deletes its checkpoints, metrics and "
+                f"logs), or give this run another run_dir"
+            )
+
     def _find_resume(self, resume):
         if not resume:
             return None
@@ -243,7 +324,7 @@ class Trainer:
 
     def _data(self):
         cfg, acc = self.cfg, self.accelerator
-        records, self.skips = D.load_records(cfg.data.files)
+        records, self.skips = D.load_records(cfg.data.files, allow_outside=cfg.data.allow_outside)
         if not records:
             raise ConfigError(f"data.files: no usable record ({self.skips.total} skipped: {self.skips.summary()})")
         buckets = D.make_buckets(cfg.data.resolution, cfg.data.bucket_step, cfg.data.max_aspect)
@@ -416,6 +497,7 @@ class Trainer:
             runs.prune(self.run_dir, self.cfg.checkpoint.keep)
             log.info("checkpoint %s", final)
         acc.wait_for_everyone()
+        self.saved_step = step
 
     def _resume(self, checkpoint):
         acc = self.accelerator
@@ -461,6 +543,7 @@ class Trainer:
             runs.load_optimizer(os.path.join(checkpoint, runs.OPTIMIZER), self.optimizer)
         resume = runs.read_json(os.path.join(checkpoint, runs.RESUME))
         self.scheduler.load_state_dict(resume["scheduler"])
+        self._optimizer_follows_config()
         scaler = getattr(acc, "scaler", None)
         if scaler is not None and resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
@@ -479,9 +562,36 @@ class Trainer:
                 log.warning("%s has no EMA weights; EMA restarts from the current weights", checkpoint)
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.batch_no = state["step"], state["batch_no"]
+        self.saved_step = self.step
         if self.main:
             runs.truncate_metrics(self.run_dir, self.step)
         log.info("resumed from %s at step %d (micro-batch %d)", checkpoint, self.step, self.batch_no)
+
+    def _optimizer_follows_config(self):
+        """--resume: the checkpoint's optimizer state brings the old lr, betas and weight decay; the config's win
+        (the run folder's config.yaml says what trains), and the change is logged. The schedule goes on from the
+        checkpoint's step, at the config's peak lr."""
+        cfg, scheduler = self.cfg.train, self.scheduler
+        groups = self.optimizer.param_groups
+        want = {"lr": cfg.lr, "betas": tuple(cfg.betas), "weight_decay": cfg.weight_decay}
+        had = {
+            "lr": scheduler.base_lrs[0],
+            "betas": tuple(groups[0]["betas"]),
+            "weight_decay": groups[0]["weight_decay"],
+        }
+        changed = [k for k in want if had[k] != want[k]]
+        if not changed:
+            return
+        for group, factor in zip(groups, (f(scheduler.last_epoch) for f in scheduler.lr_lambdas)):
+            group.update(betas=want["betas"], weight_decay=want["weight_decay"], initial_lr=cfg.lr, lr=cfg.lr * factor)
+        scheduler.base_lrs = [cfg.lr] * len(groups)
+        scheduler._last_lr = [group["lr"] for group in groups]
+        log.warning(
+            "--resume: %s from the config (the checkpoint had %s), from step %d on",
+            ", ".join(f"train.{k} {want[k]}" for k in changed),
+            ", ".join(f"{had[k]}" for k in changed),
+            scheduler.last_epoch,
+        )
 
     # -- the loop -------------------------------------------------------------------------------------------------
 
@@ -512,6 +622,7 @@ class Trainer:
         bar = self._progress_bar()
         self.last_good, self.speed, final = None, None, {}
         self.module.train()
+        self.signals.install()  # Ctrl-C / SIGTERM: finish the step, write a checkpoint, stop
         while self.step < end:
             started = time.perf_counter()
             sums, seen, grad_norm, good = defaultdict(float), [], None, 0
@@ -548,14 +659,55 @@ class Trainer:
             self.step += 1
 
             final = self._step_metrics(sums, good, grad_norm, started)
+            self._check_finite(final)
             self._log(final, seen, bar)
             if cfg.validation.every and self.step % cfg.validation.every == 0:
                 self.validate()
             every = cfg.checkpoint.every
             if (every and self.step % every == 0) or self.step == end:
                 self.save_checkpoint()
+            signum = self._stop_signal()
+            if signum:
+                self._stop_on_signal(bar, signum)
         self._finish(bar)
         return final
+
+    def _last_checkpoint(self) -> str:
+        found = runs.list_checkpoints(self.run_dir)
+        return f"the last checkpoint {found[-1][1]} is intact" if found else "there is no checkpoint yet"
+
+    def _check_finite(self, final):
+        """Stop at the first step whose loss or gradient is NaN or infinite, before anything of it is written.
+        (With fp16 the grad scaler skips steps with infinite gradients by design; there only the loss counts.)"""
+        bad = {k: final[k] for k in TERMS if final[k] is not None and not math.isfinite(final[k])}
+        scaled = getattr(self.accelerator, "scaler", None) is not None
+        if final["grad_norm"] is not None and not math.isfinite(final["grad_norm"]) and not scaled:
+            bad["grad_norm"] = final["grad_norm"]
+        if bad:
+            raise runs.TrainingError(
+                f"step {self.step}: not finite: {', '.join(f'{k} {v}' for k, v in bad.items())}; stopped without "
+                f"writing this step ({self._last_checkpoint()}). Lower train.lr or the loss weights, or check the data; "
+                f"then continue with --resume latest --set train.lr=<lower>, or start over"
+            )
+
+    def _stop_signal(self):
+        """The signal (SIGINT, SIGTERM) that asks this run to stop after this step, on any process; else None."""
+        got = self.signals.received
+        acc = self.accelerator
+        if acc.num_processes > 1:  # every process must stop at the same step: the checkpoint is a collective
+            flag = acc.reduce(torch.tensor([float(got or 0)], device=self.device), "sum")
+            got = got or (signal.SIGTERM if float(flag) > 0 else None)
+        return got
+
+    def _stop_on_signal(self, bar, signum):
+        if self.saved_step != self.step:
+            self.save_checkpoint()
+        self._finish(bar)
+        raise runs.Interrupted(
+            f"stopped by {signal.Signals(signum).name} after step {self.step}: checkpoint "
+            f"{runs.checkpoint_dir(self.run_dir, self.step)}. Continue with: {runs.resume_command(self.run_dir)}",
+            128 + signum,
+        )
 
     def _progress_bar(self):
         cfg = self.cfg
@@ -652,8 +804,16 @@ class Trainer:
         if not self.main:
             return
         cfg = self.cfg
-        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
-            f.write(json.dumps(dict(final, micro=seen)) + "\n")
+        try:
+            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps(dict(final, micro=seen)) + "\n")
+        except OSError as e:
+            if not runs.is_no_space(e):
+                raise
+            raise runs.TrainingError(
+                f"no space left on {self.run_dir} while writing metrics.jsonl at step {self.step}; "
+                f"{self._last_checkpoint()}. Free some space and continue with --resume latest"
+            ) from None
         if bar is not None:
             bar.set_postfix(
                 {k: f"{final[k]:.4f}" for k in TERMS if final[k] is not None} | {"samples/s": f"{self.speed:.2f}"},
@@ -680,6 +840,7 @@ class Trainer:
                 dict(sorted(self.empty_batches.items())),
             )
         self.accelerator.end_training()
+        self.close()
 
     # -- validation ---------------------------------------------------------------------------------------------
 
@@ -748,6 +909,11 @@ class Trainer:
         acc.wait_for_everyone()
 
 
-def run(cfg: Config, resume: str = None, stop_at: int | None = None) -> dict:
-    """Train with `cfg` (to step `stop_at` only, when given); returns the last step's metrics."""
-    return Trainer(cfg, resume).train(stop_at)
+def run(cfg: Config, resume: str = None, stop_at: int | None = None, overwrite: bool = False) -> dict:
+    """Train with `cfg` (to step `stop_at` only, when given); returns the last step's metrics. `overwrite` starts
+    over in a run folder that holds checkpoints (without it, and without `resume`, such a folder is refused)."""
+    trainer = Trainer(cfg, resume, overwrite)
+    try:
+        return trainer.train(stop_at)
+    finally:
+        trainer.close()

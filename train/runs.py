@@ -1,6 +1,7 @@
 """Run folders and checkpoints: layout, atomic writes, finding `latest`, reading trained weights back.
 
     <run_dir>/config.yaml            the resolved config (absolute paths), written at the start
+    <run_dir>/train.lock             held (fcntl) by the trainer that uses the folder; holds its PID and host
     <run_dir>/init_report.json       what the start weights mapped, added and dropped
     <run_dir>/metrics.jsonl          one line per optimizer step (losses, lr, grad norm, samples/s, batch indices)
     <run_dir>/logs/                  TensorBoard
@@ -20,11 +21,18 @@ import json
 import os
 import re
 import shutil
+import socket
+import time
 from typing import Dict, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from unialign_core.files import (
+    fsync_dir,
+    is_no_space,  # noqa: F401 - the trainer's name for the library's rule
+    write_text_atomic,
+)
 from unialign_core.lora import LoraLayer
 
 CHECKPOINTS = "checkpoints"
@@ -77,29 +85,23 @@ def run_dir_of(checkpoint: str) -> str:
 
 
 def clean_temporaries(run_dir: str):
-    """Remove half-written checkpoints left by a killed run."""
+    """Remove what a killed run left half-written: temporary checkpoint folders and the temporaries of the run
+    folder's files (`.metrics.jsonl.<pid>.tmp`, `init_report.json.tmp`, ...). Call it holding the run's lock: then
+    every temporary there is stale."""
     folder = os.path.join(run_dir, CHECKPOINTS)
     if os.path.isdir(folder):
         for name in os.listdir(folder):
             if name.startswith(".tmp-"):
                 shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+    if os.path.isdir(run_dir):
+        for name in os.listdir(run_dir):
+            path = os.path.join(run_dir, name)
+            if name.endswith(".tmp") and os.path.isfile(path):
+                os.remove(path)
 
 
 def temporary_dir(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, CHECKPOINTS, f".tmp-step_{step:08d}")
-
-
-def _fsync_dir(path: str):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def commit(tmp: str, final: str):
@@ -115,7 +117,7 @@ def commit(tmp: str, final: str):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(os.path.dirname(final))
+    fsync_dir(os.path.dirname(final))
 
 
 def prune(run_dir: str, keep: int):
@@ -125,12 +127,7 @@ def prune(run_dir: str, keep: int):
 
 
 def write_json(path: str, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def save_tensors(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]):
@@ -219,10 +216,7 @@ def truncate_metrics(run_dir: str, step: int):
                     kept.append(line if line.endswith("\n") else line + "\n")
             except (ValueError, KeyError):
                 continue  # a half-written last line
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(kept))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -239,16 +233,115 @@ class TrainingError(RuntimeError):
     """A run cannot go on (full disk, unsafe checkpoint); the message says why and what to do."""
 
 
+class Interrupted(TrainingError):
+    """SIGINT or SIGTERM stopped the run after a step, with a checkpoint; `exit_code` is 128 + the signal."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def resume_command(run_dir: str) -> str:
+    """The command that continues a run from its latest checkpoint (the run folder keeps its resolved config)."""
+    import shlex
+
+    return f"python -m train {shlex.quote(os.path.join(run_dir, 'config.yaml'))} --resume latest"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One trainer per run folder
+
+LOCK = "train.lock"
+
+
+class RunLock:
+    """An exclusive lock (fcntl.flock) on `<run_dir>/train.lock`, which holds the PID and host of its trainer.
+
+    A second trainer on the folder is refused with TrainingError. The kernel drops the lock of a process that dies,
+    so a lock file left by a killed trainer is stale and simply taken over; `release()` removes the file."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, LOCK)
+        self.fd = None
+        self.stale = None  # what a stale lock file said (a trainer that was killed), if there was one
+
+    def acquire(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:  # no fcntl (Windows): no lock
+            return self
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                raise TrainingError(
+                    f"run_dir {os.path.dirname(self.path)} is in use by another trainer ({holder}; lock "
+                    f"{self.path}); wait for it to finish, stop it, or give this run another run_dir"
+                ) from None
+            except OSError as e:
+                os.close(fd)
+                raise TrainingError(f"cannot lock {self.path} ({e}); the run folder's filesystem needs flock") from None
+            try:  # the holder may have removed the file it released; then lock the new one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self.fd = fd
+        try:
+            self.stale = os.read(fd, 200).decode("utf-8", "replace").strip() or None
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(
+                fd,
+                f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(),
+            )
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def release(self):
+        if self.fd is None:
+            return
+        try:
+            os.remove(self.path)  # still holding it: a trainer waiting on the old file sees it replaced
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def remove_outputs(run_dir: str) -> list:
+    """`--overwrite`: delete an earlier run's checkpoints, metrics, TensorBoard logs and validation outputs."""
+    removed = []
+    for name in (CHECKPOINTS, "metrics.jsonl", "logs", "validation"):
+        path = os.path.join(run_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
 def _looks_like_pickle(path: str) -> bool:
+    """By its name, or by its first bytes (a pickle saved under a checkpoint file's name is found too)."""
     if path.endswith(PICKLE_SUFFIXES):
         return True
-    if path.endswith((".safetensors", ".json")):
-        return False  # read only by safetensors / json, which run no code
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            head = f.read(9)
     except OSError:
         return False
+    if path.endswith(".safetensors") and len(head) == 9 and head[8:9] == b"{":
+        return False  # a safetensors header: 8 bytes of length, then the JSON header
     # pickle protocol 2-5 starts with 0x80 and the protocol; torch.save's zip format with "PK"
     return (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or head.startswith(b"PK\x03\x04")
 
@@ -394,15 +487,3 @@ def load_rng(checkpoint: str, rank: int) -> bool:
         meta = f.metadata() or {}
     set_rng_state(load_file(path), meta)
     return True
-
-
-def is_no_space(error: BaseException) -> bool:
-    import errno
-
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left" in str(error) or "os error 28" in str(error):
-            return True  # safetensors reports a full disk as a SafetensorError with the OS message
-        error = error.__cause__ or error.__context__
-    return False

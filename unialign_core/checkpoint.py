@@ -1,10 +1,12 @@
 """Safe reading of weight files, with one clear error for every way a file can be wrong.
 
-Only safetensors files and weights-only torch loads are ever read: no arbitrary pickle.
+Only safetensors files and weights-only torch loads (on PyTorch 2.6 or newer) are ever read: no arbitrary pickle.
 """
 
 import json
 import os
+import pickle
+import re
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
@@ -12,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import CheckpointError
+from .files import write_atomic
 
 SHOW = 5  # how many offending keys an error message quotes
 
@@ -72,14 +75,63 @@ def read_weights_folder(folder: str, stem: str) -> Dict[str, torch.Tensor]:
     raise CheckpointError(folder, f"no {stem}.safetensors (or sharded index) in this folder")
 
 
+# PyTorch before 2.6 lets a crafted file run code through `torch.load(weights_only=True)` (CVE-2025-32434), so .pth
+# files are read only on 2.6 or newer.
+MIN_TORCH_FOR_PTH = (2, 6)
+
+
+def torch_version() -> Tuple[int, int]:
+    """(major, minor) of the PyTorch that runs."""
+    numbers = re.findall(r"\d+", str(torch.__version__))[:2]
+    return tuple(int(n) for n in numbers) + (0,) * (2 - len(numbers))
+
+
+def pth_to_safetensors(path: str, plain: bool = True) -> str:
+    """How to turn a torch file holding one tensor into the .safetensors file this pack reads instead. `plain`: the
+    file is a plain tensor file (PyTorch 2.6's weights-only load reads it); otherwise only the code that wrote it
+    can, where the file is trusted."""
+    name = os.path.basename(path)
+    out = os.path.splitext(name)[0] + ".safetensors"
+    save = f"save_file({{'mask_token_emb': t.reshape(-1).contiguous()}}, '{out}')"
+    if plain:
+        how = (
+            f'convert it once to {out} with PyTorch 2.6 or newer: python -c "import torch; from safetensors.torch '
+            f"import save_file; t = torch.load('{name}', map_location='cpu', weights_only=True); {save}\""
+        )
+    else:
+        how = (
+            f"if you trust where it came from, load it with the code that made it and save the tensor `t` with "
+            f"safetensors (from safetensors.torch import save_file; {save})"
+        )
+    return (
+        f"{how}, then use {out} instead (in a model folder it is found as mask_token_emb*.safetensors; "
+        "`python -m unialign_core.convert ... --mask-embedding` takes it too)"
+    )
+
+
 def load_torch_tensor(path: str) -> torch.Tensor:
-    """Load a single tensor from a .pth/.pt file with a weights-only, CPU load."""
+    """Load a single tensor from a .pth/.pt file with a weights-only, CPU load (PyTorch 2.6 or newer only)."""
     if not os.path.isfile(path):
         raise CheckpointError(path, "file not found")
+    if torch_version() < MIN_TORCH_FOR_PTH:
+        raise CheckpointError(
+            path,
+            f"reading .pth files needs PyTorch {'.'.join(map(str, MIN_TORCH_FOR_PTH))} or newer (this is "
+            f"{torch.__version__}): older versions' weights-only loading can be made to run code by a crafted file "
+            f"(CVE-2025-32434). Upgrade PyTorch, or {pth_to_safetensors(path)}",
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message would advise weights_only=False: never pass that on
+        raise CheckpointError(
+            path,
+            "not a plain tensor file: it is damaged or holds Python objects besides tensors, which this pack never "
+            f"unpickles (unpickling can run code hidden in the file); {pth_to_safetensors(path, plain=False)}",
+        ) from None
     except Exception as e:
-        raise CheckpointError(path, f"not a weights-only torch file: {e}") from None
+        raise CheckpointError(
+            path, f"not a readable torch tensor file ({type(e).__name__}; truncated, or another format?)"
+        ) from None
     if isinstance(obj, dict) and len(obj) == 1:
         obj = next(iter(obj.values()))
     if not isinstance(obj, torch.Tensor):
@@ -133,28 +185,13 @@ def load_into(
     return module
 
 
-def _new_file_mode() -> int:
-    """The permissions a plain new file gets here (0o666 less the umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def save_safetensors_atomic(
     tensors: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None
 ) -> str:
-    """Write a .safetensors file via a temp file and a rename: readers never see half a file.
+    """Write a .safetensors file via a temp file and a rename (`files.write_atomic`): readers never see half a file,
+    a full disk raises `NoSpaceError` and leaves the previous file intact.
 
     The file gets ordinary permissions (safetensors itself creates owner-only files), so a ComfyUI running as
     another user can read an exported model."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, _new_file_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path

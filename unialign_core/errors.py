@@ -1,5 +1,7 @@
-"""The errors unialign_core raises on purpose."""
+"""The errors unialign_core raises on purpose, and the small checks every caller shares."""
 
+import math
+import numbers
 from typing import Optional
 
 
@@ -37,3 +39,27 @@ class CheckpointError(ValueError):
 
 class Cancelled(RuntimeError):
     """Sampling stopped because the caller's cancel check asked for it."""
+
+
+def check_finite(name: str, value):
+    """`value`, or InputError(name) when it is not a finite number (NaN passes ComfyUI's min/max check and would
+    silently turn guidance off or blacken an image)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise InputError(name, f"must be a finite number, got {value!r}")
+    return value
+
+
+def check_text(name: str, text: str) -> str:
+    """`text` unless it holds a lone surrogate (half of a UTF-16 pair, which no tokenizer reads): InputError(name)
+    naming where. Other types pass unchanged (the callers check emptiness)."""
+    if isinstance(text, str):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            code = f"\\u{ord(text[e.start]):04x}"
+            raise InputError(
+                name,
+                f"holds a lone surrogate {code} at character {e.start}: half of a UTF-16 pair (e.g. of an emoji), "
+                "which is not text; the client sent a broken string: send the whole character or remove it",
+            ) from None
+    return text

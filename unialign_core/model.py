@@ -44,6 +44,26 @@ def pad_id(tokenizer, padding: str) -> int:
     raise ValueError(f"padding: must be one of {', '.join(PROMPT_PADDING)}, got {padding!r}")
 
 
+CUT_PREVIEW_WORDS = 8  # how many words of a prompt's cut end a warning quotes (never all of it: it can be huge)
+
+
+def describe_cut(tokenizer, ids: List[int], text_length: int) -> Optional[str]:
+    """What a prompt loses at `text_length` tokens, in words: how many of its token ids `ids` (which end with the
+    tokenizer's end-of-text) are cut, and the first few words of them; None when it fits."""
+    if len(ids) <= text_length:
+        return None
+    cut = ids[text_length - 1 : -1]  # the kept ids end with a new end-of-text
+    shown = cut[: 4 * CUT_PREVIEW_WORDS]
+    words = tokenizer.decode(shown, skip_special_tokens=True).split()
+    start = " ".join(words[:CUT_PREVIEW_WORDS])
+    if len(start) > 80:
+        start = start[:80]
+    if start and (len(words) > CUT_PREVIEW_WORDS or len(cut) > len(shown) or len(start) == 80):
+        start += " ..."
+    begins = f", starting with {start!r}" if start else " (they begin with no text T5 can show)"
+    return f"longer than this model's {text_length} T5 tokens; its last {len(cut)} tokens were cut and not used{begins}"
+
+
 def question_ids(tokenizer, question: str) -> List[int]:
     """Token ids of the VQA prompt `Q: {question} A: `, without the tokenizer's trailing end-of-text: the answer
     follows them (frozen while an answer is sampled, never masked in training)."""
@@ -167,9 +187,9 @@ class UniAlignModel:
         text_length = text_length or self.text_length
         full = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
         for ids in full:
-            if len(ids) > text_length:
-                lost = self.tokenizer.decode(ids[text_length - 1 : -1])
-                log.warning("prompt longer than %d tokens; this part was dropped: %r", text_length, lost)
+            cut = describe_cut(self.tokenizer, ids, text_length)
+            if cut:
+                log.warning("prompt %s", cut)
         batch = self.tokenizer(
             texts, padding="max_length", max_length=text_length, truncation=True, return_tensors="pt"
         )

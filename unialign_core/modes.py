@@ -14,10 +14,10 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, check_finite, check_text
 from .flow_sampler import flow_sigmas, sample_flow
 from .images import ImageInput, check_fits, check_size, resize_and_crop, resize_to_area, to_tensor
-from .model import VQA_TEMPLATE  # noqa: F401  (the template lives with the model; importable here as before)
+from .model import VQA_TEMPLATE, describe_cut  # noqa: F401  (VQA_TEMPLATE lives with the model; importable here)
 from .text_sampler import CachedTextDenoiser, TextDenoiser, sample_confidence, sample_ddpm_cache
 from .vae import cancellable
 
@@ -30,6 +30,13 @@ SHORT_ANSWER_SUFFIX = " Answer the question using a single word or phrase."
 SAMPLERS = ("confidence", "ddpm_cache")
 RESIZE_POLICIES = ("trained", "crop", "as_is")
 PUBLISHED_SIDE = 512  # UniAlignment's training size; its transformer config keeps SD3-medium's 1024 px default
+# A prompt with more than this share of its characters unknown to T5's tokenizer (<unk>, which the model cannot see)
+# gets a warning: typically a language T5 does not read.
+UNKNOWN_SHARE = 0.1
+T5_LANGUAGES = (
+    "T5 reads English (and some German, French and Romanian): Chinese, Japanese, Korean, Thai, Arabic and other "
+    "scripts, and some symbols, become <unk> and are ignored"
+)
 
 
 @dataclass
@@ -42,10 +49,18 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
 
 
+def _check_guidance(negative_prompt: str, guidance: float, image_guidance: Optional[float] = None) -> None:
+    """The guidance settings every image mode takes, checked before any work."""
+    check_text("negative_prompt", negative_prompt)
+    check_finite("guidance", guidance)
+    if image_guidance is not None:
+        check_finite("image_guidance", image_guidance)
+
+
 def _check_prompt(prompt: str, name: str = "prompt") -> str:
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError(name, "is empty; describe what you want", sep=" ")
-    return prompt
+    return check_text(name, prompt)
 
 
 def max_image_side(model) -> int:
@@ -76,6 +91,59 @@ def prompt_overflow(model, prompt: str, text_length: Optional[int] = None) -> Op
     if len(ids) <= limit:
         return None
     return model.tokenizer.decode(ids[limit - 1 : -1], skip_special_tokens=True).strip()
+
+
+def prompt_notes(model, text: str, name: str = "prompt", text_length: Optional[int] = None) -> List[str]:
+    """What to tell the user about a prompt before it is used, each note starting with `name`: that its end does not
+    fit the model's T5 length (`model.text_length` tokens) and is cut (how many tokens, and the first words: never
+    the whole cut text), and that more than `UNKNOWN_SHARE` of its characters are unknown to T5's tokenizer (the
+    model does not see them). Raises InputError(name) for text no tokenizer reads (a lone surrogate)."""
+    check_text(name, text)
+    if not isinstance(text, str) or not text.strip():
+        return []
+    tokenizer = model.tokenizer
+    try:
+        encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        offsets = encoded["offset_mapping"]
+    except (NotImplementedError, ValueError, TypeError):  # a slow tokenizer has no offsets
+        encoded, offsets = tokenizer(text, add_special_tokens=True), None
+    ids = encoded["input_ids"]
+    notes = []
+    cut = describe_cut(tokenizer, ids, text_length or model.text_length)
+    if cut:
+        notes.append(f"{name}: {cut}")
+    unknown = _unknown_share(tokenizer, text, ids, offsets)
+    if unknown is not None and unknown[0] > UNKNOWN_SHARE:
+        share, examples = unknown
+        shown = ", ".join(repr(e) for e in examples)
+        notes.append(
+            f"{name}: {share:.0%} of its characters are unknown to the T5 tokenizer and ignored (e.g. {shown}); "
+            f"{T5_LANGUAGES}. Write the {name} in English."
+        )
+    return notes
+
+
+def _unknown_share(tokenizer, text: str, ids: List[int], offsets):
+    """(share of the text's non-space characters that T5's tokenizer turns into <unk>, up to 3 of those pieces),
+    or None when the tokenizer has no unknown token; by tokens when there are no character offsets."""
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return None
+    if offsets is None:
+        special = set(tokenizer.all_special_ids) - {unk}
+        words = [i for i in ids if i not in special]
+        return (sum(i == unk for i in words) / max(1, len(words)), [])
+    spans = [(a, b) for i, (a, b) in zip(ids, offsets) if i == unk and b > a]
+    total = sum(not c.isspace() for c in text)
+    unknown = sum(not c.isspace() for a, b in spans for c in text[a:b])
+    examples = []
+    for a, b in spans:
+        piece = text[a:b].strip()[:12]
+        if piece and piece not in examples:
+            examples.append(piece)
+        if len(examples) == 3:
+            break
+    return (unknown / max(1, total), examples)
 
 
 def _source_latents(model, images: ImageInput, name: str, generator: torch.Generator, cancel=None) -> torch.Tensor:
@@ -169,6 +237,7 @@ def text_to_image(
     released weights, the trainer's `data.text_length` for its exports); the other image modes take it too.
     """
     _check_prompt(prompt)
+    _check_guidance(negative_prompt, guidance)
     return _generate(
         model, prompts=[prompt] * num_images, negative_prompt=negative_prompt, conditions=[], width=width,
         height=height, steps=steps, guidance=guidance, image_guidance=None, generator=_generator(seed),
@@ -198,6 +267,7 @@ def edit(
     without the source image (InstructPix2Pix-style); None keeps the published two-way CFG.
     """
     _check_prompt(instruction, "instruction")
+    _check_guidance(negative_prompt, guidance, image_guidance)
     generator = _generator(seed)
     source = _source_latents(model, image, "image", generator, cancel)
     source = source.repeat_interleave(num_images, dim=0)
@@ -248,6 +318,7 @@ def compose(
 ) -> ImageResult:
     """Personalise / compose: generate from a prompt and 1-3 reference images (any sizes, multiples of 16)."""
     _check_prompt(prompt)
+    _check_guidance(negative_prompt, guidance)
     if not 1 <= len(references) <= 3:
         raise InputError("references", f"give 1 to 3 reference images, got {len(references)}")
     check_image_size(model, width, height, "width/height")  # before any reference is encoded

@@ -27,8 +27,9 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .checkpoint import _new_file_mode, save_safetensors_atomic
+from .checkpoint import save_safetensors_atomic
 from .errors import CheckpointError
+from .files import NoSpaceError, fsync_dir, is_no_space, new_file_mode, remove_stale_temporaries, temporary_path
 from .transformer import ALIGN_PREFIXES
 
 FORMAT = "unialignment"
@@ -57,9 +58,37 @@ def encode_tensor(t: torch.Tensor) -> str:
     return json.dumps({"dtype": str(t.dtype).replace("torch.", ""), "values": t.float().flatten().tolist()})
 
 
-def decode_tensor(text: str) -> torch.Tensor:
-    data = json.loads(text)
-    return torch.tensor(data["values"], dtype=torch.float32).to(getattr(torch, data["dtype"]))
+# The dtypes `encode_tensor` writes (a stored vector is a float vector: T5's mask row).
+VECTOR_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def decode_tensor(text: str, path: str = "metadata", key: str = "tensor", most: Optional[int] = None) -> torch.Tensor:
+    """The tensor `encode_tensor` wrote, checked: JSON {"dtype": one of VECTOR_DTYPES, "values": at most `most`
+    finite numbers}. Anything else raises CheckpointError(path) naming the metadata `key`."""
+    damaged = "the file is damaged; export or convert it again"
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise CheckpointError(path, f"metadata {key} is not valid JSON ({e}); {damaged}") from None
+    if not isinstance(data, dict) or set(data) != {"dtype", "values"}:
+        raise CheckpointError(
+            path, f'metadata {key} must be a JSON object {{"dtype": ..., "values": [...]}}; {damaged}'
+        )
+    if data["dtype"] not in VECTOR_DTYPES:
+        raise CheckpointError(
+            path,
+            f"metadata {key} has dtype {str(data['dtype'])[:40]!r}, expected one of {', '.join(VECTOR_DTYPES)}; {damaged}",
+        )
+    values = data["values"]
+    if not isinstance(values, list) or not values or (most is not None and len(values) > most):
+        size = len(values) if isinstance(values, list) else type(values).__name__
+        bound = f"1 to {most}" if most is not None else "at least 1"
+        raise CheckpointError(
+            path, f"metadata {key} holds {size} values, expected a list of {bound} numbers; {damaged}"
+        )
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        raise CheckpointError(path, f"metadata {key} holds values that are not finite numbers; {damaged}")
+    return torch.tensor(values, dtype=torch.float32).to(getattr(torch, data["dtype"]))
 
 
 def single_file_metadata(
@@ -99,8 +128,8 @@ class StreamingSafetensorsWriter:
 
     The names, dtypes and shapes are declared up front (they make the header); then `write(name, tensor)` is
     called once per entry, in the declared order. The file appears under its name only when `close()` has
-    checked that every entry was written (a temp file, then a rename); on an error the temp file is removed.
-    Use it as a context manager.
+    checked that every entry was written (a temp file, then a rename); on an error the temp file is removed, and a
+    full disk raises `files.NoSpaceError`. Use it as a context manager.
     """
 
     def __init__(self, path: str, entries: Sequence[Tuple[str, torch.dtype, Sequence[int]]],
@@ -127,10 +156,15 @@ class StreamingSafetensorsWriter:
         self.total_bytes = 8 + len(raw) + offset
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
-        self.tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        remove_stale_temporaries(path)  # left by a writer killed mid-write
+        self.tmp = temporary_path(path)
         self.file = open(self.tmp, "wb")
-        self.file.write(struct.pack("<Q", len(raw)) + raw)
         self.written = 0
+        try:
+            self.file.write(struct.pack("<Q", len(raw)) + raw)
+        except BaseException as e:
+            self.__exit__(type(e), e, None)
+            raise
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self.written >= len(self.entries):
@@ -150,14 +184,20 @@ class StreamingSafetensorsWriter:
         if self.written != len(self.entries):
             missing = [name for name, _, _ in self.entries[self.written :]]
             raise ValueError(f"{self.path}: {len(missing)} declared tensors were not written (first: {missing[:5]})")
+        self.file.flush()
+        os.fsync(self.file.fileno())
         self.file.close()
-        os.chmod(self.tmp, _new_file_mode())
+        os.chmod(self.tmp, new_file_mode())
         os.replace(self.tmp, self.path)
+        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         return self.path
 
     def abort(self) -> None:
         if not self.file.closed:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:
+                pass  # a full disk fails the flush too; the file is removed all the same
         if os.path.exists(self.tmp):
             os.remove(self.tmp)
 
@@ -166,9 +206,17 @@ class StreamingSafetensorsWriter:
 
     def __exit__(self, kind, value, traceback) -> None:
         if kind is None:
-            self.close()
+            try:
+                self.close()
+            except Exception as e:
+                self.abort()
+                if is_no_space(e):
+                    raise NoSpaceError(self.path, os.path.exists(self.path)) from e
+                raise
         else:
             self.abort()
+            if isinstance(value, Exception) and not isinstance(value, NoSpaceError) and is_no_space(value):
+                raise NoSpaceError(self.path, os.path.exists(self.path)) from value
 
 
 def _config_dict(module) -> dict:

@@ -5,7 +5,6 @@ ComfyUI users already have `models/text_encoders/t5xxl_fp16.safetensors` or
 fp8 in memory and each linear layer upcasts its weight when it computes.
 """
 
-import json
 import os
 from typing import Dict, Optional
 
@@ -108,8 +107,14 @@ def t5_from_state_dict(
         state.pop("encoder.embed_tokens.weight", None)
     except (KeyError, ValueError, IndexError) as e:
         raise CheckpointError(path, f"not a T5 v1.1 encoder: cannot read its sizes ({e})") from None
-    with torch.device("meta"):
-        model = T5EncoderModel(config)
+    from .loader import check_t5_config  # the loader owns the bounds (it imports this module)
+
+    check_t5_config(config, path)  # sizes from a config, or read off the tensors
+    try:
+        with torch.device("meta"):
+            model = T5EncoderModel(config)
+    except Exception as e:  # transformers' own checks
+        raise CheckpointError(path, f"the T5 config is not usable: {e}") from None
     use_operations(model, operations)
     fp8 = {k for k, v in state.items() if v.dtype in FP8_DTYPES and k.endswith(".weight") and k != "shared.weight"}
     # Everything but the fp8 linear weights is loaded in the compute dtype.
@@ -133,12 +138,13 @@ def load_text_encoder(path: str, dtype: torch.dtype = torch.float32, operations=
     """Load a T5 encoder from a Hugging Face folder or a single .safetensors file (`operations`: see
     `t5_from_state_dict`)."""
     if os.path.isdir(path):
+        from .loader import read_json, t5_config  # the loader owns the config checks (it imports this module)
+
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
             raise CheckpointError(path, "no config.json in this text encoder folder")
-        with open(config_path) as f:
-            config = T5Config(**{k: v for k, v in json.load(f).items() if not k.startswith("_")})
-
+        raw = read_json(config_path, "T5's settings")
+        config = t5_config({k: v for k, v in raw.items() if not k.startswith("_")}, config_path)
         return t5_from_state_dict(read_weights_folder(path, "model"), path, dtype, config, operations)
     state, _ = read_safetensors(path)
     return t5_from_state_dict(state, path, dtype, operations=operations)

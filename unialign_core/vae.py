@@ -4,7 +4,6 @@ The model's latents are the VAE's latents shifted and scaled by its config (`sca
 [-1, 1]; `unscale_latents` undoes it).
 """
 
-import json
 import os
 from contextlib import contextmanager
 from typing import Callable, Optional
@@ -42,12 +41,18 @@ def _clean_config(config: dict) -> dict:
 
 
 def vae_from_state_dict(state: dict, config: dict, path: str, dtype: torch.dtype) -> AutoencoderKL:
-    """Build an AutoencoderKL from diffusers- or LDM-layout weights."""
-    config = _clean_config(config)
+    """Build an AutoencoderKL from diffusers- or LDM-layout weights; the config is checked first (the loader's
+    `check_vae_config`: only entries the VAE takes, sizes within the loader's bounds)."""
+    from .loader import check_vae_config  # the loader owns the bounds (it imports this module)
+
+    config = _clean_config(check_vae_config(config, path))
+    try:
+        with torch.device("meta"):
+            vae = AutoencoderKL(**config)
+    except Exception as e:  # diffusers' own checks, e.g. a block type it does not know
+        raise CheckpointError(path, f"the VAE config is not usable: {e}") from None
     if any(k.startswith(LDM_MARKERS) for k in state):
         state = convert_ldm_vae_checkpoint(state, config)
-    with torch.device("meta"):
-        vae = AutoencoderKL(**config)
     return load_into(vae, state, path, "VAE", dtype).eval().requires_grad_(False)
 
 
@@ -57,20 +62,21 @@ def load_vae(path: str, dtype: torch.dtype = torch.float32, config: Optional[dic
     A single file takes its config from, in order: the `config` argument, a `config`
     entry in its metadata, a `<name>.json` or `config.json` beside it, or the SD3 VAE config.
     """
+    # the loader owns the config checks (it imports this module)
+    from .loader import check_vae_config, metadata_json, read_json
+
     if os.path.isdir(path):
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
             raise CheckpointError(path, "no config.json in this VAE folder")
-        with open(config_path) as f:
-            config = json.load(f)
+        config = check_vae_config(read_json(config_path, "the VAE's settings"), config_path)
         return vae_from_state_dict(read_weights_folder(path, "diffusion_pytorch_model"), config, path, dtype)
     state, metadata = read_safetensors(path)
     if config is None and "config" in metadata:
-        config = json.loads(metadata["config"])
+        config = metadata_json(metadata, "config", path, "the VAE's settings")
     for sibling in (os.path.splitext(path)[0] + ".json", os.path.join(os.path.dirname(path), "config.json")):
         if config is None and os.path.isfile(sibling):
-            with open(sibling) as f:
-                config = json.load(f)
+            config = read_json(sibling, "the VAE's settings")
     return vae_from_state_dict(state, config or SD3_VAE_CONFIG, path, dtype)
 
 
