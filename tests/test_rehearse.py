@@ -6,9 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from unialign_core.convert import convert
-from unialign_core.loader import load_model
-from unialign_core.rehearse import (
+from tools.rehearse import (
     load_for_modes,
     position_crop_check,
     small_spec,
@@ -16,6 +14,8 @@ from unialign_core.rehearse import (
     weights_held,
     write_files,
 )
+from unialign_core.convert import convert
+from unialign_core.loader import load_model
 from unialign_core.single_file import StreamingSafetensorsWriter
 
 

@@ -1,4 +1,4 @@
-"""SemGen-Bench harness (`python -m train.semgen`): the official layout and names, resuming, atomic writes after a
+"""SemGen-Bench harness (`python -m tools.semgen`): the official layout and names, resuming, atomic writes after a
 SIGKILL, two gloo processes, the published settings, the multi-edit splitter and chain, --keep-aspect, --summarize.
 
 The data is tests/data/semgen: the benchmark's semgen_bench.jsonl (150 rows) and its first three images."""
@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from tiny_models import GOLDEN, REPO, golden_model
-from train import semgen
+from tools import semgen
 from unialign_core import ImageResult
 from unialign_core.images import to_tensor
 
@@ -128,7 +128,7 @@ def test_rerun_with_other_settings_is_refused(clean_run, capsys):
 KILLER = """
 import io, os, signal, sys
 from PIL import Image
-import train.semgen as s
+import tools.semgen as s
 real, count = Image.Image.save, [0]
 def dying(self, fp, format=None, **params):
     count[0] += 1
@@ -191,7 +191,7 @@ def test_two_gloo_processes_write_each_file_once(tmp_path, clean_run):
             "--main_process_port",
             "29533",
             "-m",
-            "train.semgen",
+            "tools.semgen",
             *args_for(tmp_path, "ddp"),
         ],
         cwd=REPO,

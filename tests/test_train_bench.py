@@ -1,8 +1,8 @@
-"""Smoke test of the throughput benchmark (python -m train.bench): the tiny size, one timed step per batch kind."""
+"""Smoke test of the throughput benchmark (python -m tools.bench_train): the tiny size, one timed step per batch kind."""
 
 import pytest
 
-from train.bench import format_table, run
+from tools.bench_train import format_table, run
 
 
 @pytest.mark.parametrize("task,mode", [("t2i", "full"), ("edit", "lora"), ("caption", "full")])

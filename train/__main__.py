@@ -2,7 +2,7 @@
 
 python -m train CONFIG.yaml [--set key=value ...] [--resume latest|CHECKPOINT | --overwrite]
 python -m train export RUN_OR_CHECKPOINT (--out model.safetensors | --lora lora.safetensors) [--ema]
-python -m train.bench [--size tiny|small|full] [--steps N]
+python -m tools.bench_train [--size tiny|small|full] [--steps N]
 accelerate launch [--config_file train/configs/accelerate/ddp.yaml] -m train CONFIG.yaml ...
 """
 

@@ -1,7 +1,7 @@
 """Full-size rehearsal: random weights at the released sizes, in the layouts users download, then every step
 timed with its peak memory, on the CPU (or a GPU).
 
-    python -m unialign_core.rehearse --out DIR [--keep] [--reuse] [--device cpu|cuda] [--steps convert,load,...]
+    python -m tools.rehearse --out DIR [--keep] [--reuse] [--device cpu|cuda] [--steps convert,load,...]
                                      [--step-timeout S] [--rss-limit-gb G] [--size full|small]
 
 1. Writes, tensor by tensor (never a whole model in memory, one fp32 tensor at most), under `DIR/files/`:
@@ -23,7 +23,7 @@ timed with its peak memory, on the CPU (or a GPU).
    then the image-stream cache's logit drift: refresh every step vs every 2 and 4, along a 4-step trajectory),
    `fp8` (one velocity at 256 px with the block weights stored in bf16 and in fp8_e4m3fn: max abs difference) and
    `train` (one LoRA optimizer step with the four losses at 512 px, batch 1, gradient checkpointing:
-   `train/rehearse_step.py`, run only where the `train` package is present; unialign_core never imports it).
+   `tools/rehearse_train.py`).
 3. Checks the bounds: conversion peak RSS <= the largest transformer shard + 2 GB; after loading, the weights held
    <= 10 GB with every T5 linear weight still fp8; no step above 16 GB. Writes `DIR/report.json` and `DIR/report.md`
    (a table), deletes `DIR/files` unless `--keep`, and exits 1 when a bound or a step failed.
@@ -43,7 +43,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from importlib.util import find_spec
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -114,7 +113,7 @@ def read_key_list(path: str) -> List[Tuple[str, Tuple[int, ...]]]:
 
 
 def full_spec(reference: Optional[str] = None) -> Spec:
-    from .vae import SD3_VAE_CONFIG
+    from unialign_core.vae import SD3_VAE_CONFIG
 
     folder = reference_dir(reference)
     with open(os.path.join(folder, T5_CONFIG_JSON)) as f:
@@ -133,7 +132,7 @@ def full_spec(reference: Optional[str] = None) -> Spec:
 
 def small_spec(reference: Optional[str] = None) -> Spec:
     """The same layouts at a tiny size (for the tests): keys from a tiny transformer with its projectors."""
-    from .transformer import UniAlignTransformer
+    from unialign_core.transformer import UniAlignTransformer
 
     config = dict(UPSTREAM_TRANSFORMER_CONFIG, attention_head_dim=8, num_attention_heads=2, num_layers=2,
                   joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=64,
@@ -215,7 +214,7 @@ class ShardedWriter:
     written tensor by tensor."""
 
     def __init__(self, folder: str, stem: str, entries, limit: int):
-        from .single_file import StreamingSafetensorsWriter
+        from unialign_core.single_file import StreamingSafetensorsWriter
 
         self.folder, self.stem = folder, stem
         plan = _shard_plan(entries, limit)
@@ -281,7 +280,7 @@ def write_files(root: str, spec: Spec, seed: int = 0) -> Dict[str, str]:
     from diffusers import AutoencoderKL
     from transformers import T5Config, T5EncoderModel
 
-    from .single_file import StreamingSafetensorsWriter
+    from unialign_core.single_file import StreamingSafetensorsWriter
 
     fill = RandomFill(seed)
     up = os.path.join(root, "UniAlignment")
@@ -335,7 +334,7 @@ def write_files(root: str, spec: Spec, seed: int = 0) -> Dict[str, str]:
         vae = AutoencoderKL(**vae_config)
     vae_keys = [(k, tuple(v.shape)) for k, v in vae.state_dict().items()]
     half = {k: torch.float16 for k, _ in vae_keys}
-    from .vae import SD3_VAE_CONFIG
+    from unialign_core.vae import SD3_VAE_CONFIG
 
     # the single file is the folder's file renamed; a VAE other than SD3's (the small size) carries its config
     single_meta = None if vae_config == SD3_VAE_CONFIG else {"config": json.dumps(vae_config)}
@@ -365,7 +364,7 @@ def file_sizes(root: str) -> Dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Steps (each runs in a child process: python -m unialign_core.rehearse --child STEP ...)
+# Steps (each runs in a child process: python -m tools.rehearse --child STEP ...)
 
 
 def weights_held(*modules) -> int:
@@ -402,7 +401,7 @@ def _status_bytes(field_name: str, pid="self") -> int:
 
 def load_for_modes(paths: dict, device: str):
     """The model as the Loader node loads it: our single file in bf16, the fp8 T5 and the VAE file."""
-    from .loader import load_model
+    from unialign_core.loader import load_model
 
     return load_model(
         paths["single_file"], text_encoder=paths["t5_fp8"], vae=paths["vae_file"], device=device, dtype=torch.bfloat16
@@ -488,7 +487,7 @@ def position_crop_check(transformer, width: int, height: int, vae_scale: int = 8
 
 
 def step_convert(paths, device) -> dict:
-    from .convert import convert
+    from unialign_core.convert import convert
 
     started = time.perf_counter()
     convert(paths["folder"], paths["single_file"], "bf16")
@@ -524,7 +523,7 @@ def _timed_load(paths, device):
 
 
 def step_t2i(paths, device) -> dict:
-    from .modes import text_to_image
+    from unialign_core.modes import text_to_image
 
     model, load_s = _timed_load(paths, device)
     clock = StepClock()
@@ -540,7 +539,7 @@ def step_t2i(paths, device) -> dict:
 
 
 def step_edit(paths, device) -> dict:
-    from .modes import edit
+    from unialign_core.modes import edit
 
     model, load_s = _timed_load(paths, device)
     width, height = 512, 768
@@ -558,7 +557,7 @@ def step_edit(paths, device) -> dict:
 
 
 def step_caption(paths, device) -> dict:
-    from .modes import SAMPLERS, caption
+    from unialign_core.modes import SAMPLERS, caption
 
     model, load_s = _timed_load(paths, device)
     image = torch.rand(1, 3, 512, 512, generator=torch.Generator().manual_seed(0))
@@ -572,8 +571,8 @@ def step_caption(paths, device) -> dict:
     details["run_s"] = total
     # issue 14's sanity check of the image-stream cache at full size: last-step logits of a full pass vs a
     # text-only pass on an image cache built `refresh` steps earlier, along the exact 4-step trajectory
-    from .bench_understand import logit_drift
-    from .modes import understanding_input
+    from tools.bench_understand import logit_drift
+    from unialign_core.modes import understanding_input
 
     started = time.perf_counter()
     latents = model.encode_images(understanding_input(model, image).to(model.device))
@@ -585,7 +584,7 @@ def step_caption(paths, device) -> dict:
 
 def step_fp8(paths, device) -> dict:
     """One velocity (256 px, 128 text tokens) with the transformer's block weights stored in bf16, then in fp8."""
-    from .loader import load_model
+    from unialign_core.loader import load_model
 
     t = torch.tensor([500.0])
     details, velocities = {}, {}
@@ -651,15 +650,6 @@ def child_main(step: str, root: str, device: str, result: str) -> int:
 # The parent: run each step in a child and watch it
 
 
-def train_step_available() -> bool:
-    spec = find_spec("train")  # finds the package without importing it
-    return bool(
-        spec
-        and spec.submodule_search_locations
-        and any(os.path.isfile(os.path.join(p, "rehearse_step.py")) for p in spec.submodule_search_locations)
-    )
-
-
 def run_child(cmd: List[str], timeout: float, rss_limit: float) -> dict:
     """Run one step's process; returns its exit, seconds and peak RSS (its own `ru_maxrss` from `os.wait4`)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO_DIR, os.environ.get("PYTHONPATH")])))
@@ -695,12 +685,9 @@ def run_steps(root: str, out: str, steps: Sequence[str], device: str, timeout: f
             if os.path.exists(stale):
                 os.remove(stale)
         if step == "train":
-            if not train_step_available():
-                results.append({"step": step, "ok": False, "skipped": "the train package is not installed here"})
-                continue
-            module = ["train.rehearse_step"]
+            module = ["tools.rehearse_train"]
         else:
-            module = ["unialign_core.rehearse", "--child", step]
+            module = ["tools.rehearse", "--child", step]
         cmd = [sys.executable, "-m", *module, "--root", root, "--device", device, "--result", result_path]
         print(f"[rehearse] step {step} ...", flush=True)
         proc = run_child(cmd, timeout, rss_limit)
@@ -826,7 +813,7 @@ def markdown_table(report: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m unialign_core.rehearse",
+        prog="python -m tools.rehearse",
         description=__doc__.split("\n\n")[0],
         epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

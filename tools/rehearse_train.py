@@ -1,6 +1,6 @@
-"""The training step of the full-size rehearsal (`python -m unialign_core.rehearse`), in its own process.
+"""The training step of the full-size rehearsal (`python -m tools.rehearse`), in its own process.
 
-    python -m train.rehearse_step --root DIR/files --result step_train.json [--device cpu]
+    python -m tools.rehearse_train --root DIR/files --result step_train.json [--device cpu]
 
 One LoRA optimizer step as `train/loop.py` takes it, on the rehearsal's files: the model loaded by `load_model`
 (our single file in bf16, the fp8 T5, the VAE file), fresh alignment projectors of Qwen2.5-VL-7B's width (3584) at
@@ -32,13 +32,12 @@ LENGTH = 256
 
 
 def run(paths: dict, device: str = "cpu") -> dict:
-    from unialign_core.rehearse import load_for_modes, progress, weights_held
-
-    from .config import Config, LossConfig
-    from .init import add_projectors
-    from .lora import apply_lora
-    from .losses import Prepared, Reducer, SampleRNG, TrainModule, compute_losses
-    from .optim import make_optimizer_and_schedule
+    from tools.rehearse import load_for_modes, progress, weights_held
+    from train.config import Config, LossConfig
+    from train.init import add_projectors
+    from train.lora import apply_lora
+    from train.losses import Prepared, Reducer, SampleRNG, TrainModule, compute_losses
+    from train.optim import make_optimizer_and_schedule
 
     started = time.perf_counter()
     model = load_for_modes(paths, device)
@@ -117,12 +116,12 @@ def run(paths: dict, device: str = "cpu") -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.rehearse_step", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.rehearse_train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, help="the rehearsal's files folder (with paths.json)")
     parser.add_argument("--result", required=True, help="JSON file to write the figures to")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    from unialign_core import rehearse
+    from tools import rehearse
 
     rehearse._PROGRESS["path"] = args.result + ".progress"
     _status_bytes = rehearse._status_bytes

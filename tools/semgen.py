@@ -1,12 +1,12 @@
 """SemGen-Bench, the paper's benchmark: generate the 600 images with the published protocol, and summarise scores.
 
-    python -m train.semgen --bench DIR --model MODEL --out RESULTS --name NAME
+    python -m tools.semgen --bench DIR --model MODEL --out RESULTS --name NAME
                            [--text-encoder F] [--vae F] [--tokenizer F] [--mask-embedding F]
                            [--lora F [--lora-strength S]] [--dtype auto|fp32|bf16|fp16] [--device D]
                            [--tasks t2i_long,...] [--rows 0-9,20] [--seed N]
                            [--multi-edit single|chain] [--keep-aspect]
-    accelerate launch --config_file train/configs/accelerate/ddp.yaml --num_processes 8 -m train.semgen ...
-    python -m train.semgen --summarize RESULTS/NAME [--json FILE]
+    accelerate launch --config_file train/configs/accelerate/ddp.yaml --num_processes 8 -m tools.semgen ...
+    python -m tools.semgen --summarize RESULTS/NAME [--json FILE]
 
 `DIR` is the benchmark folder: `semgen_bench.jsonl` (150 rows) and `images/<image_id>.jpg`; the authors'
 absolute `image_path` in each row is replaced by `DIR/images/<image_id>.jpg`.
@@ -55,7 +55,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from unialign_core.errors import CheckpointError
 
-log = logging.getLogger("train.semgen")
+log = logging.getLogger("tools.semgen")
 
 TASKS = ("t2i_long", "t2i_complex", "edit_multi", "edit_complex")  # the official order
 T2I_TASKS = ("t2i_long", "t2i_complex")
@@ -718,9 +718,9 @@ def format_summary(summary: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m train.semgen",
+        prog="python -m tools.semgen",
         description=__doc__.split("\n\n")[0],
-        epilog="Details: the module docstring (train/semgen.py) and the README.",
+        epilog="Details: the module docstring (tools/semgen.py) and the README.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = p.add_argument_group("generation")

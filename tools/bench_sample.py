@@ -1,7 +1,7 @@
 """Speed and memory benchmark on a random-weight model (weights do not change the cost).
 
-    python -m unialign_core.bench                 # small config on the CPU
-    python -m unialign_core.bench --size full     # SD3-medium + T5-XXL sizes (needs a GPU)
+    python -m tools.bench_sample                 # small config on the CPU
+    python -m tools.bench_sample --size full     # SD3-medium + T5-XXL sizes (needs a GPU)
 
 Reports time per denoising step and per whole text-to-image, time per caption for each
 sampler with the split between T5 and the transformer per step, and peak memory.
@@ -17,12 +17,12 @@ from diffusers import AutoencoderKL
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
-from .loader import DEFAULT_SCHEDULER, UniAlignModel
-from .model import DTYPES
-from .modes import caption, text_to_image
-from .text_sampler import TextDenoiser
-from .transformer import UniAlignTransformer
-from .vae import SD3_VAE_CONFIG
+from unialign_core.loader import DEFAULT_SCHEDULER, UniAlignModel
+from unialign_core.model import DTYPES
+from unialign_core.modes import caption, text_to_image
+from unialign_core.text_sampler import TextDenoiser
+from unialign_core.transformer import UniAlignTransformer
+from unialign_core.vae import SD3_VAE_CONFIG
 
 SIZES = {
     "small": dict(

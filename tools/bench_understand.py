@@ -1,7 +1,7 @@
 """Side-by-side speed of the understanding samplers on random weights (weights do not change the cost per pass).
 
-    python -m unialign_core.bench_understand                     # the issue's CPU config, 256 and 1024 image tokens
-    python -m unialign_core.bench_understand --image-tokens 256 --refresh 1 4 8 --threshold 0.9 --threads 1
+    python -m tools.bench_understand                     # the issue's CPU config, 256 and 1024 image tokens
+    python -m tools.bench_understand --image-tokens 256 --refresh 1 4 8 --threshold 0.9 --threads 1
 
 Times, in one process on the same weights and the same clean image latents (no VAE: both sides would pay the same
 encode once), the official algorithm (`ddpm_cache`, parity-tested, every pass a full pass) against the
@@ -22,11 +22,11 @@ import time
 import torch
 from transformers import T5Config, T5EncoderModel
 
-from .bench import word_tokenizer
-from .loader import DEFAULT_SCHEDULER, UniAlignModel
-from .model import DTYPES
-from .text_sampler import CachedTextDenoiser, TextDenoiser, sample_confidence, sample_ddpm_cache
-from .transformer import UniAlignTransformer
+from tools.bench_sample import word_tokenizer
+from unialign_core.loader import DEFAULT_SCHEDULER, UniAlignModel
+from unialign_core.model import DTYPES
+from unialign_core.text_sampler import CachedTextDenoiser, TextDenoiser, sample_confidence, sample_ddpm_cache
+from unialign_core.transformer import UniAlignTransformer
 
 CONFIG = dict(layers=6, heads=4, head_dim=64, t5_layers=4, vocab=1000)  # DiT 6 x 256, T5 4 x 256
 

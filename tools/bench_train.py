@@ -1,6 +1,6 @@
 """Training throughput: timed optimizer steps of the four combined losses on a synthetic batch.
 
-    python -m train.bench [--size tiny|small|full] [--steps N] [--batch B] [--task t2i|edit|caption]
+    python -m tools.bench_train [--size tiny|small|full] [--steps N] [--batch B] [--task t2i|edit|caption]
                           [--mode full|lora] [--device cpu|cuda] [--precision no|bf16] [--[no-]checkpointing]
                           [--threads N]
 
@@ -129,7 +129,7 @@ def build_transformer(size: Size):
 
 def synthetic_batch(size: Size, task: str, device, generator: torch.Generator):
     """A `losses.Prepared` micro-batch of random latents, T5 states, caption ids and teacher features."""
-    from .losses import Prepared
+    from train.losses import Prepared
 
     b, n, lat = size.batch, size.text_length, size.latent
 
@@ -188,10 +188,10 @@ def run(
     seed=0,
 ) -> dict:
     """Build, warm up, time `steps` optimizer steps; returns the figures (also what `main` prints)."""
-    from .config import Config, LossConfig
-    from .lora import apply_lora
-    from .losses import Reducer, SampleRNG, TrainModule, compute_losses
-    from .optim import make_optimizer_and_schedule
+    from train.config import Config, LossConfig
+    from train.lora import apply_lora
+    from train.losses import Reducer, SampleRNG, TrainModule, compute_losses
+    from train.optim import make_optimizer_and_schedule
 
     size = SIZES[size_name]
     if batch is not None:
@@ -302,7 +302,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.bench_train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
