@@ -1,11 +1,11 @@
 """The UniAlignment nodes. Thin: they translate ComfyUI types and services and call unialign_core."""
 
-from . import services
 from .loaders import UniAlignLoader, UniAlignLoRA
+from .model_files import register_folders
 from .sampling import UniAlignCompose, UniAlignEdit, UniAlignPerceive, UniAlignTextToImage
 from .understand import UniAlignUnderstand
 
-services.register_folders()
+register_folders()
 
 # Node ids are stable: saved workflows refer to them.
 NODE_CLASS_MAPPINGS = {

@@ -1,16 +1,23 @@
-"""Conversions between ComfyUI's data types and unialign_core's. Torch only, no ComfyUI import.
+"""Conversions between ComfyUI's types and unialign_core's: images, latents, and the core's input errors.
+Torch only, no ComfyUI import.
 
 ComfyUI IMAGE: float [B, H, W, C] in 0..1 (C is 3; other packs sometimes give 1, 2 or 4).
 unialign_core images: float [B, 3, H, W] in 0..1.
 ComfyUI LATENT for SD3 models: {"samples": z} with z the raw VAE latent; the model works on
 (z - shift) * scale, which is what unialign_core's latents are.
+Input checks (sizes, empty prompts, ...) are the core's: its InputError names the argument, and `core_inputs`
+turns it into the node's InputError naming the node's input.
 """
+
+import contextlib
 
 import torch
 
 try:
+    from ..unialign_core.errors import InputError as CoreInputError
     from ..unialign_core.images import on_white
 except ImportError:  # loaded by path, outside the pack (the unit tests): the core is importable by name
+    from unialign_core.errors import InputError as CoreInputError
     from unialign_core.images import on_white
 
 
@@ -20,6 +27,19 @@ class InputError(ValueError):
     def __init__(self, name: str, problem: str):
         self.input_name = name
         super().__init__(f"{name}: {problem}")
+
+
+@contextlib.contextmanager
+def core_inputs(names: dict):
+    """Inside, a unialign_core InputError about an argument in `names` (the core's argument name -> the node's
+    input name, e.g. {"reference 2": "reference_3"}) is raised as the node's InputError naming that input, with
+    the core's problem text. Other errors pass unchanged."""
+    try:
+        yield
+    except CoreInputError as e:
+        if e.name not in names:
+            raise
+        raise InputError(names[e.name], e.problem) from None
 
 
 def image_to_core(image: torch.Tensor, name: str) -> torch.Tensor:
@@ -45,34 +65,6 @@ def image_to_core(image: torch.Tensor, name: str) -> torch.Tensor:
 def image_from_core(images: torch.Tensor, device) -> torch.Tensor:
     """[B, 3, H, W] -> ComfyUI IMAGE [B, H, W, 3] (float32, on `device`)."""
     return images.detach().movedim(1, -1).float().clamp(0, 1).contiguous().to(device)
-
-
-def check_multiple(name: str, width: int, height: int, multiple: int, what: str = "size") -> None:
-    """Raise InputError naming the input unless both sides are positive multiples of `multiple`."""
-    if width > 0 and height > 0 and width % multiple == 0 and height % multiple == 0:
-        return
-    fit = lambda v: max(multiple, round(v / multiple) * multiple)  # noqa: E731
-    raise InputError(
-        name,
-        f"{what} {width}x{height} is not a multiple of {multiple} (this model needs multiples of {multiple}); "
-        f"resize or crop it, e.g. to {fit(width)}x{fit(height)} (ImageScale / Upscale Image does that)",
-    )
-
-
-def check_side(name: str, value: int, multiple: int) -> None:
-    """A width or height widget: a positive multiple of `multiple`."""
-    if value > 0 and value % multiple == 0:
-        return
-    fit = max(multiple, round(value / multiple) * multiple)
-    raise InputError(
-        name, f"{value} is not a multiple of {multiple} (this model needs multiples of {multiple}); try {fit}"
-    )
-
-
-def check_text(name: str, text: str, hint: str) -> str:
-    if not isinstance(text, str) or not text.strip():
-        raise InputError(name, f"must not be empty; {hint}")
-    return text
 
 
 def latent_to_comfy(latents: torch.Tensor, model, device) -> dict:

@@ -1,18 +1,18 @@
-"""The image modes: UniAlignTextToImage, UniAlignEdit, UniAlignPerceive, UniAlignCompose."""
+"""The image modes: UniAlignTextToImage, UniAlignEdit, UniAlignPerceive, UniAlignCompose.
+
+The inputs are checked by unialign_core (sizes against the loaded model, empty prompts, finite numbers) before any
+VAE or T5 work; its InputError is raised naming the node's input (`image_types.core_inputs`).
+"""
+
+import logging
 
 from .. import unialign_core as core
-from ..unialign_core.modes import max_image_side, prompt_notes
-from . import services
-from .image_types import (
-    InputError,
-    check_multiple,
-    check_side,
-    check_text,
-    image_from_core,
-    image_to_core,
-    latent_to_comfy,
-)
+from ..unialign_core.modes import prompt_notes
+from .image_types import core_inputs, image_from_core, image_to_core, latent_to_comfy
+from .model_cache import output_device
+from .progress import Progress, cancel
 
+log = logging.getLogger("UniAlignment")
 CATEGORY = "UniAlignment"
 MAX_SIDE = 3072  # the released model's position table: 192 patches x 16 px; smaller models are checked on run
 RETURN_TYPES = ("IMAGE", "LATENT")
@@ -104,48 +104,46 @@ def _run(handle, mode, *args, texts=(), names=None, **kwargs):
     `texts` are (input name, text) pairs fed to T5: the core's notes on them (an end cut at the model's token
     limit, text T5 cannot read) are the node's UI output ("text", shown on the node by web/show_text.js, and in
     /history for API clients). `names` maps the mode's argument names to the node's inputs: the core's InputError
-    about one of them is raised naming the node input (`services.core_inputs`); guidance and each text are named
-    as they are."""
+    about one of them is raised naming the node input; guidance and each text are named as they are."""
     names = dict({"guidance": "guidance", **{name: name for name, _ in texts}}, **(names or {}))
-    with services.core_inputs(names):
+    with core_inputs(names):
         warnings = [note for name, text in texts for note in prompt_notes(handle.model, text, name)]
     for warning in warnings:
-        services.log.warning("[UniAlign] %s", warning)
+        log.warning("[UniAlign] %s", warning)
     model = handle.activate(text_encoder_each_step=False)  # T5 only around the prompt encoding
-    progress = services.Progress(handle)
-    with services.core_inputs(names):
-        result = mode(model, *args, callback=progress, cancel=services.cancel, **kwargs)
-    device = services.output_device()
+    with core_inputs(names):
+        result = mode(model, *args, callback=Progress(handle), cancel=cancel, **kwargs)
+    device = output_device()
     images = image_from_core(result.images, device), latent_to_comfy(result.latents, model, device)
     return {"ui": {"text": warnings}, "result": images}
 
 
-def check_fits(handle, name, width, height=None):
-    """A side (or an image's sides) within the loaded model's position table, checked before any work."""
-    limit = max_image_side(handle.model)
-    sides = (width,) if height is None else (width, height)
-    if max(sides) <= limit:
-        return
-    what = f"{width}" if height is None else f"size {width}x{height}"
-    raise InputError(
-        name,
-        f"{what} is larger than this model allows: its position table covers at most "
-        f"{limit}x{limit} pixels; use at most {limit} a side (scale the image down first)",
+def _generate(handle, mode, args, prompt, negative_prompt, size, steps, guidance, seed, batch_size, names=None):
+    """text_to_image and compose: the mode's positional `args` (the prompt; or the references, the prompt) and
+    the settings they share. The core checks width and height together: its error names "width/height"."""
+    return _run(
+        handle,
+        mode,
+        *args,
+        negative_prompt=negative_prompt,
+        width=size[0],
+        height=size[1],
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        num_images=batch_size,
+        texts=(("prompt", prompt), ("negative_prompt", negative_prompt)),
+        names={"prompt": "prompt", "steps": "steps", "width/height": "width/height", **(names or {})},
     )
 
 
-def _source(handle, image, name):
-    """The IMAGE as core pixels; its sides are checked here with a ComfyUI hint, the model's size limit by the
-    core before the VAE runs."""
-    pixels = image_to_core(image, name)
-    check_multiple(name, pixels.shape[-1], pixels.shape[-2], handle.pixel_multiple)
-    return pixels
-
-
-def _check_sides(handle, width, height):
-    for name, value in (("width", width), ("height", height)):
-        check_side(name, value, handle.pixel_multiple)
-        check_fits(handle, name, value)
+def _from_image(handle, mode, image, args, steps, guidance, seed, texts, names, **kwargs):
+    """edit and perceive: the source IMAGE input (checked by the core as "image"), then the mode's `args`."""
+    names = {"image": "image", "instruction": "instruction", "steps": "steps", **names}
+    pixels = image_to_core(image, "image")
+    return _run(
+        handle, mode, pixels, *args, steps=steps, guidance=guidance, seed=seed, texts=texts, names=names, **kwargs
+    )
 
 
 class UniAlignTextToImage:
@@ -178,22 +176,10 @@ class UniAlignTextToImage:
         }
 
     def generate(self, model, prompt, negative_prompt, width, height, steps, guidance, seed, batch_size):
-        check_text("prompt", prompt, "describe the image you want")
-        _check_sides(model, width, height)
-        return _run(
-            model,
-            core.text_to_image,
-            prompt,
-            negative_prompt=negative_prompt,
-            width=width,
-            height=height,
-            steps=steps,
-            guidance=guidance,
-            seed=seed,
-            num_images=batch_size,
-            texts=(("prompt", prompt), ("negative_prompt", negative_prompt)),
-            names={"prompt": "prompt", "steps": "steps"},
-        )
+        return _generate(
+            model, core.text_to_image, (prompt,), prompt, negative_prompt, (width, height), steps, guidance, seed,
+            batch_size,
+        )  # fmt: skip
 
 
 class UniAlignEdit:
@@ -245,27 +231,12 @@ class UniAlignEdit:
         }
 
     def edit(self, model, image, instruction, negative_prompt, steps, guidance, image_guidance, seed, batch_size):
-        check_text("instruction", instruction, "say what to change, e.g. 'make it winter'")
-        pixels = _source(model, image, "image")
-        return _run(
-            model,
-            core.edit,
-            pixels,
-            instruction,
-            negative_prompt=negative_prompt,
-            steps=steps,
-            guidance=guidance,
-            image_guidance=None if image_guidance == 1.0 else image_guidance,
-            seed=seed,
+        texts = (("instruction", instruction), ("negative_prompt", negative_prompt))
+        return _from_image(
+            model, core.edit, image, (instruction,), steps, guidance, seed, texts, {"image_guidance": "image_guidance"},
+            negative_prompt=negative_prompt, image_guidance=None if image_guidance == 1.0 else image_guidance,
             num_images=batch_size,
-            texts=(("instruction", instruction), ("negative_prompt", negative_prompt)),
-            names={
-                "image": "image",
-                "instruction": "instruction",
-                "steps": "steps",
-                "image_guidance": "image_guidance",
-            },
-        )
+        )  # fmt: skip
 
 
 class UniAlignPerceive:
@@ -309,23 +280,10 @@ class UniAlignPerceive:
         }
 
     def perceive(self, model, image, task, instruction, steps, guidance, seed):
-        if task not in self.TASKS:
-            raise InputError("task", f"{task!r} is not one of {self.TASKS}")
-        custom = None
-        if task == "custom":
-            custom = check_text("instruction", instruction, "task 'custom' needs your own instruction")
-        pixels = _source(model, image, "image")
-        return _run(
-            model,
-            core.perceive,
-            pixels,
-            task if custom is None else "custom",
-            instruction=custom,
-            steps=steps,
-            guidance=guidance,
-            seed=seed,
-            texts=(("instruction", custom),) if custom else (),
-            names={"image": "image", "instruction": "instruction", "task": "task", "steps": "steps"},
+        custom = instruction if task == "custom" else None  # the core refuses an empty one, naming instruction
+        texts = (("instruction", custom),) if custom is not None else ()
+        return _from_image(
+            model, core.perceive, image, (task,), steps, guidance, seed, texts, {"task": "task"}, instruction=custom
         )
 
 
@@ -382,26 +340,12 @@ class UniAlignCompose:
         reference_2=None,
         reference_3=None,
     ):
-        check_text("prompt", prompt, "describe what to make from the references")
-        _check_sides(model, width, height)
-        references, names = [], {"prompt": "prompt", "steps": "steps"}
+        references, names = [], {}
         for name, image in zip(self.REFERENCES, (reference_1, reference_2, reference_3)):
-            if image is None:
-                continue
-            references.append(_source(model, image, name))
-            names[f"reference {len(references)}"] = name  # the core counts the references given
-        return _run(
-            model,
-            core.compose,
-            references,
-            prompt,
-            negative_prompt=negative_prompt,
-            width=width,
-            height=height,
-            steps=steps,
-            guidance=guidance,
-            seed=seed,
-            num_images=batch_size,
-            texts=(("prompt", prompt), ("negative_prompt", negative_prompt)),
-            names=names,
-        )
+            if image is not None:
+                references.append(image_to_core(image, name))
+                names[f"reference {len(references)}"] = name  # the core counts the references given
+        return _generate(
+            model, core.compose, (references, prompt), prompt, negative_prompt, (width, height), steps, guidance,
+            seed, batch_size, names,
+        )  # fmt: skip

@@ -1,8 +1,8 @@
 """UniAlignUnderstand: captions and visual question answering by masked text diffusion."""
 
 from .. import unialign_core as core
-from . import services
-from .image_types import InputError, image_to_core
+from .image_types import InputError, core_inputs, image_to_core
+from .progress import Progress, cancel
 
 SAMPLERS = ["fast", "confidence", "ddpm_cache"]
 # "fast" = the confidence sampler with the image-stream cache refreshed every 8 steps; no threshold commits, which
@@ -129,17 +129,15 @@ class UniAlignUnderstand:
             "question": "question",
         }
         pixels = image_to_core(image, "image")  # any size: sized by the core's resize policy
-        with services.core_inputs(names):  # the core checks resize; its sizes are multiples of the model's
+        with core_inputs(names):  # the core checks resize; its sizes are multiples of the model's
             pixels = core.modes.understanding_input(model.model, pixels, resize)
         weights = model.activate()
-        progress = services.Progress(model, previews=False)
+        progress = Progress(model, previews=False)
         chosen = FAST if sampler == "fast" else dict(sampler=sampler)
-        common = dict(
-            answer_tokens=length, steps=steps, seed=sampler_seed, callback=progress, cancel=services.cancel, **chosen
-        )
+        common = dict(answer_tokens=length, steps=steps, seed=sampler_seed, callback=progress, cancel=cancel, **chosen)
         common["resize"] = "as_is"  # already sized by the policy above
         question = (question or "").strip()
-        with services.core_inputs(names):  # e.g. length too short for the question, image past the model's limit
+        with core_inputs(names):  # e.g. length too short for the question, image past the model's limit
             if question:
                 texts = core.answer(weights, pixels, question, short=bool(short_answer), **common)
             else:

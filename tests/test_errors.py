@@ -241,7 +241,7 @@ def comfy_image(h=SIDE, w=SIDE, batch=1):
 
 
 def test_core_input_errors_become_the_nodes_by_name_not_by_text(pack):
-    services, node_error = part(pack, "services"), part(pack, "image_types").InputError
+    services, node_error = part(pack, "image_types"), part(pack, "image_types").InputError
     core_error = sys.modules[f"{pack.__name__}.unialign_core.errors"].InputError  # the pack's own copy of the core
     with pytest.raises(node_error) as excinfo:
         with services.core_inputs({"reference 2": "reference_3"}):
@@ -305,7 +305,7 @@ def test_understand_names_length_and_resize(pack, handle):
 
 
 def test_loader_names_the_input_by_the_errors_file_and_component(pack):
-    loaders, services = part(pack, "loaders"), part(pack, "services")
+    loaders, services = part(pack, "loaders"), part(pack, "model_files")
     model_path = services.resolve_model(TINY_MODEL)
     args = (TINY_MODEL, "t5.safetensors", "vae.safetensors", "/elsewhere/t5.safetensors", "/elsewhere/vae.safetensors")
     cases = [

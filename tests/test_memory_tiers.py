@@ -113,7 +113,7 @@ def pack(comfyui_dir, tmp_path_factory):
 
 
 def _services(pack):
-    return sys.modules[pack[0].__name__ + ".nodes.services"]
+    return sys.modules[pack[0].__name__ + ".nodes.model_cache"]
 
 
 def _handle(pack, dtype="fp32", weight_dtype="default"):
@@ -139,10 +139,9 @@ def test_nodes_give_todays_output_when_everything_fits(pack):
     """The node (comfy.ops layers, two patchers) gives exactly the plain-torch model's image."""
     import nodes_support  # noqa: F401  (the models folder is made by the fixture)
 
-    services = _services(pack)
     handle = _handle(pack)
     image = _generate(pack, handle)
-    path = services.resolve_model(TINY_MODEL)
+    path = sys.modules[pack[0].__name__ + ".nodes.model_files"].resolve_model(TINY_MODEL)
     plain = load_model(path)  # torch.nn layers, as before this change
     core = text_to_image(plain, PROMPT, width=SIDE, height=SIDE, steps=3, guidance=3.0, seed=1).images
     assert torch.equal(image, core.movedim(1, -1))

@@ -60,14 +60,16 @@ def test_bad_image_shapes_name_the_input(shape):
         types.image_to_core(torch.rand(*shape), "reference_2")
 
 
-def test_size_errors_name_the_input_and_the_multiple():
-    types.check_multiple("image", 32, 48, 16)
-    with pytest.raises(types.InputError, match=r"^image: size 30x48 is not a multiple of 16.*32x48"):
-        types.check_multiple("image", 30, 48, 16)
-    with pytest.raises(types.InputError, match=r"^height: 100 is not a multiple of 16.*try 96"):
-        types.check_side("height", 100, 16)
-    with pytest.raises(types.InputError, match=r"^prompt: must not be empty"):
-        types.check_text("prompt", " \n", "describe it")
+def test_the_cores_input_errors_name_the_node_input():
+    """The nodes repeat no check of the core's: its InputError is raised naming the node's input."""
+    from unialign_core.images import check_size
+
+    with pytest.raises(types.InputError, match=r"^reference_2: size 30x48 is not a multiple of 16.*32x48") as e:
+        with types.core_inputs({"reference 2": "reference_2"}):
+            check_size(30, 48, 16, "reference 2")
+    assert e.value.input_name == "reference_2"
+    for copy in ("check_multiple", "check_side", "check_text", "check_fits"):
+        assert not hasattr(types, copy), copy
 
 
 def test_latent_output_is_raw_vae_latents():
@@ -200,12 +202,21 @@ def test_understand_text_is_shown_but_never_saved_in_the_workflow(tmp_path):
     if node is None:
         pytest.skip("node (JavaScript) is not installed")
     source = (REPO / "web" / "show_text.js").read_text()
+    imports = re.findall(r"^import .*$", source, flags=re.M)
+    assert imports == ['import { app } from "../../scripts/app.js";'], imports  # the public API only
+    code = re.sub(r"//.*$", "", source, flags=re.M)
+    assert "ComfyWidgets" not in code and "widgets.js" not in code
     source = re.sub(r"^import .*$", "", source, flags=re.M).replace("export function", "function")
     stubs = r"""
 const app = { registerExtension: (e) => { globalThis.ext = e; } };
-const ComfyWidgets = { STRING: (node, name) => {
-  const w = { name, value: "", options: {} }; node.widgets.push(w); return { widget: w }; } };
+globalThis.document = { createElement: (tag) => ({ tag, value: "", style: {} }) };
 globalThis.requestAnimationFrame = (f) => 0;
+// node.addDOMWidget as both frontends define it: options.getValue/setValue back the widget's value.
+function addDOMWidget(name, type, element, options) {
+  const w = { name, type, element, options, get value() { return options.getValue(); }, set value(v) { options.setValue(v); } };
+  this.widgets.push(w);
+  return w;
+}
 """
     run = r"""
 function serialize(node) { const o = { widgets_values: node.widgets.map((w) => w.value) }; node.onSerialize?.(o); return o; }
@@ -213,11 +224,14 @@ const out = {};
 for (const name of ["UniAlignUnderstand", "UniAlignTextToImage"]) {
   function NodeType() { this.widgets = [{ name: "sampler", value: "confidence" }, { name: "length", value: 32 }]; this.size = [400, 300]; }
   NodeType.prototype.computeSize = function () { return [400, 320]; };
+  NodeType.prototype.addDOMWidget = addDOMWidget;
   ext.beforeRegisterNodeDef(NodeType, { name });
   const n = new NodeType();
   out[name] = { before: serialize(n).widgets_values };
   n.onExecuted({ text: name === "UniAlignUnderstand" ? ["a red cube"] : ["prompt: ... cut and not used: 'x'"] });
   out[name].shown = n.widgets.map((w) => [w.name, w.value]);
+  const shown = n.widgets[n.widgets.length - 1];
+  out[name].widget = { tag: shown.element.tag, readOnly: shown.element.readOnly, sent: shown.options.serialize !== false };
   out[name].after = serialize(n).widgets_values;
 }
 console.log(JSON.stringify(out));
@@ -231,6 +245,7 @@ console.log(JSON.stringify(out));
     understand, t2i = out["UniAlignUnderstand"], out["UniAlignTextToImage"]
     assert understand["shown"][-1] == ["result_text", "a red cube"]
     assert understand["after"] == understand["before"] == ["confidence", 32]
+    assert understand["widget"] == {"tag": "textarea", "readOnly": True, "sent": False}
     assert t2i["shown"][-1][0] == "warnings" and "cut" in t2i["shown"][-1][1]
     assert t2i["after"] == ["confidence", 32]
 
