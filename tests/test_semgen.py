@@ -11,13 +11,14 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from tiny_models import GOLDEN, REPO, golden_model
+from tiny_models import GOLDEN, REPO, copy_tree, golden_model
 from tools import semgen
 from unialign_core import ImageResult
 from unialign_core.images import to_tensor
@@ -420,3 +421,95 @@ def test_multi_edit_workflow_chains_three_edits():
     for k in edits:
         inputs = api[k]["inputs"]
         assert (inputs["steps"], inputs["guidance"], inputs["negative_prompt"]) == (50, 9.0, semgen.NEGATIVE_PROMPT)
+
+
+def test_summarize_names_images_scored_twice(tmp_path, capsys):
+    method = tmp_path / "mine"
+    scores = method / "qwen25vl" / "eval_results_AWQ"
+    for task in semgen.TASKS:
+        write_scores(scores, "mine", task, [(4, 9)] * 150)
+    assert semgen.main(["--summarize", str(method)]) == 0
+    out = capsys.readouterr().out
+    assert "note" not in out and json.loads((method / "semgen_summary.json").read_text())["complete"] is True
+    # the scorer rerun with only the combined CSV deleted: every sample of a task scored again and appended
+    with open(scores / "mine_edit_multi_score.csv", "a", newline="") as f:
+        for i in range(150):
+            csv.writer(f).writerow(["edit_multi", "", f"x/fullset/edit_multi/{i}.png", "again", 4, 9])
+    assert semgen.main(["--summarize", str(method)]) == 0
+    out = capsys.readouterr().out
+    assert "fewer than" not in out  # 300 rows, not "fewer than 150 samples (300)"
+    assert "edit_multi (300 rows for 150 images)" in out and "delete all five" in out
+    t = json.loads((method / "semgen_summary.json").read_text())
+    assert t["tasks"]["edit_multi"]["n"] == 300 and t["tasks"]["edit_multi"]["duplicates"] == 150
+    assert t["complete"] is False
+
+
+def test_other_settings_are_refused_before_the_model_is_loaded(tmp_path, fake_modes, monkeypatch, capsys):
+    argv = published_args(tmp_path, "pub", "--rows", "1", "--tasks", "t2i_long")
+    assert semgen.main(argv) == 0
+
+    def no_load(args, device, dtype):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(semgen, "load", no_load)
+    assert semgen.main(argv + ["--steps", "49"]) == 2
+    assert "steps: 50 -> 49" in capsys.readouterr().err
+    # what only the model knows is still checked, after loading it
+    golden = golden_model()
+    other = SimpleNamespace(
+        pixel_multiple=golden.pixel_multiple, dtype=golden.dtype, text_length=golden.text_length + 1
+    )
+    monkeypatch.setattr(semgen, "load", lambda args, device, dtype: other)
+    assert semgen.main(argv) == 2
+    assert f"text_length: {golden.text_length} -> {golden.text_length + 1}" in capsys.readouterr().err
+
+
+def test_the_model_is_known_by_name_and_content_not_by_path(tmp_path, fake_modes, capsys):
+    def argv(model):
+        return published_args(tmp_path / "out", "m", "--rows", "1", "--tasks", "t2i_long") + ["--model", str(model)]
+
+    def made():
+        return meta(tmp_path / "out" / "m")["runs"][-1]["made"]
+
+    first = copy_tree(GOLDEN, tmp_path / "a" / "tiny_unialignment")
+    assert semgen.main(argv(first)) == 0 and made() == 1
+    recorded = meta(tmp_path / "out" / "m")["settings"]["model"]
+    assert recorded["name"] == "tiny_unialignment" and recorded["size"] > 0 and len(recorded["fingerprint"]) == 64
+    (tmp_path / "b").mkdir()
+    moved = first.rename(tmp_path / "b" / "tiny_unialignment")
+    assert semgen.main(argv(moved)) == 0 and made() == 0  # moved: resumes, nothing to make
+    renamed = moved.rename(tmp_path / "b" / "renamed")
+    assert semgen.main(argv(renamed)) == 0 and made() == 0  # the same content under another name
+    with open(renamed / "transformer" / "config.json", "a") as f:
+        f.write("\n")  # other weights (or settings) under the same name and place
+    assert semgen.main(argv(renamed)) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "model: 'tiny_unialignment' (" in err and "-> 'renamed' (" in err
+
+    # semgen_run.json of an older version recorded the absolute path: the same name still resumes
+    path = tmp_path / "out" / "m" / semgen.METADATA
+    old = json.loads(path.read_text())
+    old["settings"]["model"] = "/where/it/was/tiny_unialignment"
+    path.write_text(json.dumps(old))
+    again = renamed.rename(tmp_path / "b" / "tiny_unialignment")
+    assert semgen.main(argv(again)) == 0 and made() == 0
+    old["settings"]["model"] = "/where/it/was/another_model"
+    path.write_text(json.dumps(old))
+    assert semgen.main(argv(again)) == 2
+    assert "'/where/it/was/another_model' -> 'tiny_unialignment'" in capsys.readouterr().err
+
+
+def test_file_identity(tmp_path):
+    a, b, c = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "c.safetensors"
+    data = os.urandom(3 << 20)
+    a.write_bytes(data)
+    b.write_bytes(data)
+    c.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one byte differs, in the last MiB
+    ia, ib, ic = (semgen.file_identity(p) for p in (a, b, c))
+    assert ia["name"] == "a.safetensors" and ia["size"] == 3 << 20
+    assert semgen.same_file(ia, ib) and not semgen.same_file(ia, ic)
+    assert semgen.same_file(str(tmp_path / "x" / "a.safetensors"), ia)  # an older run's absolute path: by name
+    assert not semgen.same_file(str(a), ic)
+    assert semgen.same_file(None, None) and not semgen.same_file(None, ia)
+    missing = semgen.file_identity(tmp_path / "gone.safetensors")
+    assert missing == {"name": "gone.safetensors", "path": str(tmp_path / "gone.safetensors")}

@@ -29,7 +29,8 @@ timed with its peak memory, on the CPU (or a GPU).
    (a table), deletes `DIR/files` unless `--keep`, and exits 1 when a bound or a step failed.
 
 A step that runs past `--step-timeout` (default 1500 s) or above `--rss-limit-gb` (default 18) is stopped and
-recorded as such; the others still run. It takes about 36 GB of disk at full size.
+recorded as such; the others still run. It takes about 33 GB of disk at full size (29 GB of files, then the
+4.3 GB converted file).
 """
 
 import argparse
@@ -132,14 +133,14 @@ def full_spec(reference: Optional[str] = None) -> Spec:
 
 def small_spec(reference: Optional[str] = None) -> Spec:
     """The same layouts at a tiny size (for the tests): keys from a tiny transformer with its projectors."""
-    from unialign_core.transformer import UniAlignTransformer
+    from tools.random_models import random_transformer  # lazy, as every library import here: the parent stays light
 
-    config = dict(UPSTREAM_TRANSFORMER_CONFIG, attention_head_dim=8, num_attention_heads=2, num_layers=2,
-                  joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=64,
-                  sample_size=8)  # fmt: skip
-    build = {k: v for k, v in config.items() if not k.startswith("_")}
     with torch.device("meta"):
-        model = UniAlignTransformer(**build, align_dim=24, align_hidden_dim=16)
+        model = random_transformer(layers=2, heads=2, head_dim=8, joint_dim=32, pos_embed_max_size=64, sample_size=8,
+                                   pooled_projection_dim=16, vocab=UPSTREAM_TRANSFORMER_CONFIG["vocab_size"],
+                                   align_dim=24, align_hidden_dim=16)  # fmt: skip
+    # the upstream config.json of that transformer
+    config = {k: model.config[k] if not k.startswith("_") else v for k, v in UPSTREAM_TRANSFORMER_CONFIG.items()}
     keys = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
     t5_config = {"d_ff": 64, "d_kv": 8, "d_model": 32, "num_heads": 4, "num_layers": 2, "vocab_size": 32128,
                  "dense_act_fn": "gelu_pytorch_tanh", "is_gated_act": True, "feed_forward_proj": "gated-gelu",
@@ -243,8 +244,7 @@ class ShardedWriter:
                 "metadata": {"total_size": self.total},
                 "weight_map": {k: self.names[i] for k, i in self.where.items()},
             }
-            with open(os.path.join(self.folder, f"{self.stem}.safetensors.index.json"), "w") as f:
-                json.dump(index, f, indent=2)
+            _write_json(os.path.join(self.folder, f"{self.stem}.safetensors.index.json"), index)
 
     def abort(self) -> None:
         for w in self.writers:
@@ -252,9 +252,9 @@ class ShardedWriter:
 
 
 def _write_json(path: str, data: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
+    from unialign_core.files import write_text_atomic  # lazy, as every library import here: the parent stays light
+
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def _stream(writers, entries_of, fill: RandomFill, keys, dtype: torch.dtype) -> None:
@@ -811,14 +811,26 @@ def markdown_table(report: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+def build_parser(child: bool = False) -> argparse.ArgumentParser:
+    """The command line; `child`: the hidden one of a step's own process (`--child STEP --root ... --result ...`)."""
+    from unialign_core.cli import ArgumentParser
+
+    head, _, rest = __doc__.partition("\n\n")
+    parser = ArgumentParser(
         prog="python -m tools.rehearse",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__,
+        description=head,
+        epilog=rest,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", help="folder for the files (DIR/files) and the report (DIR/report.json)")
+    if child:
+        parser.add_argument("--child", choices=sorted(CHILD_STEPS), required=True)
+        parser.add_argument("--root", required=True)
+        parser.add_argument("--result", required=True)
+        parser.add_argument("--device", default="cpu")
+        return parser
+    parser.add_argument(
+        "--out", required=True, help="folder for the files (DIR/files) and the report (DIR/report.json)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep DIR/files (default: delete them at the end)")
     parser.add_argument("--reuse", action="store_true", help="use DIR/files from an earlier --keep run")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -827,14 +839,31 @@ def main(argv=None) -> int:
     parser.add_argument("--reference", help="folder with the key list, T5 config and tokenizer")
     parser.add_argument("--step-timeout", type=float, default=1500.0, help="seconds before a step is stopped")
     parser.add_argument("--rss-limit-gb", type=float, default=18.0, help="a step above this resident set is stopped")
-    parser.add_argument("--child", choices=sorted(CHILD_STEPS), help=argparse.SUPPRESS)
-    parser.add_argument("--root", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
+    return parser
+
+
+def reuse_problem(out: str) -> Optional[str]:
+    """Why `--reuse` cannot use DIR/files (None: it can): an earlier `--keep` run leaves DIR/files/paths.json."""
+    root = os.path.join(out, "files")
+    if os.path.isfile(os.path.join(root, "paths.json")):
+        return None
+    found = "does not exist" if not os.path.isdir(root) else "has no paths.json (not a complete --keep run)"
+    return (
+        f"--reuse: nothing to reuse in {out}: it looked for {os.path.join(root, 'paths.json')}, the list an "
+        f"earlier run with --keep writes last, and {root} {found}; run once with --out {out} --keep (it writes "
+        "the files, about 33 GB at full size), or leave out --reuse to write them now"
+    )
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--child" in argv:
+        args = build_parser(child=True).parse_args(argv)
         return child_main(args.child, args.root, args.device, args.result)
-    if not args.out:
-        parser.error("--out DIR is required")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.reuse and reuse_problem(args.out):
+        parser.error(reuse_problem(args.out))
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     unknown = [s for s in steps if s not in STEPS]
     if unknown:

@@ -22,7 +22,8 @@ published negative prompt, the source resized to 512x512 (PIL's default resampli
 Image `<key>` is generated with seed `--seed + key` (the same in every task), so the images do not depend on how
 rows are split over processes. Each PNG is written to a temporary file and renamed into place, so a killed run
 never leaves a truncated image; a rerun skips items whose files are all there and readable, and refuses to mix
-images made with other settings. Under `accelerate launch` the work is split over the processes (each item is
+images made with other settings (checked before the model is loaded; the model and the other weight files are
+compared by name and content, not by path, so they may be moved). Under `accelerate launch` the work is split over the processes (each item is
 made by exactly one process), with gloo on a CPU-only machine.
 
 Our options beyond the protocol (off by default, recorded in `semgen_run.json`):
@@ -54,6 +55,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from unialign_core.errors import CheckpointError
+from unialign_core.files import write_atomic, write_text_atomic
 
 log = logging.getLogger("tools.semgen")
 
@@ -101,6 +103,11 @@ IMAGE_SETTINGS = (
     "text_length",
     "bench_sha256",
 )
+# Files and folders among them: compared by name and content (`file_identity`), not by where they are.
+FILE_SETTINGS = ("model", "text_encoder", "vae", "tokenizer", "mask_embedding", "lora")
+# Known only once the model is loaded: the others are checked before loading it.
+MODEL_SETTINGS = ("text_length",)
+FINGERPRINT_BYTES = 1 << 20
 
 
 class SemGenError(ValueError):
@@ -263,23 +270,13 @@ def png_ok(path: Path) -> bool:
 
 
 def write_png(image, path: Path) -> None:
-    """Write via a temporary file in the same folder, flushed to disk, then renamed: never half a file."""
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            image.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write via a temporary file in the same folder, flushed to disk, then renamed: never half a file
+    (`files.write_atomic`; a killed run's temporaries go with `remove_stale_temp_files`)."""
+    write_atomic(str(path), lambda tmp: image.save(tmp, format="PNG"), clean_stale=False)
 
 
 def write_json_atomic(data, path: Path) -> None:
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(str(path), json.dumps(data, indent=1) + "\n")
 
 
 def remove_stale_temp_files(run_dir: Path) -> int:
@@ -395,17 +392,74 @@ def load(args, device, dtype):
     return model
 
 
-def settings_of(args, model, bench_sha: str) -> dict:
-    absolute = lambda p: os.path.abspath(p) if p else None  # noqa: E731
+def file_identity(path) -> Optional[dict]:
+    """What identifies a model file or folder wherever it is moved: its name, its size in bytes and a cheap content
+    fingerprint, the sha256 of each file's size and first and last MiB (of a folder: every file but hidden ones,
+    with its path inside the folder; the folder's own name is left out, so a renamed copy still matches). `path`
+    is recorded for people only; a path that does not exist gets its name alone."""
+    if not path:
+        return None
+    p = Path(os.path.abspath(path))
+    identity = {"name": p.name, "path": str(p)}
+    if p.is_file():
+        files = [("", p)]
+    elif p.is_dir():
+        files = []
+        for root, dirs, names in os.walk(p):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            files += [
+                (str(Path(root, n).relative_to(p)), Path(root, n)) for n in sorted(names) if not n.startswith(".")
+            ]
+    else:
+        return identity
+    digest, total = hashlib.sha256(), 0
+    for rel, f in files:
+        size = f.stat().st_size
+        total += size
+        digest.update(f"{rel}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            digest.update(fh.read(FINGERPRINT_BYTES))
+            if size > FINGERPRINT_BYTES:
+                fh.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+                digest.update(fh.read())
+    identity.update(size=total, fingerprint=digest.hexdigest())
+    return identity
+
+
+def same_file(old, new) -> bool:
+    """Whether two `file_identity` records (or an older run's absolute path) name the same file or folder: the
+    same content fingerprint and size when both have one, else the same name."""
+    if old is None or new is None:
+        return old is None and new is None
+    if isinstance(old, str):  # semgen_run.json of an older version: an absolute path
+        old = {"name": Path(old).name}
+    if isinstance(new, str):
+        new = {"name": Path(new).name}
+    if old.get("fingerprint") and new.get("fingerprint"):
+        return (old["fingerprint"], old.get("size")) == (new["fingerprint"], new.get("size"))
+    return old.get("name") == new.get("name")
+
+
+def describe_file(identity) -> str:
+    if not isinstance(identity, dict):
+        return repr(identity)
+    if not identity.get("fingerprint"):
+        return f"{identity.get('name')!r}"
+    return f"{identity['name']!r} ({identity['size']} bytes, content {identity['fingerprint'][:12]})"
+
+
+def settings_of(args, dtype, bench_sha: str, model=None) -> dict:
+    """The run's settings. `dtype`: the torch dtype the model is loaded in. Without `model` (before loading it),
+    the settings only the model knows (MODEL_SETTINGS) are None."""
     settings = {
-        "model": absolute(args.model),
-        "text_encoder": absolute(args.text_encoder),
-        "vae": absolute(args.vae),
-        "tokenizer": absolute(args.tokenizer),
-        "mask_embedding": absolute(args.mask_embedding),
-        "lora": absolute(args.lora),
+        "model": file_identity(args.model),
+        "text_encoder": file_identity(args.text_encoder),
+        "vae": file_identity(args.vae),
+        "tokenizer": file_identity(args.tokenizer),
+        "mask_embedding": file_identity(args.mask_embedding),
+        "lora": file_identity(args.lora),
         "lora_strength": args.lora_strength if args.lora else None,
-        "dtype": str(model.dtype).replace("torch.", ""),
+        "dtype": str(model.dtype if model is not None else dtype).replace("torch.", ""),
         "size": args.size,
         "steps": args.steps,
         "guidance_t2i": args.guidance_t2i,
@@ -415,15 +469,21 @@ def settings_of(args, model, bench_sha: str) -> dict:
         "seed_rule": "seed + key",
         "multi_edit": args.multi_edit,
         "keep_aspect": args.keep_aspect,
-        "text_length": model.text_length,
+        "text_length": model.text_length if model is not None else None,
         "bench_sha256": bench_sha,
     }
     settings["published_protocol"] = all(settings[k] == v for k, v in PUBLISHED.items())
     return settings
 
 
-def check_settings(old: dict, new: dict, run_dir: Path) -> None:
-    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in IMAGE_SETTINGS if old.get(k) != new.get(k)]
+def check_settings(old: dict, new: dict, run_dir: Path, keys: Sequence[str] = IMAGE_SETTINGS) -> None:
+    changed = []
+    for k in keys:
+        if k in FILE_SETTINGS:
+            if not same_file(old.get(k), new.get(k)):
+                changed.append(f"{k}: {describe_file(old.get(k))} -> {describe_file(new.get(k))}")
+        elif old.get(k) != new.get(k):
+            changed.append(f"{k}: {old.get(k)!r} -> {new.get(k)!r}")
     if changed:
         raise SemGenError(
             f"{run_dir} holds images made with other settings ({'; '.join(changed)}); use another "
@@ -500,14 +560,18 @@ def run(args) -> dict:
     run_dir = Path(args.out) / args.name
     device = resolve_device(args.device, state)
     dtype = resolve_dtype(args.dtype, device)
+    bench_sha = file_sha256(Path(args.bench) / BENCH_FILE)
+    meta_path = run_dir / METADATA
+    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else None
+    if meta is not None:  # refused before minutes of loading; what only the model knows is checked after
+        before = [k for k in IMAGE_SETTINGS if k not in MODEL_SETTINGS]
+        check_settings(meta.get("settings", {}), settings_of(args, dtype, bench_sha), run_dir, before)
     model = load(args, device, dtype)
     if args.size % model.pixel_multiple:
         raise SemGenError(
             f"--size {args.size} is not a multiple of {model.pixel_multiple} (this model's VAE and patch size)"
         )
-    settings = settings_of(args, model, file_sha256(Path(args.bench) / BENCH_FILE))
-    meta_path = run_dir / METADATA
-    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else None
+    settings = settings_of(args, dtype, bench_sha, model)
     if meta is not None:
         check_settings(meta.get("settings", {}), settings, run_dir)
 
@@ -618,7 +682,12 @@ def _score(value, path, line, column) -> float:
 
 def read_score_csv(path: Path, task: Optional[str] = None) -> List[Tuple[float, float]]:
     """(semantics, quality) per sample; with `task`, only rows whose data_type is that task."""
-    pairs = []
+    return [(s, q) for _, s, q in read_score_rows(path, task)]
+
+
+def read_score_rows(path: Path, task: Optional[str] = None) -> List[Tuple[str, float, float]]:
+    """(generated_image, semantics, quality) per CSV row; with `task`, only rows whose data_type is that task."""
+    rows = []
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         lacking = [c for c in SCORE_COLUMNS if c not in (reader.fieldnames or [])]
@@ -631,8 +700,9 @@ def read_score_csv(path: Path, task: Optional[str] = None) -> List[Tuple[float, 
         for line, row in enumerate(reader, start=2):
             if task is not None and row.get("data_type") != task:
                 continue
-            pairs.append(tuple(_score(row[c], path, line, c) for c in SCORE_COLUMNS))
-    return pairs
+            image = row.get("generated_image") or f"line {line}"
+            rows.append((image, *(_score(row[c], path, line, c) for c in SCORE_COLUMNS)))
+    return rows
 
 
 def find_scores(folder: Path, backbone: str = SCORER_BACKBONE) -> Tuple[Path, str]:
@@ -663,16 +733,20 @@ def summarize(folder, backbone: str = SCORER_BACKBONE, expected: int = 150) -> d
             matches = sorted(scores_dir.glob(f"*_{task}_score.csv"))
             path = matches[0] if len(matches) == 1 else None
         if path is not None:
-            pairs = read_score_csv(path)
+            rows = read_score_rows(path)
         elif combined.is_file():
-            path, pairs = combined, read_score_csv(combined, task)
+            path, rows = combined, read_score_rows(combined, task)
         else:
             continue
-        if not pairs:
+        if not rows:
             continue
+        pairs = [(s, q) for _, s, q in rows]
         n = len(pairs)
+        images = len({image for image, _, _ in rows})
         tasks[task] = {
-            "n": n,
+            "n": n,  # CSV rows: an image the scorer scored twice counts twice, in the means too
+            "images": images,
+            "duplicates": n - images,
             "semantics": sum(s for s, _ in pairs) / n,
             "quality": sum(q for _, q in pairs) / n,
             "overall": sum(math.sqrt(s * q) for s, q in pairs) / n,
@@ -687,7 +761,8 @@ def summarize(folder, backbone: str = SCORER_BACKBONE, expected: int = 150) -> d
         "tasks": tasks,
         "average": average,
         "average_over": list(tasks),
-        "complete": len(tasks) == len(TASKS) and all(t["n"] == expected for t in tasks.values()),
+        "complete": len(tasks) == len(TASKS)
+        and all(t["images"] == expected and not t["duplicates"] for t in tasks.values()),
         "expected_per_task": expected,
     }
 
@@ -702,13 +777,21 @@ def format_summary(summary: dict) -> str:
     a = summary["average"]
     lines.append(f"{'average':<14}{'':>5}{a['semantics']:>11.3f}{a['quality']:>9.3f}{a['overall']:>9.3f}")
     missing = [t for t in TASKS if t not in summary["tasks"]]
-    short = [f"{t} ({v['n']})" for t, v in summary["tasks"].items() if v["n"] != summary["expected_per_task"]]
+    expected = summary["expected_per_task"]
+    images = {t: v.get("images", v["n"]) for t, v in summary["tasks"].items()}
+    short = [f"{t} ({n})" for t, n in images.items() if n < expected]
+    doubled = [
+        f"{t} ({v['n']} rows for {images[t]} images)" for t, v in summary["tasks"].items() if v.get("duplicates")
+    ]
     if missing:
         lines.append(f"note: no scores for {', '.join(missing)}; the average is over {len(summary['tasks'])} task(s)")
     if short:
+        lines.append(f"note: fewer than {expected} samples in {', '.join(short)} (the scorer skips missing images)")
+    if doubled:
         lines.append(
-            f"note: fewer than {summary['expected_per_task']} samples in {', '.join(short)} "
-            "(the scorer skips missing images)"
+            f"note: images scored more than once in {', '.join(doubled)}, and every row is in the means: the "
+            "scorer was rerun without deleting its CSV files; delete all five (the four *_<task>_score.csv and "
+            "*_combined_score.csv) and run it again for a clean score"
         )
     return "\n".join(lines)
 

@@ -6,14 +6,15 @@ python -m tools.bench_train [--size tiny|small|full] [--steps N]
 accelerate launch [--config_file train/configs/accelerate/ddp.yaml] -m train CONFIG.yaml ...
 """
 
-import argparse
 import logging
 import os
 import sys
 
 
 def train_main(argv) -> int:
-    parser = argparse.ArgumentParser(
+    from unialign_core.cli import ArgumentParser
+
+    parser = ArgumentParser(
         prog="python -m train",
         description="UniAlignment LoRA / full fine-tuning.",
         epilog="Export: python -m train export RUN --out FILE | --lora FILE",

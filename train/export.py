@@ -13,9 +13,11 @@ import argparse
 import logging
 import sys
 
-from unialign_core import DTYPES, save_lora, save_single_file
+from unialign_core import DTYPES, save_lora
+from unialign_core.cli import ArgumentParser
 from unialign_core.errors import CheckpointError
 from unialign_core.files import NoSpaceError
+from unialign_core.single_file import save_model
 
 from . import runs
 from .init import load_start
@@ -53,15 +55,11 @@ def export_single_file(source: str, out: str, ema: bool = False, dtype: str = "f
     bundle, transformer, checkpoint = merged_transformer(source, ema)
     meta = runs.read_trainable(checkpoint)[1]
     text_length = runs.read_run_config(runs.run_dir_of(checkpoint)).data.text_length
-    return save_single_file(
+    return save_model(
         out,
+        bundle,
         transformer,
-        scheduler_config=bundle.scheduler_config,
-        mask_id=bundle.mask_id,
-        mask_embedding=bundle.mask_embedding,
-        tokenizer=bundle.tokenizer,
-        text_encoder=bundle.text_encoder if bundle_parts else None,
-        vae=bundle.vae if bundle_parts else None,
+        bundle=bundle_parts,
         dtype=DTYPES[dtype],
         extra_metadata={
             "trained_from": checkpoint,
@@ -72,7 +70,7 @@ def export_single_file(source: str, out: str, ema: bool = False, dtype: str = "f
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m train export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("source", help="a run folder (its latest checkpoint) or a checkpoint folder")

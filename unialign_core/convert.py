@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from .checkpoint import check_state_dict, read_weight_map
+from .cli import ArgumentParser
 from .errors import CheckpointError, InputError
 from .loader import (
     DEFAULT_SCHEDULER,
@@ -33,7 +34,7 @@ from .single_file import (
     TORCH_DTYPES,
     StreamingSafetensorsWriter,
     _config_dict,
-    save_single_file,
+    save_model,
     single_file_metadata,
 )
 from .text_encoder import load_mask_embedding
@@ -138,6 +139,15 @@ def convert_folder_streaming(source: str, output: str, dtype: torch.dtype, mask_
     return output
 
 
+# What `source` must be (the not-found message and --help): what the converter reads.
+SOURCE_HELP = (
+    "give the upstream pipeline folder as downloaded (glimmer16/UniAlignment): model_index.json, transformer/ "
+    "(config.json and diffusion_pytorch_model*.safetensors, sharded with its index json or one file), tokenizer/, "
+    "scheduler/, checkpoint/mask_token_emb*.pth if it has one (text_encoder/ and vae/ too with --bundle), "
+    "or a single .safetensors file of ours"
+)
+
+
 def convert(source: str, output: str, dtype: str = "bf16", mask_embedding=None, bundle: bool = False) -> str:
     """Write `source` (any format load_model reads) as one single file.
 
@@ -148,25 +158,20 @@ def convert(source: str, output: str, dtype: str = "bf16", mask_embedding=None, 
     if os.path.isdir(source) and not bundle:
         return convert_folder_streaming(source, output, DTYPES[dtype], mask_embedding)
     if not os.path.exists(source):
-        raise CheckpointError(source, "model not found")
-    model = load_model(source, mask_embedding=mask_embedding)
-    return save_single_file(
-        output,
-        model.transformer,
-        scheduler_config=model.scheduler_config,
-        mask_id=model.mask_id,
-        mask_embedding=model.mask_embedding,
-        tokenizer=model.tokenizer,
-        text_encoder=model.text_encoder if bundle else None,
-        vae=model.vae if bundle else None,
-        dtype=DTYPES[dtype],
-    )
+        raise CheckpointError(source, f"model not found; {SOURCE_HELP}")
+    return save_model(output, load_model(source, mask_embedding=mask_embedding), bundle=bundle, dtype=DTYPES[dtype])
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        prog="python -m unialign_core.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
-        "source", help="upstream pipeline folder (transformer/ vae/ text_encoder/ tokenizer/ scheduler/)"
+        "source",
+        help="upstream pipeline folder (model_index.json, transformer/, tokenizer/, scheduler/, checkpoint/; "
+        "text_encoder/ and vae/ for --bundle) or our single .safetensors file",
     )
     parser.add_argument("output", help="the .safetensors file to write")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype in the file")
