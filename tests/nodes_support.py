@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from tiny_models import GOLDEN, write_single_file
+from tools.make_api import WORKFLOWS as WORKFLOW_TITLES  # short name -> UI file name
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
@@ -23,15 +24,8 @@ TINY_MULTIPLE = 4  # the tiny VAE downsamples x2, patch size 2
 SIDE = 64  # image sides for the tiny model (its position table allows up to 128)
 INPUT_IMAGES = ("example.png", "example_2.png")
 
-WORKFLOW_NAMES = (
-    "text_to_image",
-    "edit",
-    "perception",
-    "personalisation",
-    "understanding",
-    "edit_caption_loop",
-    "multi_edit",
-)
+# The example workflows by short name (api/<name>.json); tools/make_api.py maps each to its UI file's name.
+WORKFLOW_NAMES = tuple(WORKFLOW_TITLES)
 
 
 def make_models_dir(models: Path) -> Path:

@@ -133,7 +133,7 @@ def test_own_latent_preview_runs_on_the_tiny_model():
 
 
 def test_six_workflows_with_api_twins_that_match():
-    assert sorted(p.stem for p in make_api.ui_workflows()) == sorted(WORKFLOW_NAMES)
+    assert [make_api.short_name(p) for p in make_api.ui_workflows()] == list(WORKFLOW_NAMES)  # in template order
     assert make_api.convert_all(make_api.load_schema(), check=True) == []
 
 
@@ -158,31 +158,29 @@ def test_workflows_name_their_model_files():
 
 
 def test_only_workflows_at_the_top_of_workflows_with_a_thumbnail_each():
-    """ComfyUI offers every top-level workflows/*.json as a template, with <name>.jpg as its thumbnail."""
+    """ComfyUI offers every top-level workflows/*.json as a template, titled with its file name, with
+    <file name>.jpg as its thumbnail."""
     from PIL import Image
 
     assert make_api.SCHEMA_PATH == WORKFLOWS / "schema" / "node_schema.json" and make_api.SCHEMA_PATH.is_file()
     tops = sorted(WORKFLOWS.glob("*.json"))
-    assert tops == make_api.ui_workflows() and {p.stem for p in tops} >= set(WORKFLOW_NAMES)
+    assert tops == make_api.ui_workflows() and set(tops) >= {make_api.ui_path(n) for n in WORKFLOW_NAMES}
     for path in tops:
         ui = json.loads(path.read_text(encoding="utf-8"))
         assert isinstance(ui.get("nodes"), list) and "links" in ui, f"{path.name} is not a workflow"
     # ComfyUI serves the whole folder over HTTP: data only, no scripts (they live in tools/)
     assert not [p.name for p in WORKFLOWS.rglob("*") if p.suffix in (".py", ".sh", ".js")]
     for name in WORKFLOW_NAMES:
-        thumb = WORKFLOWS / f"{name}.jpg"
-        assert thumb.is_file(), f"{name}.json has no thumbnail {thumb.name}"
+        thumb = make_api.ui_path(name).with_suffix(".jpg")
+        assert thumb.is_file(), f"{make_api.ui_path(name).name} has no thumbnail {thumb.name}"
         with Image.open(thumb) as im:
             assert im.format == "JPEG" and im.width >= 256 and im.height >= 192
 
 
-@pytest.mark.parametrize(
-    "name",
-    ["perception", "understanding", "edit_caption_loop", "edit", "text_to_image", "personalisation", "multi_edit"],
-)
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
 def test_stacked_nodes_leave_room_for_the_title_and_badge(name):
     """A node's title bar (30 px) and badge sit above its pos: the node above must end 50 px higher."""
-    nodes = json.loads((WORKFLOWS / f"{name}.json").read_text())["nodes"]
+    nodes = json.loads(make_api.ui_path(name).read_text())["nodes"]
     for a in nodes:
         for b in nodes:
             overlap_x = a["pos"][0] < b["pos"][0] + b["size"][0] and b["pos"][0] < a["pos"][0] + a["size"][0]
@@ -268,7 +266,7 @@ def test_edit_caption_loop_feeds_the_caption_into_a_new_generation():
 
 def test_ui_to_api_reports_a_broken_workflow():
     schema = make_api.load_schema()
-    ui = json.loads((WORKFLOWS / "text_to_image.json").read_text())
+    ui = json.loads(make_api.ui_path("text_to_image").read_text())
     ui["nodes"][1]["widgets_values"] = ui["nodes"][1]["widgets_values"][:3]
     with pytest.raises(make_api.WorkflowError, match="widgets_values has 3 values"):
         make_api.ui_to_api(ui, schema, "text_to_image.json")

@@ -1,9 +1,14 @@
 """Make the API-format twins of the UI-format workflows, so the two cannot drift.
 
-    python tools/make_api.py                 # write workflows/api/<name>.json for every workflows/<name>.json
-    python tools/make_api.py --check         # exit 1 if a twin is missing or differs
+    python tools/make_api.py                 # write workflows/api/<name>.json for every UI workflow
+    python tools/make_api.py --check         # exit 1 if a twin is missing or differs, or a layout check fails
     python tools/make_api.py --schema-from http://127.0.0.1:8188    # first refresh schema/node_schema.json
     python tools/make_api.py --schema-from object_info.json         # (from a running ComfyUI or a saved reply)
+
+The UI files are named for ComfyUI's template browser, which shows each top-level `workflows/*.json` under its
+file name (without `.json`), with `<file name>.jpg` as its thumbnail: "1 Text to image.json" and so on, numbered
+in the order to read them. The API twins (`api/<name>.json`), the README pictures (`images/<name>.png`) and the
+tests use short names without spaces; WORKFLOWS below is the one map between the two.
 
 The frontend saves widget values by position (`widgets_values`), so the conversion needs each node's
 widget order. `schema/node_schema.json` holds it for the node types the workflows use, taken from a ComfyUI
@@ -24,6 +29,28 @@ WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 # The 2024 frontend adds a control widget to INT inputs with these names even without control_after_generate.
 SEED_NAMES = ("seed", "noise_seed")
 
+# Short name (api/<name>.json, images/<name>.png, the tests) -> the UI file's name, which is its title in the
+# template browser. The numbers give the order where the list is sorted by name (ComfyUI 0.3.64 lists the folder
+# unsorted). No characters that a URL path would need escaped beyond spaces (the frontend fetches
+# `<name>.json` and `<name>.jpg` unescaped; the browser sends a space as %20, which aiohttp's static route decodes).
+WORKFLOWS = {
+    "text_to_image": "1 Text to image",
+    "edit": "2 Edit an image",
+    "multi_edit": "3 Edit in three steps",
+    "perception": "4 Depth, edges and pose",
+    "personalisation": "5 Personalise from images",
+    "understanding": "6 Understand an image",
+    "edit_caption_loop": "7 Edit, caption, generate",
+}
+# The saved view (extra.ds) and node titles, checked by --check. Frontend 1.58.1 draws its graph toolbar over the
+# top ~80 px of the canvas and its side bar over the left edge; the view puts the top-left node's title bar about
+# 120 px down and 60 px in at the saved scale. LiteGraph draws titles in a ~14 px font, about 7.5 px a character,
+# after the collapse dot; a longer title is cut with "...". (1.58.1 fits the view to the graph when a workflow is
+# opened from the template browser; the saved view counts when the file is dropped or opened, and in 1.27.)
+VIEW_LEFT, VIEW_TOP = 60, 120
+TITLE_BAR_HEIGHT = 30
+TITLE_CHAR_WIDTH, TITLE_MARGIN = 7.5, 40
+
 
 class WorkflowError(ValueError):
     pass
@@ -31,6 +58,19 @@ class WorkflowError(ValueError):
 
 def ui_workflows():
     return sorted(HERE.glob("*.json"))  # every top-level .json is a workflow (ComfyUI lists them as templates)
+
+
+def ui_path(name):
+    """The UI workflow of a short name: ui_path("edit") is workflows/2 Edit an image.json."""
+    return HERE / f"{WORKFLOWS[name]}.json"
+
+
+def short_name(path):
+    """The short name of a UI workflow file (the inverse of ui_path)."""
+    for name, title in WORKFLOWS.items():
+        if Path(path).stem == title:
+            return name
+    raise WorkflowError(f"{Path(path).name} is not in make_api.WORKFLOWS: add its short name there")
 
 
 def _ordered_inputs(info):
@@ -159,12 +199,34 @@ def check_ui(ui, schema, name="workflow"):
         raise WorkflowError(f"{name}: " + "; ".join(problems))
 
 
+def check_layout(ui, name="workflow"):
+    """The saved view shows the whole top-left of the graph below the toolbar; every explicit title fits its node."""
+    problems = []
+    ds = ui.get("extra", {}).get("ds") or {}
+    scale, offset = ds.get("scale"), ds.get("offset")
+    if not scale or not offset:
+        problems.append("extra.ds (the saved view) is missing")
+    else:
+        left = (min(n["pos"][0] for n in ui["nodes"]) + offset[0]) * scale
+        top = (min(n["pos"][1] for n in ui["nodes"]) - TITLE_BAR_HEIGHT + offset[1]) * scale
+        if not (VIEW_LEFT - 20 <= left <= VIEW_LEFT + 40 and VIEW_TOP - 20 <= top <= VIEW_TOP + 40):
+            problems.append(
+                f"the saved view puts the graph's top left at ({left:.0f}, {top:.0f}) px, "
+                f"not about ({VIEW_LEFT}, {VIEW_TOP}): set extra.ds"
+            )
+    for node in ui["nodes"]:
+        title = node.get("title")
+        if title and len(title) * TITLE_CHAR_WIDTH > node["size"][0] - TITLE_MARGIN:
+            problems.append(f"node {node['id']}: the title {title!r} does not fit the node's width {node['size'][0]}")
+    return [f"{name}: {p}" for p in problems]
+
+
 def api_text(api):
     return json.dumps(api, indent=2, ensure_ascii=False) + "\n"
 
 
 def twin_path(path):
-    return API_DIR / path.name
+    return API_DIR / f"{short_name(path)}.json"
 
 
 def convert_all(schema, check=False):
@@ -174,6 +236,7 @@ def convert_all(schema, check=False):
     for path in ui_workflows():
         ui = json.loads(path.read_text(encoding="utf-8"))
         check_ui(ui, schema, path.name)
+        problems += check_layout(ui, path.name)
         text = api_text(ui_to_api(ui, schema, path.name))
         target = twin_path(path)
         if check:
@@ -181,7 +244,12 @@ def convert_all(schema, check=False):
                 problems.append(f"{target.relative_to(HERE.parent)} is missing or differs from {path.name}")
         else:
             target.write_text(text, encoding="utf-8")
-    stale = sorted(p.name for p in API_DIR.glob("*.json") if not (HERE / p.name).is_file())
+    problems += [
+        f"{title}.json (short name {name}) is missing"
+        for name, title in WORKFLOWS.items()
+        if not ui_path(name).is_file()
+    ]
+    stale = sorted(p.name for p in API_DIR.glob("*.json") if p.stem not in WORKFLOWS or not ui_path(p.stem).is_file())
     problems += [f"api/{n} has no UI workflow" for n in stale]
     return problems
 

@@ -9,8 +9,9 @@ produces and how it is wired, not image quality (workflows/images/<name>.png). W
 model that ``python -m train.shapes`` trained and exported: the same graphs with 32 px images and texts of the
 shapes world, on held-out scenes (workflows/images/shapes_<name>.png).
 
-Each run also writes the template thumbnail workflows/<name>.jpg (what ComfyUI's template browser shows beside
-the workflow) from those pictures: the shapes picture where there is one, else the tiny-model one.
+`name` is a workflow's short name (tools/make_api.py WORKFLOWS). Each run also writes the template thumbnail
+(what ComfyUI's template browser shows for the workflow: workflows/<UI file name>.jpg, e.g. "2 Edit an image.jpg")
+from those pictures: the shapes picture where there is one, else the tiny-model one.
 
     python tools/render_images.py --thumbnails      # only the thumbnails, from the PNGs already there
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from PIL import Image, ImageDraw  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from comfy_server import ComfyServer  # noqa: E402
 from nodes_support import (  # noqa: E402
@@ -40,6 +41,7 @@ from nodes_support import (  # noqa: E402
     run,
     tiny_settings,
 )
+from tools.make_api import ui_path  # noqa: E402
 
 OUT = REPO / "workflows" / "images"
 TILE = 128
@@ -131,18 +133,18 @@ def render(server, name, shapes_model=None):
     api = shapes_settings(load_api(name), shapes_model) if shapes_model else tiny_settings(load_api(name))
     entry = run(server, api)
     panels = []
-    for node_id in sorted(api, key=int):
+    for role, node_id in sheet_plan(api):  # the thumbnails read the sheet in this order
         node = api[node_id]
         title = node["_meta"]["title"]
-        if node["class_type"] == "LoadImage":
+        if role == "input":
             with Image.open(server.base_dir / "input" / node["inputs"]["image"]) as im:
                 panels.append(tile(im, "input: " + title if title != "LoadImage" else "input image"))
-        elif node["class_type"] == "SaveImage":
+        elif role == "output":
             for path in output_files(server, entry, node_id):
                 with Image.open(path) as im:
                     source = api[node["inputs"]["images"][0]]["_meta"]["title"]
                     panels.append(tile(im, title if title != "SaveImage" else source))
-        elif node["class_type"] == "UniAlignUnderstand":
+        else:
             question = node["inputs"].get("question") or ""
             heading = f"Q: {question}" if question else "caption:"
             panels.append(text_panel(heading, " / ".join(entry["outputs"][node_id]["text"])))
@@ -156,22 +158,112 @@ def render(server, name, shapes_model=None):
     return path
 
 
-THUMBNAIL_SIZE = (512, 384)
+# ---- template thumbnails -------------------------------------------------------------------------
+# The template browser shows <UI file name>.jpg in a square card (256 px in frontends 1.27 and 1.58): one picture
+# of the workflow's main result, its input beside it, and one label that says which test model made it. Cut from
+# the contact sheets above, so a thumbnail shows exactly what the README picture shows.
+
+THUMBNAIL_SIZE = (512, 512)
+LABEL_BAND = 80  # the label's strip at the bottom
+LABEL_FONT_SIZE = 30
+MARGIN = 16
+GUTTER = 8  # the side margins where an input sits beside the result, leaving room for the arrow
+# Which output is the main result where a workflow saves several (default: the last, e.g. the loop's generation).
+MAIN_RESULT = {"perception": 0}  # the depth map
+MODEL_LABELS = {"shapes": "32 px shapes test model", "tiny": "random-weight test model"}
+
+
+def sheet_plan(api):
+    """What render() puts on a contact sheet, in order: ("input" | "output" | "text", node id)."""
+    kinds = {"LoadImage": "input", "SaveImage": "output", "UniAlignUnderstand": "text"}
+    return [(kinds[api[k]["class_type"]], k) for k in sorted(api, key=int) if api[k]["class_type"] in kinds]
+
+
+def sheet_panels(sheet):
+    """The panels of a contact sheet, left to right: (kind, box), kind "image" (a tile) or "text"."""
+    top = 20 + PAD
+    band = sheet.crop((0, top, sheet.width, top + TILE)).convert("RGB")
+    pixels = band.load()
+    gap = [all(pixels[x, y] == BACKGROUND for y in range(band.height)) for x in range(band.width)] + [True]
+    panels, start = [], None
+    for x, empty in enumerate(gap):
+        if not empty and start is None:
+            start = x
+        elif empty and start is not None:
+            width = x - start
+            if width not in (TILE, TEXT_WIDTH):
+                raise ValueError(f"a panel {width} px wide at x={start}: not a contact sheet of render()")
+            kind = "image" if width == TILE else "text"
+            panels.append((kind, (start, top, x, top + (TILE if kind == "image" else TILE + LABEL))))
+            start = None
+    return panels
+
+
+def text_crop(sheet, box):
+    """The written part of a text panel (heading and answer), cropped to its ink."""
+    panel = sheet.crop(box).convert("RGB")
+    bbox = panel.convert("L").point(lambda v: 255 if v < 200 else 0).getbbox() or (0, 0, panel.width, panel.height)
+    return panel.crop((max(bbox[0] - 4, 0), max(bbox[1] - 4, 0), bbox[2] + 4, bbox[3] + 4))
+
+
+def arrow(draw, x0, x1, y):
+    draw.line((x0, y, x1 - 8, y), fill=(120, 120, 120), width=5)
+    draw.polygon(((x1, y), (x1 - 12, y - 10), (x1 - 12, y + 10)), fill=(120, 120, 120))
+
+
+def thumbnail(name, sheet, model):
+    """The square thumbnail of one workflow from its contact sheet (model: "shapes" or "tiny")."""
+    plan, panels = sheet_plan(load_api(name)), sheet_panels(sheet)
+    if [k == "text" for k, _ in plan] != [k == "text" for k, _ in panels]:
+        raise ValueError(f"{name}: the contact sheet's panels do not match the workflow's outputs; render it again")
+    crops = {"input": [], "output": [], "text": []}
+    for (role, _), (_, box) in zip(plan, panels):
+        crops[role].append(sheet.crop(box).convert("RGB") if role != "text" else text_crop(sheet, box))
+    width, height = THUMBNAIL_SIZE
+    area = height - LABEL_BAND  # the pictures' part
+    canvas = Image.new("RGB", THUMBNAIL_SIZE, BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    inputs = crops["input"][:2]
+    if crops["output"]:
+        result = crops["output"][MAIN_RESULT.get(name, -1)]
+        side = 384 if not inputs else 320  # whole multiples of the 32 and 64 px outputs (tiles are 128 px)
+        x = (width - side) // 2 if not inputs else width - GUTTER - side
+        y = (area - side) // 2
+        canvas.paste(result.resize((side, side), Image.NEAREST), (x, y))
+        stack = len(inputs) * TILE + (len(inputs) - 1) * MARGIN
+        for i, picture in enumerate(inputs):
+            canvas.paste(picture, (GUTTER, (area - stack) // 2 + i * (TILE + MARGIN)))
+        if inputs:
+            arrow(draw, GUTTER + TILE + 8, x - 8, area // 2)
+    else:  # understanding: the input above, the question and the answer below it
+        side = 2 * TILE
+        canvas.paste(inputs[0].resize((side, side), Image.NEAREST), ((width - side) // 2, MARGIN + 8))
+        text = crops["text"][-1]
+        box = (MARGIN, MARGIN + 8 + side + MARGIN, width - MARGIN, area - 8)
+        draw.rounded_rectangle(box, radius=8, fill=(255, 255, 255))
+        room_w, room_h = box[2] - box[0] - 16, box[3] - box[1] - 16
+        scale = min(3.0, room_w / text.width, room_h / text.height)
+        text = text.resize((round(text.width * scale), round(text.height * scale)), Image.LANCZOS)
+        canvas.paste(text, (box[0] + 8, box[1] + (box[3] - box[1] - text.height) // 2))
+    font = ImageFont.load_default(size=LABEL_FONT_SIZE)
+    label = MODEL_LABELS[model]
+    draw.rectangle((0, area, width, height), fill=(225, 225, 225))
+    left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+    draw.text(((width - right - left) // 2, area + (LABEL_BAND - bottom - top) // 2), label, fill=INK, font=font)
+    return canvas
 
 
 def write_thumbnail(name):
-    """workflows/<name>.jpg from workflows/images/(shapes_)<name>.png, fitted into THUMBNAIL_SIZE."""
-    sources = [OUT / f"shapes_{name}.png", OUT / f"{name}.png"]
-    source = next((p for p in sources if p.is_file()), None)
+    """The template thumbnail (workflows/<UI file name>.jpg) from workflows/images/(shapes_)<name>.png: the shapes
+    picture where there is one, else the tiny-model one."""
+    sources = [(OUT / f"shapes_{name}.png", "shapes"), (OUT / f"{name}.png", "tiny")]
+    source, model = next(((p, m) for p, m in sources if p.is_file()), (None, None))
     if source is None:
-        raise SystemExit(f"no picture for {name}: render it first ({sources[1].relative_to(REPO)})")
+        raise SystemExit(f"no picture for {name}: render it first ({sources[1][0].relative_to(REPO)})")
     with Image.open(source) as im:
-        picture = im.convert("RGB")
-    picture.thumbnail(THUMBNAIL_SIZE, Image.LANCZOS)
-    sheet = Image.new("RGB", THUMBNAIL_SIZE, BACKGROUND)
-    sheet.paste(picture, ((THUMBNAIL_SIZE[0] - picture.width) // 2, (THUMBNAIL_SIZE[1] - picture.height) // 2))
-    target = REPO / "workflows" / f"{name}.jpg"
-    sheet.save(target, "JPEG", quality=85, optimize=True)
+        picture = thumbnail(name, im.convert("RGB"), model)
+    target = ui_path(name).with_suffix(".jpg")
+    picture.save(target, "JPEG", quality=90, optimize=True)
     return target
 
 
@@ -179,7 +271,7 @@ def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help=f"workflows (default: all of {', '.join(WORKFLOW_NAMES)})")
     parser.add_argument("--shapes", metavar="MODEL", help="the shapes model file (python -m train.shapes)")
-    parser.add_argument("--thumbnails", action="store_true", help="only write workflows/<name>.jpg from the PNGs")
+    parser.add_argument("--thumbnails", action="store_true", help="only write the thumbnails from the PNGs")
     args = parser.parse_args(argv)
     if args.thumbnails:
         for name in args.names or WORKFLOW_NAMES:
