@@ -91,7 +91,7 @@ def test_sixteen_bit_images_are_scaled_not_clipped():
 
 
 def test_feature_cache_helper(tmp_path):
-    from train.data import FeatureCache, cached
+    from train.feature_cache import FeatureCache, cached
 
     cache = FeatureCache(tmp_path)
     keys = [FeatureCache.key("t", i) for i in range(3)]

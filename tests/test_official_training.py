@@ -20,6 +20,7 @@ import train_helpers as H
 from tiny_models import DATA, GOLDEN, REPO
 from train.batch import Encoders, prepare_batch
 from train.config import Config, ConfigError, DataConfig, InitConfig, LossConfig, load_config
+from train.data import Batch
 from train.init import add_projectors, load_start
 from train.losses import (
     NUM_TRAIN_TIMESTEPS,
@@ -83,15 +84,15 @@ def golden_batch(golden, kind):
     n = meta["batch_size"]
     target = t[f"pixels.{kind}.target"].float() / 255
     sources = [t["pixels.edit.source0"].float() / 255] if kind == "edit" else []
-    return {
-        "task": kind,
-        "target": target,
-        "sources": sources,
-        "text": list(texts["text"]),
-        "caption": list(texts["caption"]),
-        "present": [True] * n,
-        "index": list(range(n)),
-    }
+    return Batch(
+        task=kind,
+        target=target,
+        sources=sources,
+        text=list(texts["text"]),
+        caption=list(texts["caption"]),
+        index=list(range(n)),
+        present=[True] * n,
+    )
 
 
 def draws(golden, kind):
@@ -202,7 +203,7 @@ def test_text_to_image_draws_two_vae_samples(golden, model):
     rng = SampleRNG(0, 0, [0, 1, 2], 3)
     t2i = prepare_batch(golden_batch(golden, "t2i"), model.enc, rng, need_teacher=False)
     assert t2i.understand is not t2i.target and not torch.allclose(t2i.understand, t2i.target)
-    mean, std = model.enc.moments(golden_batch(golden, "t2i")["target"])
+    mean, std = model.enc.moments(golden_batch(golden, "t2i").target)
     for latents, purpose in ((t2i.target, "vae_target"), (t2i.understand, "vae_understand")):
         z = mean + std * rng.randn(purpose, mean.shape[1:])
         assert torch.equal(latents, model.bundle.scale_latents(z))

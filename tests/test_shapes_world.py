@@ -101,7 +101,7 @@ def test_dataset_records(tmp_path):
 
 
 def test_dataset_loads_with_the_trainer_reader(tmp_path):
-    data = pytest.importorskip("train.data")
+    data = pytest.importorskip("train.records")
     path = w.make_dataset(tmp_path, 24, seed=2)
     records, skips = data.load_records([path])
     assert len(records) == 24 and skips.total == 0

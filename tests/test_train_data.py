@@ -1,4 +1,5 @@
-"""Tests for train/data.py: records, skips, images, buckets, hybrid sampler, resume, DDP shards, feature cache."""
+"""Tests for the training data: records, skips, images, buckets, hybrid sampler, resume, DDP shards, feature cache
+(train/records.py, buckets.py, data.py, sampler.py, feature_cache.py)."""
 
 import json
 import logging
@@ -11,7 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
+from train import buckets as B
 from train import data as D
+from train import feature_cache as FC
+from train import records as R
+from train import sampler as S
 
 
 def png(path, size=(40, 24), color=(200, 30, 30), mode="RGB"):
@@ -84,15 +89,15 @@ def test_both_formats_parse_to_same_records(tmp_path):
             },
         ],
     )
-    skips = D.SkipLog()
-    a, b = D.read_jsonl(up, skips), D.read_jsonl(native, skips)
+    skips = R.SkipLog()
+    a, b = R.read_jsonl(up, skips), R.read_jsonl(native, skips)
     assert skips.total == 0
     assert a == b
-    assert a[0] == D.Record("t2i", "a red cat", [], str(tmp_path / "a.png"), "a red cat")
+    assert a[0] == R.Record("t2i", "a red cat", [], str(tmp_path / "a.png"), "a red cat")
     assert a[1].sources == [str(tmp_path / "src.png")] and a[1].caption == "a blue cat"
     assert a[0].origin == f"{up}:1"
     # upstream perception data is TI2I: the file option maps it
-    per = D.read_jsonl(up, skips, ti2i_task="perception")
+    per = R.read_jsonl(up, skips, ti2i_task="perception")
     assert per[1].task == "perception"
 
 
@@ -108,7 +113,7 @@ def test_native_tasks_and_paths(tmp_path):
             {"task": "perception", "instruction": "depth map", "sources": ["img/x.png"], "target": absolute},
         ],
     )
-    recs, skips = D.load_records([f])
+    recs, skips = R.load_records([f])
     assert skips.total == 0
     assert [r.task for r in recs] == ["caption", "vqa", "perception"]
     assert recs[0].sources == [str(tmp_path / "img" / "x.png")] and recs[0].text == "" and recs[0].target is None
@@ -139,7 +144,7 @@ def test_bad_records_are_skipped_counted_and_logged(tmp_path, caplog):
     with open(f, "ab") as fh:
         fh.write(b"\xff\xfe bad utf8\n")  # 16 bad_json
     with caplog.at_level(logging.INFO, logger="train.data"):
-        recs, skips = D.load_records([f])
+        recs, skips = R.load_records([f])
     assert len(recs) == 1
     assert skips.summary() == {
         "bad_json": 2,
@@ -181,7 +186,7 @@ def test_corrupt_images_skipped_at_load_without_raising(tmp_path, caplog):
             {"task": "t2i", "prompt": "p2", "target": "g2.png"},
         ],
     )
-    recs, skips = D.load_records([f])
+    recs, skips = R.load_records([f])
     assert len(recs) == 5  # corrupt pixels are not looked at when indexing
     ds = D.UniDataset(recs, buckets=[(32, 32)], t2i_as_caption=False, skips=skips)
     with caplog.at_level(logging.WARNING, logger="train.data"):
@@ -200,11 +205,12 @@ def test_corrupt_images_skipped_at_load_without_raising(tmp_path, caplog):
     only_bad = D.UniDataset([recs[1]], buckets=[(32, 32)], t2i_as_caption=False)
     stub = only_bad[0]
     assert stub["undecodable"] and stub["task"] == "t2i" and stub["skipped"] == [(f"{f}:2", "corrupt_image")]
-    assert D.collate([stub, stub]) == {"task": "t2i", "empty": True, "skipped": [(f"{f}:2", "corrupt_image")] * 2}
+    assert D.collate([stub, stub]) == D.Batch("t2i", skipped=[(f"{f}:2", "corrupt_image")] * 2)
+    assert D.collate([stub, stub]).empty
     assert D.collate([None]) is None
     # in a batch with a good sample the stub is left out and its skips are kept
     mixed = D.collate([stub, ds[0]])
-    assert mixed["text"] == ["p0"] and mixed["skipped"] == [(f"{f}:2", "corrupt_image")]
+    assert mixed.text == ["p0"] and mixed.skipped == [(f"{f}:2", "corrupt_image")] and not mixed.empty
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,30 +219,30 @@ def test_corrupt_images_skipped_at_load_without_raising(tmp_path, caplog):
 
 def test_buckets_multiple_of_16_and_aspect():
     for res in (256, 512, 1024):
-        buckets = D.make_buckets(res)
+        buckets = B.make_buckets(res)
         assert (res, res) in buckets
         for w, h in buckets:
             assert w % 16 == 0 and h % 16 == 0
             assert max(w, h) / min(w, h) <= 2.0
             assert abs(w * h / res**2 - 1) < 0.1
             assert (h, w) in buckets
-    buckets = D.make_buckets(512)
-    assert D.pick_bucket(1000, 500, buckets) == max(buckets, key=lambda b: b[0] / b[1])
-    w, h = D.pick_bucket(1600, 900, buckets)
+    buckets = B.make_buckets(512)
+    assert B.pick_bucket(1000, 500, buckets) == max(buckets, key=lambda b: b[0] / b[1])
+    w, h = B.pick_bucket(1600, 900, buckets)
     assert abs(math.log(w / h) - math.log(16 / 9)) < 0.05
-    assert D.pick_bucket(300, 300, buckets) == (512, 512)
+    assert B.pick_bucket(300, 300, buckets) == (512, 512)
     with pytest.raises(ValueError):
-        D.make_buckets(512, step=8)
+        B.make_buckets(512, step=8)
 
 
 def test_resize_cover_then_crop():
     img = Image.new("RGB", (100, 50), (0, 0, 255))
     img.paste((255, 0, 0), (0, 0, 25, 50))  # left quarter red
-    t = D.image_to_tensor(D.resize_to_bucket(img, (48, 48)))
+    t = B.image_to_tensor(B.resize_to_bucket(img, (48, 48)))
     assert t.shape == (3, 48, 48) and t.dtype == torch.float32
     assert 0 <= t.min() and t.max() <= 1
     assert t[2].mean() > 0.95  # centre crop of a 2:1 image drops the red quarter
-    left = D.image_to_tensor(D.resize_to_bucket(img, (48, 48), crop=(0.0, 0.5)))
+    left = B.image_to_tensor(B.resize_to_bucket(img, (48, 48), crop=(0.0, 0.5)))
     assert left[0, :, :10].mean() > 0.95
 
 
@@ -244,19 +250,19 @@ def test_alpha_and_grayscale_convert(tmp_path):
     rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
     rgba.putpixel((0, 0), (255, 0, 0, 255))
     rgba.save(tmp_path / "a.png")
-    im = D.load_image(tmp_path / "a.png")
+    im = B.load_image(tmp_path / "a.png")
     assert im.mode == "RGB" and im.getpixel((1, 1)) == (255, 255, 255) and im.getpixel((0, 0)) == (255, 0, 0)
     png(tmp_path / "g.png", color=128, mode="L")
-    assert D.load_image(tmp_path / "g.png").getpixel((0, 0)) == (128, 128, 128)
+    assert B.load_image(tmp_path / "g.png").getpixel((0, 0)) == (128, 128, 128)
     png(tmp_path / "la.png", color=(0, 0), mode="LA")
-    assert D.load_image(tmp_path / "la.png").getpixel((0, 0)) == (255, 255, 255)
+    assert B.load_image(tmp_path / "la.png").getpixel((0, 0)) == (255, 255, 255)
     Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(tmp_path / "d16.png")  # 16-bit depth map
-    assert D.load_image(tmp_path / "d16.png").getpixel((0, 0)) == (255, 255, 255)
+    assert B.load_image(tmp_path / "d16.png").getpixel((0, 0)) == (255, 255, 255)
     pal = Image.new("P", (8, 8), 0)
     pal.putpalette([10, 20, 30] + [0] * 765)
     pal.info["transparency"] = 0
     pal.save(tmp_path / "p.png")
-    assert D.load_image(tmp_path / "p.png").getpixel((0, 0)) == (255, 255, 255)
+    assert B.load_image(tmp_path / "p.png").getpixel((0, 0)) == (255, 255, 255)
 
 
 def test_dataset_samples_share_bucket_and_collate(tmp_path):
@@ -271,7 +277,7 @@ def test_dataset_samples_share_bucket_and_collate(tmp_path):
             {"task": "t2i", "prompt": "p", "target": "tall.png"},
         ],
     )
-    recs, _ = D.load_records([f])
+    recs, _ = R.load_records([f])
     ds = D.UniDataset(recs, resolution=64, random_crop=True, seed=3)
     assert ds.buckets == [(48, 80), (64, 64), (80, 48)]
     assert set(ds.groups) == {("edit", 1, (80, 48)), ("t2i", 0, (48, 80)), ("caption", 1, (48, 80))}
@@ -279,13 +285,13 @@ def test_dataset_samples_share_bucket_and_collate(tmp_path):
     assert s["target"].shape == s["sources"][0].shape == (3, 48, 80)
     assert torch.equal(ds[0]["target"], s["target"])  # seeded crop
     batch = D.collate([ds[0], ds[1]])
-    assert batch["task"] == "edit" and batch["target"].shape == (2, 3, 48, 80)
-    assert len(batch["sources"]) == 1 and batch["sources"][0].shape == (2, 3, 48, 80)
-    assert batch["text"] == ["i", "j"] and batch["caption"] == ["c", ""]
+    assert batch.task == "edit" and batch.target.shape == (2, 3, 48, 80)
+    assert len(batch.sources) == 1 and batch.sources[0].shape == (2, 3, 48, 80)
+    assert batch.text == ["i", "j"] and batch.caption == ["c", ""]
     cap = ds[ds.groups[("caption", 1, (48, 80))][0]]
     assert cap["task"] == "caption" and cap["target"] is None and cap["caption"] == "p"
-    loader = D.make_loader(ds, D.HybridBatchSampler(ds.groups, 1, seed=0), num_workers=0)
-    tasks = sorted(b["task"] for b in loader)
+    loader = D.make_loader(ds, S.HybridBatchSampler(ds.groups, 1, seed=0), num_workers=0)
+    tasks = sorted(b.task for b in loader)
     assert tasks == ["caption", "edit", "edit", "t2i"]
 
 
@@ -316,7 +322,7 @@ def test_hybrid_batches_follow_ratios_single_group():
     groups = fake_groups()
     where = group_of(groups)
     ratios = {"t2i": 0.4, "caption": 0.2, "edit": 0.2, "compose": 0.2}
-    s = D.HybridBatchSampler(groups, batch_size=4, ratios=ratios, seed=1)
+    s = S.HybridBatchSampler(groups, batch_size=4, ratios=ratios, seed=1)
     batches = [s.batch_at(k) for k in range(1000)]
     counts = {t: 0 for t in ratios}
     for b in batches:
@@ -334,17 +340,17 @@ def test_hybrid_batches_follow_ratios_single_group():
     t2i = [i for b in batches if where[b[0]][0] == "t2i" for i in b][: s.task_len["t2i"] * 4]
     assert len(set(t2i)) == len(t2i)
     # 50/50 strictly alternates, as upstream does
-    alt = D.HybridBatchSampler(groups, 4, {"t2i": 1, "edit": 1})
+    alt = S.HybridBatchSampler(groups, 4, {"t2i": 1, "edit": 1})
     assert [where[alt.batch_at(k)[0]][0] for k in range(6)] == ["edit", "t2i"] * 3
 
 
 def test_sampler_deterministic_and_epochs():
     groups = fake_groups()
-    a = D.HybridBatchSampler(groups, 4, seed=5)
-    b = D.HybridBatchSampler(groups, 4, seed=5)
+    a = S.HybridBatchSampler(groups, 4, seed=5)
+    b = S.HybridBatchSampler(groups, 4, seed=5)
     assert list(a) == list(b)
     assert a.epoch == 1 and len(list(a)) == len(a) and a.epoch == 2  # one epoch per iteration
-    assert D.HybridBatchSampler(groups, 4, seed=6).batch_at(0) != b.batch_at(0) or D.HybridBatchSampler(
+    assert S.HybridBatchSampler(groups, 4, seed=6).batch_at(0) != b.batch_at(0) or S.HybridBatchSampler(
         groups, 4, seed=6
     ).batch_at(1) != b.batch_at(1)
     assert a.batch_at(3) != a.batch_at(3 + len(a))  # reshuffled next epoch
@@ -353,7 +359,7 @@ def test_sampler_deterministic_and_epochs():
 def test_sampler_resume_reproduces_remaining_order():
     groups = fake_groups()
     ratios = {"t2i": 0.5, "edit": 0.3, "caption": 0.2}
-    full = D.HybridBatchSampler(groups, 4, ratios, seed=7)
+    full = S.HybridBatchSampler(groups, 4, ratios, seed=7)
     it = iter(full)
     for _ in range(37):
         next(it)
@@ -361,29 +367,29 @@ def test_sampler_resume_reproduces_remaining_order():
     rest = []
     while len(rest) < 300:  # across epoch boundaries
         rest += list(full) if rest else list(it)
-    resumed = D.HybridBatchSampler(groups, 4, ratios, seed=7)
+    resumed = S.HybridBatchSampler(groups, 4, ratios, seed=7)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON/torch checkpoint
     again = []
     while len(again) < len(rest):
         again += list(resumed)
     assert again[: len(rest)] == rest
     with pytest.raises(ValueError):
-        D.HybridBatchSampler(groups, 4, ratios, seed=8).load_state_dict(state)
+        S.HybridBatchSampler(groups, 4, ratios, seed=8).load_state_dict(state)
     # state for a prefetching DataLoader: the number of batches the loop actually consumed
     assert full.state_dict(step=37) == state
 
 
 def test_ranks_get_disjoint_slices_of_global_batch():
     groups = fake_groups()
-    single = D.HybridBatchSampler(groups, 6, seed=2)
-    r0 = D.HybridBatchSampler(groups, 3, seed=2, rank=0, world_size=2)
-    r1 = D.HybridBatchSampler(groups, 3, seed=2, rank=1, world_size=2)
+    single = S.HybridBatchSampler(groups, 6, seed=2)
+    r0 = S.HybridBatchSampler(groups, 3, seed=2, rank=0, world_size=2)
+    r1 = S.HybridBatchSampler(groups, 3, seed=2, rank=1, world_size=2)
     where = group_of(groups)
     for (a, b), g in zip(zip(r0, r1), single):
         assert len(a) == len(b) == 3 and not set(a) & set(b)
         assert a + b == g and len({where[i] for i in g}) == 1
     with pytest.raises(ValueError):
-        D.HybridBatchSampler(groups, 3, rank=2, world_size=2)
+        S.HybridBatchSampler(groups, 3, rank=2, world_size=2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -391,7 +397,7 @@ def test_ranks_get_disjoint_slices_of_global_batch():
 
 
 def test_feature_cache_roundtrip_and_content_keys(tmp_path):
-    cache = D.FeatureCache(tmp_path / "cache")
+    cache = FC.FeatureCache(tmp_path / "cache")
     img = pathlib.Path(png(tmp_path / "i.png"))
     k1 = cache.key(img, (64, 64), "sd3-vae")
     assert cache.get(k1) is None and k1 not in cache
@@ -410,13 +416,13 @@ def test_feature_cache_roundtrip_and_content_keys(tmp_path):
 
 
 def test_feature_cache_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
-    cache = D.FeatureCache(tmp_path / "cache")
+    cache = FC.FeatureCache(tmp_path / "cache")
     key = cache.key("text", "enc")
 
     def killed(src, dst):
         raise KeyboardInterrupt  # the process dies between writing the temp file and publishing it
 
-    monkeypatch.setattr(D.os, "replace", killed)
+    monkeypatch.setattr(FC.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         cache.put(key, torch.ones(3))
     monkeypatch.undo()

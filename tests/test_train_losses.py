@@ -13,8 +13,10 @@ from tiny_models import GOLDEN
 from train import data as D
 from train.batch import Encoders, pad_batch, prepare_batch
 from train.config import InitConfig, LossConfig, load_config
+from train.feature_cache import FeatureCache
 from train.init import load_start
 from train.losses import Reducer, SampleRNG, TrainModule, antithetic_t, compute_losses, sample_sigmas, text_mdlm_loss
+from train.records import load_records
 from train.teacher import CachedTeacher, Teacher
 from unialign_core.model import caption_ids
 
@@ -22,7 +24,7 @@ from unialign_core.model import caption_ids
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("losses")
-    teacher = CachedTeacher(Teacher.load(H.make_teacher(tmp / "clip")), D.FeatureCache(tmp / "cache"))
+    teacher = CachedTeacher(Teacher.load(H.make_teacher(tmp / "clip")), FeatureCache(tmp / "cache"))
     data = H.make_dataset(tmp / "data", tasks=("edit",), per_task=4)
     cfg = load_config(
         H.write_config(
@@ -40,7 +42,7 @@ def setup(tmp_path_factory):
     bundle, transformer, _ = load_start(InitConfig(path=str(GOLDEN)), align_dim=teacher.dim)
     base = copy.deepcopy(transformer.state_dict())
     enc = Encoders(bundle, torch.device("cpu"), torch.float32, torch.float32, cfg, teacher)
-    records, _ = D.load_records([data])
+    records, _ = load_records([data])
     dataset = D.UniDataset(records, 32, [(32, 32)])
     batch = pad_batch(D.collate([dataset[i] for i in range(4)]), 4)
     rng = SampleRNG(0, 0, [0, 1, 2, 3], 4)

@@ -33,6 +33,13 @@ import time
 
 import torch
 
+from tools.random_models import random_transformer
+from train.config import Config, LossConfig
+from train.lora import apply_lora
+from train.losses import Prepared, Reducer, SampleRNG, TrainModule
+from train.optim import make_optimizer_and_schedule
+from train.step import TrainStep
+
 VOCAB = 32100  # the T5 tokenizer's size: the text head's width
 MASK_ID = 32099  # <extra_id_0>, the mask token
 EOS_ID = 1
@@ -57,80 +64,33 @@ class Size:
 
 
 SIZES = {
-    "tiny": Size(
-        layers=2,
-        heads=2,
-        head_dim=16,
-        joint_dim=32,
-        latent=16,
-        text_length=32,
-        batch=4,
-        align_dim=32,
-        block=1,
-        pos_embed_max_size=32,
-        device="cpu",
-        precision="no",
-        checkpointing=False,
-    ),
-    "small": Size(
-        layers=8,
-        heads=4,
-        head_dim=64,
-        joint_dim=256,
-        latent=32,
-        text_length=64,
-        batch=4,
-        align_dim=256,
-        block=4,
-        pos_embed_max_size=64,
-        device="cpu",
-        precision="no",
-        checkpointing=False,
-    ),
-    "full": Size(
-        layers=24,
-        heads=24,
-        head_dim=64,
-        joint_dim=4096,
-        latent=64,
-        text_length=256,
-        batch=4,
-        align_dim=3584,
-        block=8,
-        pos_embed_max_size=192,
-        device="cuda",
-        precision="bf16",
-        checkpointing=True,
-    ),
-}
+    "tiny": Size(layers=2, heads=2, head_dim=16, joint_dim=32, latent=16, text_length=32, batch=4, align_dim=32,
+                 block=1, pos_embed_max_size=32, device="cpu", precision="no", checkpointing=False),
+    "small": Size(layers=8, heads=4, head_dim=64, joint_dim=256, latent=32, text_length=64, batch=4, align_dim=256,
+                  block=4, pos_embed_max_size=64, device="cpu", precision="no", checkpointing=False),
+    "full": Size(layers=24, heads=24, head_dim=64, joint_dim=4096, latent=64, text_length=256, batch=4, align_dim=3584,
+                 block=8, pos_embed_max_size=192, device="cuda", precision="bf16", checkpointing=True),
+}  # fmt: skip
 
 
 def build_transformer(size: Size):
-    from unialign_core import UniAlignTransformer
-
-    dim = size.heads * size.head_dim
-    return UniAlignTransformer(
-        vocab_size=VOCAB,
-        sample_size=size.latent,
-        patch_size=2,
-        in_channels=LATENT_CHANNELS,
-        num_layers=size.layers,
-        attention_head_dim=size.head_dim,
-        num_attention_heads=size.heads,
-        joint_attention_dim=size.joint_dim,
-        caption_projection_dim=dim,
-        pooled_projection_dim=dim,
-        out_channels=LATENT_CHANNELS,
+    return random_transformer(
+        layers=size.layers,
+        heads=size.heads,
+        head_dim=size.head_dim,
+        joint_dim=size.joint_dim,
+        vocab=VOCAB,
         pos_embed_max_size=size.pos_embed_max_size,
-        fp16_time_projection=True,
+        sample_size=size.latent,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        pooled_projection_dim=size.heads * size.head_dim,
         align_dim=size.align_dim,
     )
 
 
 def synthetic_batch(size: Size, task: str, device, generator: torch.Generator):
     """A `losses.Prepared` micro-batch of random latents, T5 states, caption ids and teacher features."""
-    from train.losses import Prepared
-
     b, n, lat = size.batch, size.text_length, size.latent
 
     def randn(*shape):
@@ -188,11 +148,6 @@ def run(
     seed=0,
 ) -> dict:
     """Build, warm up, time `steps` optimizer steps; returns the figures (also what `main` prints)."""
-    from train.config import Config, LossConfig
-    from train.lora import apply_lora
-    from train.losses import Reducer, SampleRNG, TrainModule, compute_losses
-    from train.optim import make_optimizer_and_schedule
-
     size = SIZES[size_name]
     if batch is not None:
         size = dataclasses.replace(size, batch=batch)
@@ -230,8 +185,17 @@ def run(
     gen = torch.Generator().manual_seed(seed)
     prepared = synthetic_batch(size, task, device, gen)
     positions = list(range(size.batch))
-    reducer = Reducer()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    train_step = TrainStep(
+        module,
+        optimizer,
+        loss_cfg,
+        encode_ids,
+        MASK_ID,
+        clip=lambda: torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip),
+        reducer=Reducer(),
+        block=size.block,
+        forward_context=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"),
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -241,14 +205,8 @@ def run(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             started = time.perf_counter()
-        rng = SampleRNG(seed, step, positions, size.batch)
-        with autocast:
-            total, logged = compute_losses(module, prepared, rng, loss_cfg, encode_ids, MASK_ID, reducer, size.block)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip)
-        optimizer.step()
+        logged, _ = train_step(prepared, SampleRNG(seed, step, positions, size.batch))
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         losses.append({k: float(v) for k, v in logged.items()})
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -2,10 +2,11 @@
 
     python -m tools.rehearse_train --root DIR/files --result step_train.json [--device cpu]
 
-One LoRA optimizer step as `train/loop.py` takes it, on the rehearsal's files: the model loaded by `load_model`
-(our single file in bf16, the fp8 T5, the VAE file), fresh alignment projectors of Qwen2.5-VL-7B's width (3584) at
-block 8, LoRA (the trainer's default targets and rank), gradient checkpointing, bf16 autocast, `compute_losses`
-with all four terms at the published weights, backward, clipping at 2.0, AdamW and the schedule step.
+One LoRA optimizer step as `train/loop.py` takes it (`train.step.TrainStep`), on the rehearsal's files: the model
+loaded by `load_model` (our single file in bf16, the fp8 T5, the VAE file), fresh alignment projectors of
+Qwen2.5-VL-7B's width (3584) at block 8, LoRA (the trainer's default targets and rank), gradient checkpointing,
+bf16 autocast, the losses with all four terms at the published weights, backward, clipping at 2.0, AdamW and the
+schedule step.
 
 What is real and what stands in: T5 runs for real (the prompt, " " for text dropout, and the re-encoding of the
 masked caption ids, as the loop does on every micro-step). The VAE latents and the teacher features are cached
@@ -36,8 +37,9 @@ def run(paths: dict, device: str = "cpu") -> dict:
     from train.config import Config, LossConfig
     from train.init import add_projectors
     from train.lora import apply_lora
-    from train.losses import Prepared, Reducer, SampleRNG, TrainModule, compute_losses
+    from train.losses import Prepared, Reducer, SampleRNG, TrainModule
     from train.optim import make_optimizer_and_schedule
+    from train.step import TrainStep
 
     started = time.perf_counter()
     model = load_for_modes(paths, device)
@@ -78,27 +80,33 @@ def run(paths: dict, device: str = "cpu") -> dict:
     def encode_ids(x):
         return model.text_encoder(input_ids=x.to(device))[0].to(dtype)
 
-    rng = SampleRNG(0, 0, [0], 1)
-    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-        total, logged = compute_losses(
-            module,
-            batch,
-            rng,
-            LossConfig(),
-            encode_ids,
-            model.mask_id,
-            Reducer(),
-            min(ALIGN_BLOCK, transformer.config.num_layers),
-        )
-    forward_s = time.perf_counter() - step_started
-    progress("forward done (T5 encodes, image pass, text pass, losses)")
-    total.backward()
-    progress("backward done")
-    grads = [p.grad for p in trainable if p.grad is not None]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip))
-    optimizer.step()
+    timings, grads = {}, []
+
+    def forward_done():
+        timings["forward_s"] = time.perf_counter() - step_started
+        progress("forward done (T5 encodes, image pass, text pass, losses)")
+
+    def backward_done():
+        progress("backward done")
+        grads.extend(p.grad for p in trainable if p.grad is not None)
+
+    train_step = TrainStep(
+        module,
+        optimizer,
+        LossConfig(),
+        encode_ids,
+        model.mask_id,
+        clip=lambda: torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip),
+        reducer=Reducer(),
+        block=min(ALIGN_BLOCK, transformer.config.num_layers),
+        forward_context=lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16),
+    )
+    logged, grad_norm = train_step(
+        batch, SampleRNG(0, 0, [0], 1), after_forward=forward_done, after_backward=backward_done
+    )
+    grad_norm = float(grad_norm)
     scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    forward_s = timings["forward_s"]
     run_s = time.perf_counter() - step_started
     return {
         "load_s": load_s,

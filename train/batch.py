@@ -1,13 +1,16 @@
 """Batch preparation: the frozen encoders (VAE, T5, teacher) with their optional disk caches, and one collated
 micro-batch turned into the tensors the losses take (`losses.Prepared`)."""
 
+import dataclasses
+
 import torch
 
 from unialign_core import UniAlignModel
 from unialign_core.vae import posterior
 
-from . import data as D
 from .config import Config
+from .data import Batch
+from .feature_cache import FeatureCache, cached
 from .frozen import cast_frozen, fingerprint
 from .losses import Prepared, SampleRNG
 
@@ -22,7 +25,7 @@ class Encoders:
             cast_frozen(module.to(device).eval().requires_grad_(False), frozen_dtype)
         self.text_length = cfg.data.text_length
         self.padding = cfg.data.prompt_padding  # "training" (end-of-text, official) or "inference" (<pad>)
-        self.cache = D.FeatureCache(cfg.data.cache_dir) if cfg.data.cache_dir else None
+        self.cache = FeatureCache(cfg.data.cache_dir) if cfg.data.cache_dir else None
         self.vae_id = fingerprint(self.vae) if self.cache else ""
         self.t5_id = fingerprint(self.t5) if self.cache else ""
         self.teacher = teacher
@@ -37,8 +40,8 @@ class Encoders:
         """T5 states of prompts, padded by `data.prompt_padding` (`PROMPT_PADDING`; the official training's rule,
         end-of-text, by default)."""
         pad = self.padding
-        keys = [D.FeatureCache.key("t5", self.t5_id, t, self.text_length, pad) for t in texts] if self.cache else None
-        out, _ = D.cached(
+        keys = [FeatureCache.key("t5", self.t5_id, t, self.text_length, pad) for t in texts] if self.cache else None
+        out, _ = cached(
             len(texts),
             self.cache,
             keys,
@@ -52,13 +55,13 @@ class Encoders:
         keys = None
         if self.cache:
             q = (pixels.float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-            keys = [D.FeatureCache.key("vae", self.vae_id, tuple(x.shape), x.numpy().tobytes()) for x in q]
+            keys = [FeatureCache.key("vae", self.vae_id, tuple(x.shape), x.numpy().tobytes()) for x in q]
 
         def compute(todo):
             dist = posterior(self.vae, pixels[todo])
             return torch.cat([dist.mean, dist.std], dim=1).float()
 
-        out, _ = D.cached(pixels.shape[0], self.cache, keys, compute)
+        out, _ = cached(pixels.shape[0], self.cache, keys, compute)
         both = torch.stack([o.to(self.device) for o in out])
         return both.chunk(2, dim=1)
 
@@ -73,45 +76,52 @@ class Encoders:
         return out[0] if len(out) == 1 else out
 
 
-def pad_batch(batch: dict, size: int) -> dict:
-    """Repeat the last sample until the batch has `size` samples; `present` marks the real ones."""
-    n = len(batch["index"])
-    batch["present"] = [True] * n + [False] * (size - n)
+def pad_batch(batch: Batch, size: int) -> Batch:
+    """The batch with its last sample repeated until it has `size` samples; `present` marks the real ones."""
+    n = len(batch.index)
+    present = [True] * n + [False] * (size - n)
     if n == size:
-        return batch
+        return dataclasses.replace(batch, present=present)
 
     def grow(t):
         return torch.cat([t, t[-1:].expand(size - n, *t.shape[1:])]) if t is not None else None
 
-    batch["target"] = grow(batch["target"])
-    batch["sources"] = [grow(s) for s in batch["sources"]]
-    for key in ("text", "caption", "index"):
-        batch[key] = batch[key] + [batch[key][-1]] * (size - n)
-    return batch
+    def repeat(items):
+        return items + [items[-1]] * (size - n)
+
+    return dataclasses.replace(
+        batch,
+        target=grow(batch.target),
+        sources=[grow(s) for s in batch.sources],
+        text=repeat(batch.text),
+        caption=repeat(batch.caption),
+        index=repeat(batch.index),
+        present=present,
+    )
 
 
-def prepare_batch(batch: dict, enc: Encoders, rng: SampleRNG, need_teacher: bool) -> Prepared:
-    """Run the frozen encoders on one collated micro-batch."""
-    task, device = batch["task"], enc.device
-    present = torch.tensor(batch["present"], device=device)
-    sources = [enc.latents(s, rng, f"vae_source{k}") for k, s in enumerate(batch["sources"])]
+def prepare_batch(batch: Batch, enc: Encoders, rng: SampleRNG, need_teacher: bool) -> Prepared:
+    """Run the frozen encoders on one padded micro-batch (`pad_batch`)."""
+    task, device = batch.task, enc.device
+    present = torch.tensor(batch.present, device=device)
+    sources = [enc.latents(s, rng, f"vae_source{k}") for k, s in enumerate(batch.sources)]
     target = understand = None
-    if batch["target"] is not None and not sources:
+    if batch.target is not None and not sources:
         # text-to-image: the official training encodes the image twice, once for the image pass and once for the
         # text pass, so the two passes see independent posterior samples
-        target, understand = enc.latents(batch["target"], rng, "vae_target", "vae_understand")
-    elif batch["target"] is not None:  # edit, perception, compose: both passes read the one target sample
-        target = understand = enc.latents(batch["target"], rng, "vae_target")
+        target, understand = enc.latents(batch.target, rng, "vae_target", "vae_understand")
+    elif batch.target is not None:  # edit, perception, compose: both passes read the one target sample
+        target = understand = enc.latents(batch.target, rng, "vae_target")
     else:  # caption, vqa: the text pass reads the source
         understand = sources[0]
     conditions = sources if target is not None else []
-    rows = [enc.bundle.caption_ids(task, t, c, enc.text_length) for t, c in zip(batch["text"], batch["caption"])]
+    rows = [enc.bundle.caption_ids(task, t, c, enc.text_length) for t, c in zip(batch.text, batch.caption)]
     ids, maskable, not_pad = (torch.tensor([r[i] for r in rows], device=device) for i in range(3))
-    caption_valid = torch.tensor([bool(c.strip()) for c in batch["caption"]], device=device) & present
+    caption_valid = torch.tensor([bool(c.strip()) for c in batch.caption], device=device) & present
     prepared = Prepared(
         target=target,
         conditions=conditions,
-        prompt_context=enc.encode_prompts(batch["text"]) if target is not None else None,
+        prompt_context=enc.encode_prompts(batch.text) if target is not None else None,
         null_context=enc.null_context,
         understand=understand,
         ids=ids,
@@ -121,8 +131,8 @@ def prepare_batch(batch: dict, enc: Encoders, rng: SampleRNG, need_teacher: bool
         sample_valid=present,
     )
     if need_teacher and enc.teacher is not None:
-        pixels = batch["target"] if batch["target"] is not None else batch["sources"][0]
-        texts = [f"{t} {c}" if task == "vqa" else c for t, c in zip(batch["text"], batch["caption"])]
+        pixels = batch.target if batch.target is not None else batch.sources[0]
+        texts = [f"{t} {c}" if task == "vqa" else c for t, c in zip(batch.text, batch.caption)]
         texts = [t if t.strip() else " " for t in texts]
         prepared.teacher_image = enc.teacher.image_features(pixels).to(device)
         prepared.teacher_text = enc.teacher.text_features(texts).to(device)

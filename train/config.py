@@ -18,6 +18,8 @@ import yaml
 
 from unialign_core.model import PROMPT_PADDING
 
+from .losses import CROSS_NEGATIVES, TERMS
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
@@ -63,16 +65,16 @@ class TeacherConfig:
 
 
 IMAGE_TARGETS = ("x0", "velocity")
-CROSS_NEGATIVES = ("local", "global")
 GRAD_ACCUM_REDUCE = ("sum", "mean")
+
+# the loss terms' weights, one per term of `losses.TERMS` (image 1, text 0.2, cross 0.05, align 0.1), in its order
+LossWeights = dataclasses.make_dataclass("LossWeights", [(t.key, float, field(default=t.weight)) for t in TERMS])
 
 
 @dataclass
-class LossConfig:
-    image: float = 1.0  # L_image weight
-    text: float = 0.2  # lambda1, L_text
-    cross: float = 0.05  # lambda2, L_cross
-    align: float = 0.1  # lambda3, L_align
+class LossConfig(LossWeights):
+    """The loss section: the terms' weights (`LossWeights`), then the terms' settings."""
+
     temperature: float = 0.07
     text_dropout: float = 0.1  # share of prompts replaced by the T5 states of " "
     logit_mean: float = 0.0
@@ -230,10 +232,7 @@ RANGES = {
     "data.ratios[]": Range(0, why="the share of batches of that task; 0 leaves it out"),
     "teacher.block": Range(1),
     "teacher.image_size": Range(1, 8192),
-    "loss.image": Range(0),
-    "loss.text": Range(0),
-    "loss.cross": Range(0),
-    "loss.align": Range(0),
+    **{f"loss.{t.key}": Range(0) for t in TERMS if t.non_negative},
     "loss.temperature": Range(0, low_open=True),
     "loss.text_dropout": Range(0, 1),
     "loss.logit_std": Range(0, low_open=True),
@@ -390,7 +389,7 @@ def validate(cfg: Config) -> Config:
     if not cfg.data.files:
         raise ConfigError("data.files: give at least one JSONL file")
     if cfg.data.ratios is not None:
-        from .data import TASKS
+        from .records import TASKS
 
         bad = sorted(set(cfg.data.ratios) - set(TASKS))
         if bad:

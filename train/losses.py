@@ -27,10 +27,40 @@ import torch.nn.functional as F
 
 from unialign_core.text_sampler import subs_log_probs
 
-from .config import CROSS_NEGATIVES
-
 NUM_TRAIN_TIMESTEPS = 1000  # unshifted FlowMatchEulerDiscreteScheduler grid, as upstream samples it
 MDLM_EPS = 1e-3  # MDLM sampling_eps (antithetic t) and the log-linear noise eps
+CROSS_NEGATIVES = ("local", "global")  # loss.cross_negatives (see `contrastive_loss`)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The terms
+
+
+@dataclass(frozen=True)
+class Term:
+    """One loss term. Its weight is `loss.<key>` in the config (default `weight`; `non_negative`: a weight below 0
+    is refused); it is logged as `name` (metrics.jsonl, the progress bar; `loss/<name>` in TensorBoard). Its value
+    is computed in `compute_losses` under `terms[name]`."""
+
+    name: str
+    key: str
+    weight: float
+    non_negative: bool = True
+
+
+# A new term: an entry here and its value in `compute_losses` (the config's weight, the logs and the checks follow).
+TERMS = (
+    Term("image", "image", 1.0),  # L_image: rectified flow on the target latents
+    Term("text", "text", 0.2),  # lambda1, L_text: MDLM on the caption ids
+    Term("cross", "cross", 0.05),  # lambda2, L_cross: InfoNCE between pooled image and text states
+    Term("align", "align", 0.1),  # lambda3, L_align: block states against the teacher's embeddings
+)
+LOGGED = ("loss",) + tuple(t.name for t in TERMS)  # the weighted total, then each term: the logs' and metrics' names
+
+
+def weights(cfg) -> dict:
+    """{term name: its weight in the `loss` section `cfg`}, in the order of `TERMS`."""
+    return {t.name: getattr(cfg, t.key) for t in TERMS}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -310,7 +340,7 @@ def compute_losses(
 
     out = module(image_pass, text_pass, block if align else None, align)
     zero = torch.zeros((), device=device)
-    terms = {"image": zero, "text": zero, "cross": zero, "align": zero}
+    terms = {t.name: zero for t in TERMS}
     valid = batch.caption_valid.float().to(device)
     present = batch.sample_valid.float().to(device)
     if image_pass is not None:
@@ -329,10 +359,10 @@ def compute_losses(
         terms["align"] = align_loss(out["align_image"], batch.teacher_image, present, reducer) + align_loss(
             out["align_text"], batch.teacher_text, valid, reducer
         )
-    weights = {"image": cfg.image, "text": cfg.text, "cross": cfg.cross, "align": cfg.align}
-    total = sum(weights[k] * v for k, v in terms.items())
+    weight = weights(cfg)
+    total = sum(weight[k] * v for k, v in terms.items())
     logged = {k: v.detach().float() for k, v in terms.items()}
     # the logged value without the gradient factor
     logged["cross"] = logged["cross"] / contrastive_gradient_factor(cfg.cross_negatives, reducer)
-    logged["loss"] = sum(weights[k] * v for k, v in logged.items())
+    logged["loss"] = sum(weight[k] * v for k, v in logged.items())
     return total, logged

@@ -19,21 +19,29 @@ projectors for LoRA. Its metadata says which (`mode`, `lora_rank`, `lora_alpha`)
 
 import json
 import os
+import random
 import re
+import shlex
 import shutil
 import socket
 import time
 from typing import Dict, Tuple
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file
 
+from unialign_core.checkpoint import save_safetensors_atomic
 from unialign_core.files import (
     fsync_dir,
     is_no_space,  # noqa: F401 - the trainer's name for the library's rule
     write_text_atomic,
 )
-from unialign_core.lora import LoraLayer
+from unialign_core.lora import LoraLayer, lora_key, merge_lora
+from unialign_core.transformer import ALIGN_PREFIXES
+
+from .config import load_config
 
 CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -131,13 +139,11 @@ def write_json(path: str, obj):
 
 
 def save_tensors(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]):
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path, metadata=metadata)
+    save_safetensors_atomic({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path, metadata)
 
 
 def read_trainable(checkpoint: str, ema: bool = False) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """The trained tensors of a checkpoint (or its EMA copy) and the metadata of trainable.safetensors."""
-    from safetensors import safe_open
-
     with safe_open(os.path.join(checkpoint, TRAINABLE), framework="pt") as f:
         meta = f.metadata() or {}
     if ema:
@@ -152,12 +158,12 @@ def split_lora(tensors: Dict[str, torch.Tensor], alpha: float):
     """peft-named tensors -> ({module: LoraLayer}, other tensors)."""
     parts, rest = {}, {}
     for key, value in tensors.items():
-        m = re.match(r"^(.*)\.lora_(A|B)(?:\.[^.]+)?\.weight$", key)
-        if m:
-            parts.setdefault(m.group(1), {})[m.group(2)] = value
+        found = lora_key(key, adapter_names=True)
+        if found is not None and found[1] != "alpha":
+            parts.setdefault(found[0], {})[found[1]] = value
         else:
             rest[key] = value
-    layers = {name: LoraLayer(p["A"], p["B"], float(alpha)) for name, p in sorted(parts.items())}
+    layers = {name: LoraLayer(p["down"], p["up"], float(alpha)) for name, p in sorted(parts.items())}
     return layers, rest
 
 
@@ -166,8 +172,6 @@ def apply_checkpoint(transformer, checkpoint: str, ema: bool = False, strict_pro
 
     Returns a small report. Projector tensors whose shape does not match are skipped unless strict.
     """
-    from unialign_core import merge_lora
-
     tensors, meta = read_trainable(checkpoint, ema)
     own = transformer.state_dict()
     report = {"checkpoint": checkpoint, "mode": meta.get("mode", "full"), "loaded": 0, "skipped": []}
@@ -179,7 +183,7 @@ def apply_checkpoint(transformer, checkpoint: str, ema: bool = False, strict_pro
     for key, value in tensors.items():
         if key in own and own[key].shape == value.shape:
             usable[key] = value
-        elif strict_projectors or not key.startswith(("siglip_adapter_img.", "siglip_adapter_text.")):
+        elif strict_projectors or not key.startswith(ALIGN_PREFIXES):
             raise ValueError(f"{checkpoint}: tensor {key} {tuple(value.shape)} does not fit this transformer")
         else:
             report["skipped"].append(key)
@@ -198,8 +202,6 @@ def read_state(checkpoint: str) -> dict:
 
 
 def read_run_config(run_dir: str, overrides=()):
-    from .config import load_config
-
     return load_config(os.path.join(run_dir, "config.yaml"), overrides)
 
 
@@ -243,8 +245,6 @@ class Interrupted(TrainingError):
 
 def resume_command(run_dir: str) -> str:
     """The command that continues a run from its latest checkpoint (the run folder keeps its resolved config)."""
-    import shlex
-
     return f"python -m train {shlex.quote(os.path.join(run_dir, 'config.yaml'))} --resume latest"
 
 
@@ -267,7 +267,7 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         try:
-            import fcntl
+            import fcntl  # POSIX only
         except ImportError:  # no fcntl (Windows): no lock
             return self
         while True:
@@ -362,11 +362,13 @@ def refuse_pickles(checkpoint: str):
         )
 
 
-def _jsonable(obj):
+def jsonable(obj):
+    """A state dict's JSON form (scheduler, grad scaler, optimizer scalars): keys as str, one-element tensors as
+    numbers; raises TypeError on anything else."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, torch.Tensor):
         if obj.numel() != 1:
             raise TypeError("tensor in a JSON part of the resume state")
@@ -387,13 +389,13 @@ def optimizer_to_tensors(state: dict):
             if isinstance(value, torch.Tensor):
                 tensors[f"state.{index}.{name}"] = value
             else:
-                scalars.setdefault(str(index), {})[name] = _jsonable(value)
+                scalars.setdefault(str(index), {})[name] = jsonable(value)
     by_name = any(not isinstance(index, int) for index in state["state"]) or any(
         not isinstance(p, int) for g in state["param_groups"] for p in g["params"]
     )
     meta = {
         "format": "unialign-optimizer",
-        "param_groups": json.dumps(_jsonable(state["param_groups"])),
+        "param_groups": json.dumps(jsonable(state["param_groups"])),
         "scalars": json.dumps(scalars),
         "keys": "name" if by_name else "index",
     }
@@ -425,8 +427,6 @@ def save_optimizer(path: str, optimizer):
 
 
 def read_optimizer_state(path: str) -> dict:
-    from safetensors import safe_open
-
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != "unialign-optimizer":
@@ -440,10 +440,6 @@ def load_optimizer(path: str, optimizer):
 
 def rng_state() -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """This process's random states (Python, NumPy, torch CPU and CUDA) as tensors + JSON metadata."""
-    import random
-
-    import numpy as np
-
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -458,10 +454,6 @@ def rng_state() -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
 
 
 def set_rng_state(tensors: Dict[str, torch.Tensor], meta: Dict[str, str]):
-    import random
-
-    import numpy as np
-
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors)) if f"cuda.{i}" in tensors]
     if cuda and torch.cuda.is_available():
@@ -478,8 +470,6 @@ def save_rng(checkpoint: str, rank: int):
 
 
 def load_rng(checkpoint: str, rank: int) -> bool:
-    from safetensors import safe_open
-
     path = os.path.join(checkpoint, RNG.format(rank=rank))
     if not os.path.isfile(path):
         return False

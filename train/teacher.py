@@ -20,7 +20,7 @@ from typing import List, Optional
 
 import torch
 
-from .data import FeatureCache, cached
+from .feature_cache import FeatureCache, cached
 
 log = logging.getLogger(__name__)
 
