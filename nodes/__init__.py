@@ -27,3 +27,14 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "UniAlignCompose": "UniAlign Compose / Personalise",
     "UniAlignUnderstand": "UniAlign Understand (caption / VQA)",
 }
+
+# The native path (UniAlignment as a ComfyUI MODEL): its import must never take the pack down.
+try:
+    from . import native as _native
+except Exception as _error:  # noqa: BLE001
+    import logging
+
+    logging.getLogger("UniAlignment").warning("[UniAlign] the native nodes are not available: %s", _error)
+else:
+    NODE_CLASS_MAPPINGS.update(_native.NODE_CLASS_MAPPINGS)
+    NODE_DISPLAY_NAME_MAPPINGS.update(_native.NODE_DISPLAY_NAME_MAPPINGS)

@@ -1,6 +1,7 @@
 // Shows text a UniAlign node returns on the node after it has run:
 // - "UniAlign Understand": its captions / answers;
-// - the image nodes: a warning naming what was cut from a prompt over the model's token limit (empty: none).
+// - the image nodes and UniAlign Native Text Encode: a warning naming what was cut from a prompt over the model's
+//   token limit (empty: none).
 // The node returns {"ui": {"text": [...]}}; ComfyUI hands that to onExecuted.
 // The text is shown in a read-only textarea widget that is neither sent as an input nor saved in the workflow's
 // widgets_values (it is not an input: saving it would shift the real widget values on load).
@@ -9,7 +10,13 @@
 import { app } from "../../scripts/app.js";
 
 const TEXT_NODES = { UniAlignUnderstand: "result_text" };
-const WARNING_NODES = ["UniAlignTextToImage", "UniAlignEdit", "UniAlignPerceive", "UniAlignCompose"];
+const WARNING_NODES = [
+  "UniAlignTextToImage",
+  "UniAlignEdit",
+  "UniAlignPerceive",
+  "UniAlignCompose",
+  "UniAlignNativeTextEncode",
+];
 const WARNING_WIDGET = "warnings";
 
 function widgetName(nodeName) {
