@@ -13,58 +13,35 @@ import resource
 import time
 
 import torch
-from diffusers import AutoencoderKL
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
-from unialign_core.loader import DEFAULT_SCHEDULER, UniAlignModel
-from unialign_core.model import DTYPES
+from tools import random_models
+from tools.random_models import sync
+from unialign_core.model import DTYPES, UniAlignModel
 from unialign_core.modes import caption, text_to_image
 from unialign_core.text_sampler import TextDenoiser
-from unialign_core.transformer import UniAlignTransformer
-from unialign_core.vae import SD3_VAE_CONFIG
 
 SIZES = {
     "small": dict(
-        transformer=dict(num_layers=4, num_attention_heads=4, attention_head_dim=64, joint_attention_dim=256,
-                         caption_projection_dim=256, pos_embed_max_size=64, vocab_size=1000),
-        t5=dict(d_model=256, d_kv=64, d_ff=512, num_layers=4, num_heads=4, vocab_size=1000),
+        transformer=dict(layers=4, heads=4, head_dim=64, joint_dim=256, pos_embed_max_size=64, vocab=1000),
+        t5=dict(width=256, layers=4, vocab=1000),
         vae=dict(block_out_channels=[32, 32, 64, 64], norm_num_groups=16, layers_per_block=1),
         image=256, caption_length=128,
     ),
     "full": dict(
-        transformer=dict(),  # the UniAlignTransformer defaults are SD3-medium
-        t5=dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, vocab_size=32128),
+        transformer=dict(),  # the defaults are SD3-medium
+        t5=dict(width=4096, d_ff=10240, layers=24, vocab=32128),
         vae=dict(),
         image=512, caption_length=256,
     ),
 }  # fmt: skip
 
 
-def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer with T5's special ids (pad 0, eos 1, unk 2) and a mask token last."""
-    words = ["<pad>", "</s>", "<unk>"] + [f"w{i}" for i in range(vocab_size - 4)] + ["<extra_id_0>"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-
-
 def random_model(size: str, device: str, dtype: torch.dtype) -> UniAlignModel:
     spec = SIZES[size]
-    with torch.device(device):
-        transformer = UniAlignTransformer(**spec["transformer"]).to(dtype).eval()
-        t5 = T5EncoderModel(T5Config(feed_forward_proj="gated-gelu", is_encoder_decoder=False, **spec["t5"]))
-        vae = AutoencoderKL(**dict(SD3_VAE_CONFIG, **spec["vae"]))
-    t5, vae = t5.to(dtype).eval(), vae.to(dtype).eval()
-    vocab = transformer.config.vocab_size
-    tokenizer = word_tokenizer(vocab)
-    return UniAlignModel(transformer, vae, t5, tokenizer, DEFAULT_SCHEDULER, vocab - 1, f"random-{size}")
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
+    return random_models.random_model(
+        transformer=spec["transformer"], t5=spec["t5"], vae=spec["vae"], device=device, dtype=dtype,
+        name=f"random-{size}",
+    )  # fmt: skip
 
 
 def timed(fn, device):

@@ -20,31 +20,26 @@ import json
 import time
 
 import torch
-from transformers import T5Config, T5EncoderModel
 
-from tools.bench_sample import word_tokenizer
-from unialign_core.loader import DEFAULT_SCHEDULER, UniAlignModel
-from unialign_core.model import DTYPES
+from tools import random_models
+from tools.random_models import sync
+from unialign_core.model import DTYPES, UniAlignModel
 from unialign_core.text_sampler import CachedTextDenoiser, TextDenoiser, sample_confidence, sample_ddpm_cache
-from unialign_core.transformer import UniAlignTransformer
 
 CONFIG = dict(layers=6, heads=4, head_dim=64, t5_layers=4, vocab=1000)  # DiT 6 x 256, T5 4 x 256
 
 
-def random_model(layers=6, heads=4, head_dim=64, t5_layers=4, vocab=1000, device="cpu", dtype=torch.float32):
+def random_model(
+    layers=6, heads=4, head_dim=64, t5_layers=4, vocab=1000, device="cpu", dtype=torch.float32
+) -> UniAlignModel:
     """A random UniAlignModel without a VAE (the samplers take latents)."""
     torch.manual_seed(0)
     width = heads * head_dim
-    with torch.device(device):
-        transformer = UniAlignTransformer(
-            num_layers=layers, num_attention_heads=heads, attention_head_dim=head_dim, joint_attention_dim=width,
-            caption_projection_dim=width, pos_embed_max_size=96, vocab_size=vocab,
-        )  # fmt: skip
-        t5 = T5EncoderModel(T5Config(feed_forward_proj="gated-gelu", is_encoder_decoder=False, d_model=width,
-                                     d_kv=64, d_ff=2 * width, num_layers=t5_layers, num_heads=width // 64,
-                                     vocab_size=vocab))  # fmt: skip
-    transformer, t5 = transformer.to(dtype).eval(), t5.to(dtype).eval()
-    return UniAlignModel(transformer, None, t5, word_tokenizer(vocab), DEFAULT_SCHEDULER, vocab - 1, "random")
+    return random_models.random_model(
+        transformer=dict(layers=layers, heads=heads, head_dim=head_dim, joint_dim=width, pos_embed_max_size=96,
+                         vocab=vocab),
+        t5=dict(width=width, layers=t5_layers, vocab=vocab), device=device, dtype=dtype,
+    )  # fmt: skip
 
 
 def _latents(model, image_tokens: int, batch: int = 1) -> torch.Tensor:
@@ -56,16 +51,11 @@ def _latents(model, image_tokens: int, batch: int = 1) -> torch.Tensor:
     return noise.to(model.device, model.dtype)
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def run_setting(model, latents, length, steps, sampler, refresh=1, threshold=None, seed=0):
     """(ids, seconds, passes, full passes) of one caption of the latents' images."""
     x = torch.full((latents.shape[0], length), model.mask_id, dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
-    _sync(model.device)
+    sync(model.device)
     start = time.perf_counter()
     before = TextDenoiser.total_calls
     if sampler == "ddpm_cache":
@@ -76,7 +66,7 @@ def run_setting(model, latents, length, steps, sampler, refresh=1, threshold=Non
         denoiser = CachedTextDenoiser(model, latents, refresh)
         ids = sample_confidence(denoiser, x, model.mask_id, model.eos_id, steps, generator, threshold=threshold)
         full = denoiser.full_passes
-    _sync(model.device)
+    sync(model.device)
     return ids, time.perf_counter() - start, TextDenoiser.total_calls - before, full
 
 
@@ -97,10 +87,10 @@ def pass_costs(model, latents, length, repeat=5) -> dict:
         fn()
         times = []
         for _ in range(repeat):
-            _sync(model.device)
+            sync(model.device)
             start = time.perf_counter()
             fn()
-            _sync(model.device)
+            sync(model.device)
             times.append(time.perf_counter() - start)
         costs[name] = min(times)
     return costs

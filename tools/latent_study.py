@@ -24,23 +24,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100, help="validation records at each point")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    profile = pipeline.Profile(  # the base recipe as first planned, pinned here so that both arms match
-        vae_steps=2000,
-        t5_steps=600,
-        teacher_steps=600,
-        batch_size=16,
-        eval_per_task=0,
-        width=192,
-        lr=1.5e-3,
-        vocab="base",
-        records=6000,
-        frozen_records=6000,
-        train_steps=args.steps,
-        curve_every=args.every,
-        curve_per_task=args.n,
-        latent_channels=args.channels,
-        tasks=("t2i",),
-    )
+    # the base recipe as first planned, pinned here so that both arms match
+    profile = pipeline.Profile(vae_steps=2000, t5_steps=600, teacher_steps=600, batch_size=16, eval_per_task=0,
+                               width=192, lr=1.5e-3, vocab="base", records=6000, frozen_records=6000,
+                               train_steps=args.steps, curve_every=args.every, curve_per_task=args.n,
+                               latent_channels=args.channels, tasks=("t2i",))  # fmt: skip
     st = pipeline.Stages(args.out, profile, 0)
     jsonl, frozen = st.data()
     st.vocab = pipeline.world.FULL  # both arms: trained on BASE scenes, scored on validation scenes of the FULL world

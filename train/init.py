@@ -26,9 +26,10 @@ from typing import List, Optional, Tuple
 import torch
 
 from unialign_core import UniAlignTransformer, load_model
+from unialign_core.checkpoint import read_safetensors_metadata
 from unialign_core.errors import CheckpointError
 from unialign_core.loader import load_sd3_medium_start
-from unialign_core.transformer import ALIGN_PREFIXES, AlignmentProjector
+from unialign_core.transformer import ALIGN_PREFIXES
 
 from . import runs
 
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 SD3_ONLY = ("time_text_embed.text_embedder.",)
 SD3_RENAMES = (("norm_out.", "image_norm_out."), ("proj_out.", "image_proj_out."))
+# The parts `init` may give or override (paths; None: the start's own).
+COMPONENTS = ("text_encoder", "vae", "tokenizer", "mask_embedding")
 
 
 @dataclass
@@ -80,8 +83,6 @@ def detect_kind(path: str) -> str:
                 config = json.load(f)
             return "upstream" if "vocab_size" in config else "sd3"
         raise CheckpointError(path, "not a model folder (no transformer/config.json), run or checkpoint")
-    from unialign_core.checkpoint import read_safetensors_metadata
-
     meta = read_safetensors_metadata(path)
     if meta.get("format") == "unialignment":
         return "single"
@@ -90,14 +91,12 @@ def detect_kind(path: str) -> str:
 
 def add_projectors(transformer: UniAlignTransformer, align_dim: Optional[int], hidden: int = 2048) -> List[str]:
     """Give a loaded transformer fresh alignment projectors of output size `align_dim`; returns their keys."""
-    if align_dim is None:
-        return []
-    dim = transformer.inner_dim
-    device = transformer.pos_embed.proj.weight.device
-    transformer.siglip_adapter_img = AlignmentProjector(dim, hidden, align_dim).to(device)
-    transformer.siglip_adapter_text = AlignmentProjector(dim, hidden, align_dim).to(device)
-    transformer.register_to_config(align_dim=align_dim, align_hidden_dim=hidden)
-    return [k for k in transformer.state_dict() if k.startswith(ALIGN_PREFIXES)]
+    return [] if align_dim is None else transformer.add_projectors(align_dim, hidden)
+
+
+def _components(init) -> dict:
+    """The paths of `COMPONENTS` that `init` gives, as keyword arguments of the loaders."""
+    return {name: getattr(init, name) for name in COMPONENTS}
 
 
 def _finish(transformer):
@@ -107,14 +106,7 @@ def _finish(transformer):
 
 
 def _from_model(init, kind, align_dim):
-    model = load_model(
-        init.path,
-        text_encoder=init.text_encoder,
-        vae=init.vae,
-        tokenizer=init.tokenizer,
-        mask_embedding=init.mask_embedding,
-        fp16_time_projection=init.fp16_time_projection,
-    )
+    model = load_model(init.path, **_components(init), fp16_time_projection=init.fp16_time_projection)
     report = InitReport(kind, init.path)
     report.mapped = [(k, k) for k in model.transformer.state_dict()]
     report.new = add_projectors(model.transformer, align_dim)
@@ -126,7 +118,7 @@ def _from_run(init, align_dim):
     checkpoint = runs.resolve_checkpoint(init.path)
     previous = runs.read_run_config(runs.run_dir_of(checkpoint))
     base = previous.init
-    for name in ("text_encoder", "vae", "tokenizer", "mask_embedding", "fp16_time_projection"):
+    for name in COMPONENTS + ("fp16_time_projection",):
         if getattr(init, name) is not None:  # this stage's overrides win
             setattr(base, name, getattr(init, name))
     model, transformer, inner = load_start(base, align_dim)
@@ -178,15 +170,7 @@ def map_sd3_state_dict(state: dict, transformer: UniAlignTransformer, source: st
 
 def _from_sd3(init, align_dim):
     fp16 = bool(init.fp16_time_projection)  # stock SD3 does not round the timestep projection
-    model, state = load_sd3_medium_start(
-        init.path,
-        text_encoder=init.text_encoder,
-        vae=init.vae,
-        tokenizer=init.tokenizer,
-        mask_embedding=init.mask_embedding,
-        fp16_time_projection=fp16,
-        align_dim=align_dim,
-    )
+    model, state = load_sd3_medium_start(init.path, **_components(init), fp16_time_projection=fp16, align_dim=align_dim)
     transformer = model.transformer
     mapped, report = map_sd3_state_dict(state, transformer, init.path)
     transformer.load_state_dict(mapped, strict=False)

@@ -12,7 +12,7 @@ its temporary: the next write of the same target removes the temporaries of proc
 import errno
 import os
 import re
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 
 class NoSpaceError(OSError):
@@ -98,32 +98,51 @@ def fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+def begin_write(path: str, clean_stale: bool = True) -> str:
+    """Start an atomic write of `path`: make its folder, remove the temporaries killed writers left for it (when
+    `clean_stale`) and return the temporary to write; then `finish_write` or `discard_write`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if clean_stale:
+        remove_stale_temporaries(path)
+    return temporary_path(path)
+
+
+def finish_write(tmp: str, path: str) -> None:
+    """Flush the written temporary to disk, give it ordinary permissions and rename it over `path`."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, new_file_mode())  # safetensors creates owner-only files; exports are read by other users
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def discard_write(tmp: str, path: str, error: BaseException) -> Optional[NoSpaceError]:
+    """Remove the temporary of a failed write; returns the `NoSpaceError` to raise instead of `error` when the
+    disk filled up, else None (raise `error` itself)."""
+    try:
+        os.remove(tmp)
+    except OSError:
+        pass
+    if isinstance(error, Exception) and not isinstance(error, NoSpaceError) and is_no_space(error):
+        return NoSpaceError(path, os.path.exists(path))
+    return None
+
+
 def write_atomic(path: str, write: Callable[[str], None], clean_stale: bool = True) -> str:
     """Write `path` through `write(temporary_path)`; the target is replaced only by a complete, flushed file.
 
     `clean_stale` first removes the temporaries killed writers left for `path` (it lists the folder: pass False
     for many small files in one folder, such as a feature cache)."""
     path = os.path.abspath(path)
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    if clean_stale:
-        remove_stale_temporaries(path)
-    tmp = temporary_path(path)
+    tmp = begin_write(path, clean_stale)
     try:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, new_file_mode())  # safetensors creates owner-only files; exports are read by other users
-        os.replace(tmp, path)
+        finish_write(tmp, path)
     except BaseException as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        if isinstance(e, Exception) and not isinstance(e, NoSpaceError) and is_no_space(e):
-            raise NoSpaceError(path, os.path.exists(path)) from e
+        no_space = discard_write(tmp, path, e)
+        if no_space is not None:
+            raise no_space from e
         raise
-    fsync_dir(folder)
     return path
 
 

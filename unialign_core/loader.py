@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import os
-from typing import NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import torch
 from diffusers import AutoencoderKL
@@ -248,6 +248,19 @@ def metadata_whole(meta: dict, key: str, path: str) -> int:
     return value
 
 
+def check_known(config: dict, cls, what: str, path: str, where: Optional[str], skip_private: bool = False) -> None:
+    """Every entry of `config` must be an argument of `cls` (entries starting with "_" pass when `skip_private`);
+    else CheckpointError(path) naming the unknown ones and what `what` (the part) takes."""
+    known = [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
+    unknown = sorted(k for k in config if k not in known and not (skip_private and k.startswith("_")))
+    if unknown:
+        raise CheckpointError(
+            path,
+            f"unknown {what} config entries {unknown}" + (f" in {where}" if where else "") + f"; the {what} takes "
+            f"{', '.join(known)}; {DAMAGED}",
+        )
+
+
 def transformer_config(raw, path: str, where: Optional[str] = None) -> dict:
     """Our transformer config from a file's: upstream `transformer/config.json` or our single file's model_config.
 
@@ -260,14 +273,7 @@ def transformer_config(raw, path: str, where: Optional[str] = None) -> dict:
     config.pop("qk_norm", None)
     if "vocab_size" not in config:
         raise CheckpointError(path, "config has no vocab_size: this is not a UniAlignment/DualDiffusion transformer")
-    known = [k for k in inspect.signature(UniAlignTransformer.__init__).parameters if k != "self"]
-    unknown = sorted(k for k in config if k not in known)
-    if unknown:
-        raise CheckpointError(
-            path,
-            f"unknown transformer config entries {unknown}" + (f" in {where}" if where else "") + f"; the "
-            f"transformer takes {', '.join(known)}; {DAMAGED}",
-        )
+    check_known(config, UniAlignTransformer, "transformer", path, where)
     check_numbers(config, "transformer", path, where)
     heads, head_dim = config.get("num_attention_heads", 24), config.get("attention_head_dim", 64)
     check_value(
@@ -317,14 +323,7 @@ def check_scheduler(config, path: str, where: Optional[str] = None) -> dict:
 def check_vae_config(config, path: str, where: Optional[str] = None) -> dict:
     """An AutoencoderKL config: a JSON object of the entries the VAE takes, with sizes in `LIMITS["vae"]`."""
     config = check_dict(config, path, where or "the VAE config", "the VAE's settings")
-    known = [k for k in inspect.signature(AutoencoderKL.__init__).parameters if k != "self"]
-    unknown = sorted(k for k in config if k not in known and not k.startswith("_"))
-    if unknown:
-        raise CheckpointError(
-            path,
-            f"unknown VAE config entries {unknown}" + (f" in {where}" if where else "") + f"; the VAE takes "
-            f"{', '.join(known)}; {DAMAGED}",
-        )
+    check_known(config, AutoencoderKL, "VAE", path, where, skip_private=True)
     check_numbers(config, "vae", path, where)
     blocks = len(config.get("block_out_channels", [64]))
     for key in ("down_block_types", "up_block_types"):
@@ -540,11 +539,51 @@ def _mask_id(tokenizer, declared: Optional[int] = None, path: str = "tokenizer")
     return mask
 
 
-def _load_folder(path, dtype, fp16_time_projection, operations=None, weight_dtype=None):
-    """Components of an upstream pipeline folder."""
+# ---- formats -----------------------------------------------------------------------------------------------------
+# `load_model` finds the reader of a path in `READERS` (the first whose test passes), the way diffusers' single-file
+# utilities infer a checkpoint's type before converting it; each reader returns `LoadedParts`, which `_assemble`
+# completes with the components the caller gives.
+
+
+class Components(NamedTuple):
+    """A model's parts besides the transformer, each a path, a loaded object (module, tokenizer, tensor) or None."""
+
+    text_encoder: Any = None
+    vae: Any = None
+    tokenizer: Any = None
+    mask_embedding: Any = None
+
+    def over(self, own: "Components") -> "Components":
+        """These components where given, else `own`'s (the caller's choices win over the model's own)."""
+        return Components(*(given or theirs for given, theirs in zip(self, own)))
+
+
+class ReadOptions(NamedTuple):
+    """How a reader builds the transformer (see `load_model`)."""
+
+    dtype: torch.dtype = torch.float32
+    fp16_time_projection: Optional[bool] = None
+    operations: Any = None
+    weight_dtype: Optional[torch.dtype] = None
+
+
+class LoadedParts(NamedTuple):
+    """What a format's reader found: the built transformer, the checked scheduler config, the model's own
+    components, the mask id the file declares (None: the tokenizer's T5 mask token) and its prompt length."""
+
+    transformer: UniAlignTransformer
+    scheduler: dict
+    components: Components = Components()
+    mask_id: Optional[int] = None
+    text_length: int = DEFAULT_TEXT_LENGTH
+
+
+def _read_folder(path: str, options: ReadOptions) -> LoadedParts:
+    """An upstream pipeline folder."""
     transformer_dir = _first_dir(path, ["transformer"])
     if transformer_dir is None:
         raise CheckpointError(path, "not a model folder: no transformer/ subfolder")
+    fp16_time_projection = options.fp16_time_projection
     if fp16_time_projection is None:
         # DualDiffusion does not round the time projection; UniAlignment does.
         index_path = os.path.join(path, "model_index.json")
@@ -552,18 +591,20 @@ def _load_folder(path, dtype, fp16_time_projection, operations=None, weight_dtyp
             if "dual" in str(read_json(index_path, "the pipeline's parts").get("_class_name", "")).lower():
                 fp16_time_projection = False
     scheduler = read_scheduler(path)  # checked before the transformer is built
-    transformer = load_transformer(transformer_dir, dtype, fp16_time_projection, operations, weight_dtype)
-    parts = {
-        "text_encoder": _first_dir(path, ["text_encoder", "text_encoder_3"]),
-        "vae": _first_dir(path, ["vae"]),
-        "tokenizer": _first_dir(path, ["tokenizer", "tokenizer_3"]),
-        "mask_embedding": _find_mask_file(path),
-    }
-    return transformer, scheduler, parts, None
+    transformer = load_transformer(
+        transformer_dir, options.dtype, fp16_time_projection, options.operations, options.weight_dtype
+    )
+    own = Components(
+        text_encoder=_first_dir(path, ["text_encoder", "text_encoder_3"]),
+        vae=_first_dir(path, ["vae"]),
+        tokenizer=_first_dir(path, ["tokenizer", "tokenizer_3"]),
+        mask_embedding=_find_mask_file(path),
+    )
+    return LoadedParts(transformer, scheduler, own)
 
 
-def _load_file(path, dtype, fp16_time_projection, operations=None, weight_dtype=None):
-    """Components of our single-file format. Every metadata entry is read and checked before anything is built."""
+def _read_file(path: str, options: ReadOptions) -> LoadedParts:
+    """Our single-file format. Every metadata entry is read and checked before anything is built."""
     tensors, meta = read_safetensors(path)
     if meta.get("format") != FORMAT:
         hint = "a plain transformer or another model" if tensors else "an empty file"
@@ -585,34 +626,52 @@ def _load_file(path, dtype, fp16_time_projection, operations=None, weight_dtype=
         raise CheckpointError(
             path, f"mask_id is {mask_id}, but model_config.vocab_size is {config['vocab_size']}; {DAMAGED}"
         )
-    parts = {"text_encoder": None, "vae": None, "tokenizer": None, "mask_embedding": None}
+    text_length = DEFAULT_TEXT_LENGTH
     if "text_length" in meta:  # written by the trainer's export: its prompt length
-        parts["text_length"] = metadata_whole(meta, "text_length", path)
+        text_length = metadata_whole(meta, "text_length", path)
     t5 = vae = None
     if "text_encoder_config" in meta:
         t5 = t5_config(metadata_json(meta, "text_encoder_config", path, "T5's settings"), path, "text_encoder_config")
     if "vae_config" in meta:
         vae = check_vae_config(metadata_json(meta, "vae_config", path, "the VAE's settings"), path, "vae_config")
     if "tokenizer" in meta:
-        parts["tokenizer"] = tokenizer_from_metadata(meta, path)
+        tokenizer = tokenizer_from_metadata(meta, path)
     else:  # a tokenizer/ folder or a tokenizer.json beside the file
         folder = os.path.dirname(os.path.abspath(path))
         beside = os.path.join(folder, "tokenizer.json")
-        parts["tokenizer"] = _first_dir(folder, ["tokenizer"]) or (beside if os.path.isfile(beside) else None)
+        tokenizer = _first_dir(folder, ["tokenizer"]) or (beside if os.path.isfile(beside) else None)
+    mask_embedding = None
     if "mask_embedding" in meta:
-        parts["mask_embedding"] = decode_tensor(
+        mask_embedding = decode_tensor(
             meta["mask_embedding"], path, "mask_embedding", LIMITS["metadata"]["mask_embedding"].high
         )
-    if fp16_time_projection is not None:
-        config["fp16_time_projection"] = fp16_time_projection
-    transformer = build_transformer(config, tensors, path, dtype, operations, weight_dtype)
+    if options.fp16_time_projection is not None:
+        config["fp16_time_projection"] = options.fp16_time_projection
+    transformer = build_transformer(config, tensors, path, options.dtype, options.operations, options.weight_dtype)
+    text_encoder = bundled_vae = None
     if t5 is not None:
         t5_state = {k[len("text_encoder.") :]: v for k, v in tensors.items() if k.startswith("text_encoder.")}
-        parts["text_encoder"] = t5_from_state_dict(t5_state, path, dtype, t5, operations)
+        text_encoder = t5_from_state_dict(t5_state, path, options.dtype, t5, options.operations)
     if vae is not None:
         vae_state = {k[len("vae.") :]: v for k, v in tensors.items() if k.startswith("vae.")}
-        parts["vae"] = vae_from_state_dict(vae_state, vae, path, vae_dtype(dtype))
-    return transformer, scheduler, parts, mask_id
+        bundled_vae = vae_from_state_dict(vae_state, vae, path, vae_dtype(options.dtype))
+    own = Components(text_encoder, bundled_vae, tokenizer, mask_embedding)
+    return LoadedParts(transformer, scheduler, own, mask_id, text_length)
+
+
+# (format, test of the path, reader): the first format whose test passes reads the path.
+READERS: Tuple[Tuple[str, Callable[[str], bool], Callable[[str, ReadOptions], LoadedParts]], ...] = (
+    ("pipeline folder", os.path.isdir, _read_folder),
+    ("single file", os.path.isfile, _read_file),
+)
+
+
+def _reader_of(path: str):
+    """The entry of `READERS` that reads `path`."""
+    for entry in READERS:
+        if entry[1](path):
+            return entry
+    raise CheckpointError(path, "model not found")
 
 
 def load_model(
@@ -649,35 +708,17 @@ def load_model(
     """
     if not os.path.exists(path):
         raise CheckpointError(path, "model not found")
-    if os.path.isdir(path):
-        transformer, scheduler, parts, declared_mask = _load_folder(
-            path, dtype, fp16_time_projection, operations, weight_dtype
-        )
-    else:
-        transformer, scheduler, parts, declared_mask = _load_file(
-            path, dtype, fp16_time_projection, operations, weight_dtype
-        )
-    return _assemble(
-        path,
-        transformer,
-        scheduler,
-        parts,
-        declared_mask,
-        text_encoder,
-        vae,
-        tokenizer,
-        mask_embedding,
-        dtype,
-        operations,
-    ).to(device)
+    _, _, read = _reader_of(path)
+    loaded = read(path, ReadOptions(dtype, fp16_time_projection, operations, weight_dtype))
+    given = Components(text_encoder, vae, tokenizer, mask_embedding)
+    return _assemble(path, loaded, given, dtype, operations).to(device)
 
 
-def _assemble(
-    path, transformer, scheduler, parts, declared_mask, text_encoder, vae, tokenizer, mask_embedding, dtype, operations
-) -> UniAlignModel:
-    """The UniAlignModel of a loaded transformer: T5, VAE and tokenizer (the arguments win over `parts`, the
-    model's own), the mask id and the mask-token embedding."""
-    t5 = load_text_encoder(text_encoder, dtype, operations) if text_encoder else parts["text_encoder"]
+def _assemble(path: str, loaded: LoadedParts, given: Components, dtype, operations) -> UniAlignModel:
+    """The UniAlignModel of a loaded transformer: T5, VAE and tokenizer (`given` wins over the model's own), the
+    mask id and the mask-token embedding."""
+    parts = given.over(loaded.components)
+    t5 = parts.text_encoder
     if isinstance(t5, str):
         t5 = load_text_encoder(t5, dtype, operations)
     if t5 is None:
@@ -686,12 +727,13 @@ def _assemble(
             "no text encoder: pass a T5 encoder file (e.g. models/text_encoders/t5xxl_fp16.safetensors)",
             component="text_encoder",
         )
-    vae_source = vae or parts["vae"]
+    vae_source = parts.vae
     autoencoder = load_vae(vae_source, vae_dtype(dtype)) if isinstance(vae_source, str) else vae_source
     if autoencoder is None:
         raise CheckpointError(
             path, "no VAE: pass an SD3 VAE file (e.g. models/vae/sd3_vae.safetensors)", component="vae"
         )
+    transformer = loaded.transformer
     latent_channels = getattr(autoencoder.config, "latent_channels", None)
     if latent_channels is not None and latent_channels != transformer.config.in_channels:
         raise CheckpointError(
@@ -700,7 +742,7 @@ def _assemble(
             f"{transformer.config.in_channels} (in_channels): use the VAE the model was made with (SD3's)",
             component="vae",
         )
-    tok = tokenizer or parts["tokenizer"]
+    tok = parts.tokenizer
     if tok is None:
         raise CheckpointError(
             path, "no tokenizer: put tokenizer/ next to the model or pass a tokenizer path", component="tokenizer"
@@ -708,9 +750,9 @@ def _assemble(
     tok_source = tok if isinstance(tok, str) else path
     if isinstance(tok, str):
         tok = load_tokenizer(tok)
-    mask_id = _mask_id(tok, declared_mask, tok_source)
+    mask_id = _mask_id(tok, loaded.mask_id, tok_source)
 
-    mask_source = mask_embedding or parts["mask_embedding"]
+    mask_source = parts.mask_embedding
     mask_vector = load_mask_embedding(mask_source) if isinstance(mask_source, str) else mask_source
     if mask_vector is not None:
         set_mask_embedding(t5, mask_vector, mask_id, mask_source if isinstance(mask_source, str) else path)
@@ -719,11 +761,11 @@ def _assemble(
         autoencoder,
         t5,
         tok,
-        scheduler,
+        loaded.scheduler,
         mask_id,
         path,
         mask_vector,
-        parts.get("text_length", DEFAULT_TEXT_LENGTH),
+        loaded.text_length,
     )
 
 
@@ -739,19 +781,29 @@ def sd3_transformer_config(raw: dict, vocab_size: int, fp16_time_projection: boo
     return transformer_config(config, path)
 
 
-def _read_sd3(path: str, components: dict):
-    """(transformer config, state, scheduler, component paths) of an SD3 pipeline folder, `transformer/` folder
-    or transformer file; `components` (text_encoder, vae, tokenizer paths or None) win over the folder's own."""
+class SD3Files(NamedTuple):
+    """What an SD3-medium start provides: its transformer config and tensors (SD3's names), its scheduler config
+    and the T5, VAE and tokenizer paths."""
+
+    config: dict
+    state: dict
+    scheduler: dict
+    components: Components
+
+
+def _read_sd3(path: str, given: Components) -> SD3Files:
+    """An SD3 pipeline folder, `transformer/` folder or transformer file; `given` (text_encoder, vae, tokenizer
+    paths or None) wins over the folder's own."""
     folder = path if os.path.isdir(path) else None
-    parts = dict(components)
+    parts = given
     scheduler = dict(DEFAULT_SCHEDULER)
     if folder and os.path.isdir(os.path.join(folder, "transformer")):
-        for name, subs in (
-            ("text_encoder", ("text_encoder_3",)),
-            ("vae", ("vae",)),
-            ("tokenizer", ("tokenizer_3", "tokenizer")),
-        ):
-            parts[name] = parts[name] or _first_dir(folder, subs)
+        own = Components(
+            text_encoder=_first_dir(folder, ("text_encoder_3",)),
+            vae=_first_dir(folder, ("vae",)),
+            tokenizer=_first_dir(folder, ("tokenizer_3", "tokenizer")),
+        )
+        parts = given.over(own)
         scheduler = read_scheduler(folder)
         folder = os.path.join(folder, "transformer")
     if folder:
@@ -766,7 +818,7 @@ def _read_sd3(path: str, components: dict):
             raw = read_json(sibling, "the transformer's settings")
         else:
             raise CheckpointError(path, "an SD3 transformer file needs its config.json beside it")
-    missing = [n for n in ("text_encoder", "vae", "tokenizer") if parts[n] is None]
+    missing = [n for n in ("text_encoder", "vae", "tokenizer") if getattr(parts, n) is None]
     if missing:
         raise CheckpointError(
             path,
@@ -774,7 +826,7 @@ def _read_sd3(path: str, components: dict):
             f"{', '.join('init.' + m for m in missing)}), or an SD3 pipeline folder with "
             "text_encoder_3/, vae/, tokenizer_3/",
         )
-    return raw, state, scheduler, parts
+    return SD3Files(raw, state, scheduler, parts)
 
 
 def load_sd3_medium_start(
@@ -790,12 +842,12 @@ def load_sd3_medium_start(
     UniAlignTransformer of SD3-medium's shape (vocabulary: the tokenizer's; with alignment projectors of size
     `align_dim`); no weights are loaded into it: `sd3_state` holds SD3's tensors under SD3's names, for the caller
     to map (train/init.py does, with its report)."""
-    components = {"text_encoder": text_encoder, "vae": vae, "tokenizer": tokenizer}
-    raw, state, scheduler, parts = _read_sd3(path, components)
-    tok = load_tokenizer(parts["tokenizer"])
+    sd3 = _read_sd3(path, Components(text_encoder, vae, tokenizer))
+    tok = load_tokenizer(sd3.components.tokenizer)
     tok.pad_token = tok.pad_token or tok.eos_token
-    config = sd3_transformer_config(raw, len(tok), bool(fp16_time_projection), path)
+    config = sd3_transformer_config(sd3.config, len(tok), bool(fp16_time_projection), path)
     transformer = UniAlignTransformer(**config, align_dim=align_dim)
-    parts.update(tokenizer=tok, mask_embedding=None)
-    model = _assemble(path, transformer, scheduler, parts, None, None, None, None, mask_embedding, torch.float32, None)
-    return model, state
+    own = sd3.components._replace(tokenizer=tok, mask_embedding=None)
+    loaded = LoadedParts(transformer, sd3.scheduler, own)
+    model = _assemble(path, loaded, Components(mask_embedding=mask_embedding), torch.float32, None)
+    return model, sd3.state

@@ -8,7 +8,8 @@ else 1.0 -- the rule ComfyUI applies, so both read a file at the same strength.
 them to a copy (or hand them to ComfyUI's ModelPatcher), so the base model never changes.
 """
 
-from typing import Dict, NamedTuple, Optional
+import re
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -16,6 +17,10 @@ from .checkpoint import read_safetensors, save_safetensors_atomic
 from .errors import CheckpointError
 
 PREFIXES = ("transformer.", "base_model.model.", "diffusion_model.")
+# `<module>.lora_A.weight`, `<module>.lora_B.weight` (peft names an adapter between: `lora_A.default.weight`) and
+# `<module>.alpha`.
+LORA_KEY = re.compile(r"^(.*)\.(?:lora_(A|B)(?:\.([^.]+))?\.weight|(alpha))$")
+SLOTS = {"A": "down", "B": "up"}
 
 
 class LoraLayer(NamedTuple):
@@ -28,6 +33,16 @@ class LoraLayer(NamedTuple):
         return 1.0 if self.alpha is None else self.alpha / self.down.shape[0]
 
 
+def lora_key(key: str, adapter_names: bool = False) -> Optional[Tuple[str, str]]:
+    """(module, slot) of a LoRA tensor's key: slot "down" (lora_A), "up" (lora_B) or "alpha"; None for another key.
+
+    `adapter_names` also reads peft's names, which put the adapter between (`<module>.lora_A.default.weight`)."""
+    m = LORA_KEY.match(key)
+    if m is None or (m.group(3) is not None and not adapter_names):
+        return None
+    return m.group(1), SLOTS[m.group(2)] if m.group(2) else "alpha"
+
+
 def parse_lora(state: Dict[str, torch.Tensor], path: str) -> Dict[str, LoraLayer]:
     """Group a LoRA state dict by module name (prefix stripped)."""
     parts: Dict[str, dict] = {}
@@ -37,12 +52,11 @@ def parse_lora(state: Dict[str, torch.Tensor], path: str) -> Dict[str, LoraLayer
             if name.startswith(prefix):
                 name = name[len(prefix) :]
                 break
-        for suffix, slot in ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".alpha", "alpha")):
-            if name.endswith(suffix):
-                parts.setdefault(name[: -len(suffix)], {})[slot] = value
-                break
-        else:
+        found = lora_key(name)
+        if found is None:
             raise CheckpointError(path, f"not a diffusers-format LoRA: unexpected key {key!r}")
+        module, slot = found
+        parts.setdefault(module, {})[slot] = value
     if not parts:
         raise CheckpointError(path, "empty LoRA file")
     layers = {}

@@ -9,6 +9,7 @@ Sides must be multiples of `model.pixel_multiple` (16 for SD3's VAE with patch s
 A bad argument raises `InputError` (a ValueError) whose `name` is the argument ("image", "reference 2", ...).
 """
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
@@ -339,6 +340,16 @@ def compose(
     )  # fmt: skip
 
 
+def _read_image(model, image, *, question: Optional[str], short: bool, resize, resolution, **options):
+    """`caption` (no `question`) and `answer`: the image as read (`understanding_input`), the question's tokens
+    (frozen), then `_understand` with the other `options`."""
+    image = understanding_input(model, image, resize, resolution)
+    prompt_ids = (
+        [] if question is None else model.question_ids(question.strip() + (SHORT_ANSWER_SUFFIX if short else ""))
+    )
+    return _understand(model, image, prompt_ids=prompt_ids, **options)
+
+
 def _understand(
     model,
     image,
@@ -448,61 +459,17 @@ def caption(
         resolution: the side for "trained" and "crop"; "auto" (default) reads it from the model
             (`trained_side`); None keeps the image's size (same as resize="as_is").
     """
-    image = understanding_input(model, image, resize, resolution)
-    return _understand(
-        model,
-        image,
-        prompt_ids=[],
-        answer_tokens=answer_tokens,
-        steps=steps,
-        sampler=sampler,
-        seed=seed,
-        temperature=temperature,
-        callback=callback,
-        cancel=cancel,
-        threshold=threshold,
-        refresh=refresh,
-    )
+    return _read_image(question=None, short=False, **locals())  # locals(): exactly the arguments
 
 
-def answer(
-    model,
-    image: ImageInput,
-    question: str,
-    *,
-    answer_tokens: int = 128,
-    steps: int = 32,
-    sampler: str = "confidence",
-    short: bool = False,
-    seed: int = 0,
-    temperature: float = 0.0,
-    resize: str = "trained",
-    resolution="auto",
-    threshold: Optional[float] = None,
-    refresh: int = 1,
-    callback: Optional[Callable] = None,
-    cancel: Optional[Callable[[], bool]] = None,
-) -> List[str]:
+def answer(model, image: ImageInput, question: str, *, short: bool = False, **options) -> List[str]:
     """Answer a question about each image with the published `Q: ... A: ` prompt.
 
     The question's tokens are frozen (without the tokenizer's trailing end-of-text) and the
     answer fills the rest. `short=True` appends the SFT hint for one-word answers.
-    Other arguments are those of `caption`.
+    Other arguments are those of `caption`, with its defaults.
     """
+    arguments = inspect.signature(caption).bind(model, image, **options)  # TypeError for one caption does not take
+    arguments.apply_defaults()
     _check_prompt(question, "question")
-    image = understanding_input(model, image, resize, resolution)
-    ids = model.question_ids(question.strip() + (SHORT_ANSWER_SUFFIX if short else ""))
-    return _understand(
-        model,
-        image,
-        prompt_ids=ids,
-        answer_tokens=answer_tokens,
-        steps=steps,
-        sampler=sampler,
-        seed=seed,
-        temperature=temperature,
-        callback=callback,
-        cancel=cancel,
-        threshold=threshold,
-        refresh=refresh,
-    )
+    return _read_image(question=question, short=short, **arguments.arguments)

@@ -21,7 +21,6 @@ Metadata (all strings, JSON where structured):
 
 import json
 import math
-import os
 import struct
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -29,7 +28,7 @@ import torch
 
 from .checkpoint import save_safetensors_atomic
 from .errors import CheckpointError
-from .files import NoSpaceError, fsync_dir, is_no_space, new_file_mode, remove_stale_temporaries, temporary_path
+from .files import NoSpaceError, begin_write, discard_write, finish_write
 from .transformer import ALIGN_PREFIXES
 
 FORMAT = "unialignment"
@@ -154,10 +153,7 @@ class StreamingSafetensorsWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self.total_bytes = 8 + len(raw) + offset
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        remove_stale_temporaries(path)  # left by a writer killed mid-write
-        self.tmp = temporary_path(path)
+        self.tmp = begin_write(path)  # also removes the temporaries of a writer killed mid-write
         self.file = open(self.tmp, "wb")
         self.written = 0
         try:
@@ -184,22 +180,18 @@ class StreamingSafetensorsWriter:
         if self.written != len(self.entries):
             missing = [name for name, _, _ in self.entries[self.written :]]
             raise ValueError(f"{self.path}: {len(missing)} declared tensors were not written (first: {missing[:5]})")
-        self.file.flush()
-        os.fsync(self.file.fileno())
         self.file.close()
-        os.chmod(self.tmp, new_file_mode())
-        os.replace(self.tmp, self.path)
-        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        finish_write(self.tmp, self.path)
         return self.path
 
-    def abort(self) -> None:
+    def abort(self, error: Optional[BaseException] = None) -> Optional[NoSpaceError]:
+        """Close and remove the temporary; returns the `NoSpaceError` to raise when `error` was a full disk."""
         if not self.file.closed:
             try:
                 self.file.close()
             except OSError:
                 pass  # a full disk fails the flush too; the file is removed all the same
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)
+        return discard_write(self.tmp, self.path, error)
 
     def __enter__(self) -> "StreamingSafetensorsWriter":
         return self
@@ -209,14 +201,14 @@ class StreamingSafetensorsWriter:
             try:
                 self.close()
             except Exception as e:
-                self.abort()
-                if is_no_space(e):
-                    raise NoSpaceError(self.path, os.path.exists(self.path)) from e
+                no_space = self.abort(e)
+                if no_space is not None:
+                    raise no_space from e
                 raise
         else:
-            self.abort()
-            if isinstance(value, Exception) and not isinstance(value, NoSpaceError) and is_no_space(value):
-                raise NoSpaceError(self.path, os.path.exists(self.path)) from value
+            no_space = self.abort(value)
+            if no_space is not None:
+                raise no_space from value
 
 
 def _config_dict(module) -> dict:
@@ -266,3 +258,28 @@ def save_single_file(
         for k, v in tensors.items()
     }
     return save_safetensors_atomic(tensors, path, metadata)
+
+
+def save_model(
+    path: str,
+    model,
+    transformer=None,
+    *,
+    bundle: bool = False,
+    dtype: Optional[torch.dtype] = None,
+    extra_metadata: Optional[Dict[str, str]] = None,
+) -> str:
+    """`save_single_file` of a loaded model (a `UniAlignModel`): `transformer` (default: the model's own) with the
+    model's scheduler config, mask id, mask-token embedding and tokenizer; `bundle` also stores its T5 and VAE."""
+    return save_single_file(
+        path,
+        model.transformer if transformer is None else transformer,
+        scheduler_config=model.scheduler_config,
+        mask_id=model.mask_id,
+        mask_embedding=model.mask_embedding,
+        tokenizer=model.tokenizer,
+        text_encoder=model.text_encoder if bundle else None,
+        vae=model.vae if bundle else None,
+        dtype=dtype,
+        extra_metadata=extra_metadata,
+    )

@@ -43,12 +43,15 @@ class TextDenoiser:
     def __call__(self, ids: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Log-probs for `ids`; `rows` picks which images of the batch these ids belong to."""
         TextDenoiser.total_calls += 1
-        mask_id = self.model.mask_id
         context = self.model.encode_ids(ids)
         zero = torch.zeros(ids.shape[0], device=context.device)
+        out = self._forward(context, zero, rows)
+        return subs_log_probs(out.text_logits.float(), ids.to(out.text_logits.device), self.model.mask_id)
+
+    def _forward(self, context: torch.Tensor, zero: torch.Tensor, rows: Optional[torch.Tensor]):
+        """The transformer's output for the T5 states `context` at timestep `zero` (a full pass)."""
         latents = self.latents if rows is None or self.latents is None else self.latents[rows.to(self.latents.device)]
-        out = self.model.transformer(latents, context, zero, compute_image=False)
-        return subs_log_probs(out.text_logits.float(), ids.to(out.text_logits.device), mask_id)
+        return self.model.transformer(latents, context, zero, compute_image=False)
 
 
 class CachedTextDenoiser(TextDenoiser):
@@ -71,13 +74,10 @@ class CachedTextDenoiser(TextDenoiser):
         self.cache = None
         self.cache_rows = None  # which images of the batch the cache rows belong to
 
-    @torch.no_grad()
-    def __call__(self, ids: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        TextDenoiser.total_calls += 1
-        mask_id = self.model.mask_id
-        context = self.model.encode_ids(ids)
-        zero = torch.zeros(ids.shape[0], device=context.device)
-        rows = torch.arange(ids.shape[0]) if rows is None else rows.cpu()
+    def _forward(self, context: torch.Tensor, zero: torch.Tensor, rows: Optional[torch.Tensor]):
+        """A full pass that caches the image stream, or a text-only pass over the cache (`TextDenoiser.__call__`
+        runs it without gradients)."""
+        rows = torch.arange(context.shape[0]) if rows is None else rows.cpu()
         cached = self._cached_rows(rows) if self.calls % self.refresh else None
         self.calls += 1
         transformer = self.model.transformer
@@ -85,9 +85,8 @@ class CachedTextDenoiser(TextDenoiser):
             latents = None if self.latents is None else self.latents[rows.to(self.latents.device)]
             out, self.cache = transformer.forward_with_image_cache(latents, context, zero, compute_image=False)
             self.cache_rows, self.full_passes = rows, self.full_passes + 1
-        else:
-            out = transformer.forward_text(context, zero, cached)
-        return subs_log_probs(out.text_logits.float(), ids.to(out.text_logits.device), mask_id)
+            return out
+        return transformer.forward_text(context, zero, cached)
 
     def _cached_rows(self, rows: torch.Tensor):
         """The cache for these batch rows, or None when some row is not cached (then a full pass runs)."""

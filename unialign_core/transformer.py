@@ -202,9 +202,22 @@ class UniAlignTransformer(ModelMixin, ConfigMixin):
         self.text_proj_out = nn.Linear(dim, vocab_size)
         self.null_image_embd = nn.Parameter(torch.randn(1, 8, dim) / dim**0.5)
         if align_dim is not None:
-            self.siglip_adapter_img = AlignmentProjector(dim, align_hidden_dim, align_dim)
-            self.siglip_adapter_text = AlignmentProjector(dim, align_hidden_dim, align_dim)
+            self._build_projectors(align_dim, align_hidden_dim)
         self.gradient_checkpointing = False
+
+    def _build_projectors(self, align_dim: int, hidden: int) -> None:
+        self.siglip_adapter_img = AlignmentProjector(self.inner_dim, hidden, align_dim)
+        self.siglip_adapter_text = AlignmentProjector(self.inner_dim, hidden, align_dim)
+
+    def add_projectors(self, align_dim: int, hidden: int = 2048) -> List[str]:
+        """Give this (loaded) transformer fresh alignment projectors of output size `align_dim`, on its device, and
+        record them in its config; returns their keys."""
+        self._build_projectors(align_dim, hidden)
+        device = self.pos_embed.proj.weight.device
+        self.siglip_adapter_img.to(device)
+        self.siglip_adapter_text.to(device)
+        self.register_to_config(align_dim=align_dim, align_hidden_dim=hidden)
+        return [k for k in self.state_dict() if k.startswith(ALIGN_PREFIXES)]
 
     def embed_image(self, latents: torch.Tensor) -> torch.Tensor:
         """Patchify latents [B, C, h, w] into tokens [B, h*w/p^2, D] with positions added."""

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.profile is None and not args.quick:
         return finetune(args)
-    from .pipeline import main_job
+    from .pipeline import main_job  # lazy, as below: the training stack loads only for the job that runs
 
     profile = "quick" if args.quick else ("full" if args.profile == "scratch" else "base")
     out = args.out or {"quick": "runs/shapes-quick", "full": "runs/shapes", "base": "runs/shapes-base"}[profile]

@@ -22,6 +22,14 @@ import sys
 import numpy as np
 import torch
 
+from unialign_core import caption, load_model
+from unialign_core.model import caption_ids
+from unialign_core.modes import _generator
+
+from . import evaluate as ev
+from .scorecard import SAMPLING, TEXT, _generate_chunk, _tensor, records
+from .world import FULL, Scene
+
 SIGMAS = (0.2, 0.5, 0.8, 1.0)
 
 
@@ -42,14 +50,6 @@ def _errors(model, target, variants: dict, seed: int) -> dict:
 
 
 def diagnose(model, n: int = 50, seed: int = 0, vocab=None) -> dict:
-    from unialign_core import caption
-    from unialign_core.model import caption_ids
-    from unialign_core.modes import _generator
-
-    from . import evaluate as ev
-    from .scorecard import SAMPLING, TEXT, _generate_chunk, _tensor, records
-    from .world import FULL, Scene
-
     result = {"split": "val", "n": n, "sigmas": list(SIGMAS)}
     dev = model.device
 
@@ -117,8 +117,6 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from unialign_core import load_model
-
     print(json.dumps(diagnose(load_model(args.model), args.n, args.seed), indent=1))
     return 0
 

@@ -14,6 +14,7 @@ Images may be PIL images, uint8 arrays [H, W, 3], float arrays/tensors [H, W, 3]
 
 from __future__ import annotations
 
+import argparse
 import re
 import string
 from dataclasses import dataclass
@@ -369,8 +370,6 @@ def self_check(
 
 
 if __name__ == "__main__":
-    import argparse
-
     parser = argparse.ArgumentParser(description="Evaluator read-back accuracy on random shapes-world renders.")
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--size", type=int, default=32)

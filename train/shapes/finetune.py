@@ -28,8 +28,13 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
+from unialign_core import load_lora, load_model, merge_lora
 from unialign_core.demo import DEMO_CARD, DEMO_MODEL, DEMO_TEACHER, PACK_ROOT
+from unialign_core.files import write_text_atomic
 
+from ..config import load_config
+from ..export import export_lora, export_single_file
+from ..loop import run
 from . import world
 from .pipeline import mixed_precision
 from .report import contact_sheet, loss_curve_plot
@@ -89,8 +94,6 @@ def sampler_settings(card: dict) -> tuple[dict, dict]:
 
 def load_with_lora(base: str, lora: str | None, strength: float = 1.0):
     """The base model with a LoRA merged into its weights, through the library calls the nodes use."""
-    from unialign_core import load_lora, load_model, merge_lora
-
     model = load_model(base)
     if lora:
         merge_lora(model.transformer, load_lora(lora), strength, lora)
@@ -171,10 +174,6 @@ def finetune_job(
     teacher: str = DEMO_TEACHER,
 ) -> dict:
     """Run the six stages; returns the report dict (also ``out/report.json``)."""
-    from ..config import load_config
-    from ..export import export_lora, export_single_file
-    from ..loop import run
-
     if not os.path.exists(base):
         raise MissingBase(
             f"the demo base {base} is missing: it ships with the repository (a clone without Git LFS or a "
@@ -281,8 +280,7 @@ def write_report(
         "contact_sheet": sheet,
         "loss_curve": curve,
     }
-    with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
+    write_text_atomic(os.path.join(out, "report.json"), json.dumps(result, indent=1))
     lines = [
         f"# Fine-tuning the demo base on {concept_name} {CONCEPTS[concept_name][1]!r} "
         f"({result['mode']}{', without L_cross and L_align' if ablation else ''})",
@@ -317,8 +315,7 @@ def write_report(
                     f"{old_a.counts[k]} | {ok} |"
                 )
     lines += ["", "![before and after](before_after.png)", "", "![loss curve](loss_curve.png)", ""]
-    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
+    write_text_atomic(os.path.join(out, "report.md"), "\n".join(lines))
     return result
 
 
@@ -351,5 +348,4 @@ def side_by_side(out: str, result: dict, ablated: dict) -> None:
     with open(os.path.join(out, "report.md"), "a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     result["ablation_new_after"], result["ablation_old_after"] = ablated["new_after"], ablated["old_after"]
-    with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
+    write_text_atomic(os.path.join(out, "report.json"), json.dumps(result, indent=1))

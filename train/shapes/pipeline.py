@@ -18,18 +18,31 @@ L_align (run_ablation/), and the report puts both side by side.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from diffusers import AutoencoderKL
+from PIL import Image
 from tqdm.auto import tqdm
+from transformers import T5EncoderModel
 
-from . import autoencoder, report, scorecard, start, teacher, text_encoder, tune, vocab, world
+from unialign_core import load_model
+from unialign_core.files import write_text_atomic
+
+from .. import runs
+from ..config import load_config
+from ..export import export_single_file
+from ..loop import run
+from . import autoencoder, diagnose, report, scorecard, start, teacher, text_encoder, tune, vocab, world
 
 log = logging.getLogger("train.shapes")
 
@@ -60,52 +73,20 @@ class Profile:
 TEXT_LENGTH = 24  # T5 tokens: the longest text of the world is 21
 FROZEN_SEED_OFFSET = 5000  # the frozen parts' records use seed + this: other random streams than the transformer's
 PROFILES = {
-    # 922 s on 2 idle CPU cores (measured; over the 15-minute budget by 22 s); the trainer sees 22.4k samples
-    "full": Profile(
-        records=8000,
-        vae_steps=1200,
-        t5_steps=400,
-        teacher_steps=400,
-        train_steps=1400,
-        batch_size=16,
-        eval_per_task=200,
-        vocab="base",  # the world as it was before the held-out concepts: the figures below stay comparable
-    ),
+    # 922 s on 2 idle CPU cores (measured; over the 15-minute budget by 22 s); the trainer sees 22.4k samples; vocab
+    # "base": the world as it was before the held-out concepts, so that the figures below stay comparable
+    "full": Profile(records=8000, vae_steps=1200, t5_steps=400, teacher_steps=400, train_steps=1400, batch_size=16,
+                    eval_per_task=200, vocab="base"),
     # the demo base (python -m train.shapes base): trained once, shipped in the repository; the frozen parts learn
     # the whole world, the transformer never sees NEW_COLOUR or NEW_KIND
-    "base": Profile(
-        records=40000,
-        vae_steps=2000,
-        t5_steps=600,
-        teacher_steps=600,
-        train_steps=24000,
-        batch_size=16,
-        eval_per_task=200,
-        width=192,
-        lr=1.5e-3,
-        latent_channels=4,
-        vocab="base",
-        frozen_records=12000,
-        curve_every=1000,
-        export_dtype="bf16",
-    ),
+    "base": Profile(records=40000, vae_steps=2000, t5_steps=600, teacher_steps=600, train_steps=24000, batch_size=16,
+                    eval_per_task=200, width=192, lr=1.5e-3, latent_channels=4, vocab="base", frozen_records=12000,
+                    curve_every=1000, export_dtype="bf16"),
     # the CI variant: under 3 minutes, checked against QUICK_FLOORS; sampler settings fixed (no tuning stage); the
     # x4 VAE (16 image tokens) keeps it in budget: at 64 tokens 3 minutes teach the text stream nothing (VQA 0.0-0.2)
-    "quick": Profile(
-        records=3000,
-        vae_steps=400,
-        t5_steps=200,
-        teacher_steps=100,
-        train_steps=500,
-        batch_size=32,
-        eval_per_task=40,
-        tune_per_setting=0,
-        width=96,
-        lr=3e-3,
-        vae_blocks=3,
-        vocab="base",
-    ),
-}
+    "quick": Profile(records=3000, vae_steps=400, t5_steps=200, teacher_steps=100, train_steps=500, batch_size=32,
+                     eval_per_task=40, tune_per_setting=0, width=96, lr=3e-3, vae_blocks=3, vocab="base"),
+}  # fmt: skip
 
 
 def _bar(total: int, desc: str):
@@ -148,8 +129,7 @@ class Stages:
                     "give another --out, or delete that folder to start over"
                 )
         else:
-            with open(marker, "w", encoding="utf-8") as f:
-                json.dump(settings, f)
+            write_text_atomic(marker, json.dumps(settings))
 
     def path(self, *parts) -> str:
         return os.path.join(self.out, *parts)
@@ -188,8 +168,6 @@ class Stages:
 
     # 2
     def vae(self, jsonl: str):
-        from diffusers import AutoencoderKL
-
         def write(tmp):
             images = autoencoder.dataset_images([jsonl])
             bar, progress = _stepper(self.profile.vae_steps, "2/8 vae")
@@ -237,8 +215,6 @@ class Stages:
 
     # 3b
     def t5(self, jsonl: str, tokenizer):
-        from transformers import T5EncoderModel
-
         def write(tmp):
             texts = []
             with open(jsonl, encoding="utf-8") as f:
@@ -257,10 +233,6 @@ class Stages:
 
     # 5
     def train(self, name: str, tokenizer, vae, t5, jsonl: str, teacher_dir: str, ablation: bool) -> str:
-        from .. import runs
-        from ..config import load_config
-        from ..loop import run
-
         start_dir = self.build(
             "start",
             lambda tmp: start.write_start(
@@ -301,10 +273,6 @@ class Stages:
     def curve_point(self, run_dir: str, name: str, step: int) -> dict:
         """Score the latest checkpoint on the validation split (``curve_per_task`` records per mode) and add a
         line to ``<name>_curve.jsonl``: the learning curve, per task, against samples seen."""
-        from unialign_core import load_model
-
-        from ..export import export_single_file
-
         tmp = self.path(f".{name}_curve.safetensors")
         export_single_file(run_dir, tmp, bundle_parts=True)
         started = time.perf_counter()
@@ -334,16 +302,12 @@ class Stages:
 
     # 6
     def export(self, run_dir: str, name: str) -> str:
-        from ..export import export_single_file
-
         out = self.path(name)
         export_single_file(run_dir, out, dtype=self.profile.export_dtype, bundle_parts=True)
         return out
 
     # 7
     def score(self, model_file: str, desc: str):
-        from unialign_core import load_model
-
         model = load_model(model_file)
         if self.profile.tune_per_setting:
             grid = len(tune.IMAGE_GRID) + len(tune.TEXT_GRID)
@@ -370,19 +334,14 @@ class Stages:
         return card
 
     def diagnose(self, model_file: str) -> dict:
-        from unialign_core import load_model
-
-        from .diagnose import diagnose
-
         print("7/8 diagnosis (validation split)", flush=True)
-        return diagnose(load_model(model_file), n=min(50, self.profile.eval_per_task), seed=self.seed, vocab=self.vocab)
+        return diagnose.diagnose(
+            load_model(model_file), n=min(50, self.profile.eval_per_task), seed=self.seed, vocab=self.vocab
+        )
 
 
 def teacher_pairs(jsonl: str):
     """(uint8 images [N, 3, H, W], captions) of the records whose caption describes a whole image."""
-    import numpy as np
-    from PIL import Image
-
     base = os.path.dirname(jsonl)
     arrays, captions = [], []
     with open(jsonl, encoding="utf-8") as f:
@@ -496,9 +455,6 @@ def main_job(out: str, profile_name: str, seed: int, ablation: bool = False, res
 
 def write_demo(st: Stages, model_file: str, teacher_dir: str, result: dict) -> str:
     """``<out>/demo/``: what the repository ships as ``demo/`` (the model, its card, the teacher of L_align)."""
-    import hashlib
-    import subprocess
-
     folder = st.path("demo")
     os.makedirs(folder, exist_ok=True)
     shutil.copy(model_file, os.path.join(folder, "shapes-demo.safetensors"))
@@ -526,6 +482,5 @@ def write_demo(st: Stages, model_file: str, teacher_dir: str, result: dict) -> s
         "counts": result["counts"],
         "profile": result["settings"],
     }
-    with open(os.path.join(folder, "shapes-demo.json"), "w", encoding="utf-8") as f:
-        json.dump(card, f, indent=1)
+    write_text_atomic(os.path.join(folder, "shapes-demo.json"), json.dumps(card, indent=1))
     return folder

@@ -10,6 +10,8 @@ import platform
 import torch
 from PIL import Image, ImageDraw
 
+from unialign_core.files import write_text_atomic
+
 from .scorecard import QUICK_FLOORS, TARGETS
 
 CELL = 96  # pixels per image in the contact sheet (32 px images scaled x3, nearest)
@@ -107,8 +109,7 @@ def write(
         "sampler_settings": card.settings,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
     }
-    with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
+    write_text_atomic(os.path.join(out, "report.json"), json.dumps(result, indent=1))
     other = ablation_card.figures if ablation_card else None
     head = "| metric | value | n | target | met |" + (" without L_cross, L_align |" if other else "")
     rule = "|---|---|---|---|---|" + ("---|" if other else "")
@@ -136,8 +137,7 @@ def write(
         "![contact sheet](contact_sheet.png)",
         "",
     ]
-    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
+    write_text_atomic(os.path.join(out, "report.md"), "\n".join(lines))
     return result
 
 

@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from unialign_core import answer, caption
+from unialign_core import answer, caption, load_model
+from unialign_core.files import write_text_atomic
 from unialign_core.text_sampler import TextDenoiser
 
 from . import evaluate as ev
@@ -115,13 +116,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from unialign_core import load_model
-
     model = load_model(args.model)
     rows = compare(model, n=args.n, seed=args.seed, batch=args.batch, length=args.length, steps=args.steps)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_text_atomic(args.json, json.dumps(rows, indent=2))
     print(markdown(rows))
 
 

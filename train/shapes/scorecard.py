@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from PIL import Image
 
 from unialign_core import answer, caption
+from unialign_core.modes import _generate, _generator
 
 from . import evaluate as ev
 from .autoencoder import reconstruct
@@ -60,8 +62,6 @@ def _tensor(img) -> torch.Tensor:
 
 
 def _image(t: torch.Tensor):
-    from PIL import Image
-
     return Image.fromarray((t[0].permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8))
 
 
@@ -84,8 +84,6 @@ def _generate_chunk(model, task: str, chunk, seeds, sampling: dict) -> list:
     Per record the generator draws exactly what the public call (``text_to_image``, ``edit``, ``perceive``,
     ``compose`` with ``seed=s``) draws: first the source latents' posterior noise, then the initial noise.
     """
-    from unialign_core.modes import _generate, _generator
-
     side = model.vae_scale
     conditions, noises, prompts = [], [], []
     for (rec, sources, _), s in zip(chunk, seeds):

@@ -13,21 +13,12 @@ import os
 import torch
 
 from unialign_core import UniAlignTransformer
+from unialign_core.files import write_text_atomic
 
 # 4 blocks of width 128: about 2.4 M transformer parameters; a 32 px image is 64 tokens (VAE x2, patch 2).
-TRANSFORMER = dict(
-    sample_size=16,
-    patch_size=2,
-    in_channels=16,
-    out_channels=16,
-    num_layers=4,
-    attention_head_dim=32,
-    num_attention_heads=4,
-    caption_projection_dim=128,
-    pooled_projection_dim=128,
-    pos_embed_max_size=16,
-    fp16_time_projection=False,
-)
+TRANSFORMER = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=32,
+                   num_attention_heads=4, caption_projection_dim=128, pooled_projection_dim=128, pos_embed_max_size=16,
+                   fp16_time_projection=False)  # fmt: skip
 # Few image tokens: SD3's shift of 3 would spend most steps on pure noise; 1.0 is the plain flow schedule.
 SCHEDULER = {
     "_class_name": "FlowMatchEulerDiscreteScheduler",
@@ -52,7 +43,5 @@ def write_start(
     text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
     vae.save_pretrained(os.path.join(folder, "vae"))
     tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
-    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
-    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
-        json.dump(SCHEDULER, f, indent=1)
+    write_text_atomic(os.path.join(folder, "scheduler", "scheduler_config.json"), json.dumps(SCHEDULER, indent=1))
     return folder

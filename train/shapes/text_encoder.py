@@ -17,19 +17,8 @@ from transformers import T5Config, T5EncoderModel
 
 from unialign_core.modes import VQA_TEMPLATE
 
-T5 = dict(
-    d_model=64,
-    d_ff=128,
-    d_kv=16,
-    num_heads=4,
-    num_layers=2,
-    feed_forward_proj="gated-gelu",
-    dropout_rate=0.0,
-    pad_token_id=0,
-    eos_token_id=1,
-    decoder_start_token_id=0,
-    is_encoder_decoder=False,
-)
+T5 = dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+          pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, is_encoder_decoder=False)  # fmt: skip
 
 
 def make_t5(vocab_size: int) -> T5EncoderModel:

@@ -12,6 +12,11 @@ import argparse
 import json
 import sys
 
+from unialign_core import load_model
+
+from .scorecard import SAMPLING, TEXT, run_scorecard
+from .world import FULL
+
 IMAGE_GRID = [dict(steps=20, guidance=g) for g in (2.0, 3.0, 5.0)]
 TEXT_GRID = [dict(answer_tokens=24, steps=s, sampler="confidence") for s in (12, 24)]
 IMAGE_KEYS = (
@@ -29,9 +34,6 @@ TEXT_KEYS = ("caption_all", "vqa_exact")
 
 def choose(model, n: int = 50, seed: int = 0, progress=None, vocab=None) -> dict:
     """{"image": best image settings, "text": best text settings, "rows": every setting's validation figures}."""
-    from .scorecard import SAMPLING, TEXT, run_scorecard
-    from .world import FULL
-
     rows, best = [], {}
     for kind, grid, tasks, keys in (
         ("image", IMAGE_GRID, ("t2i", "edit", "perception", "compose"), IMAGE_KEYS),
@@ -66,8 +68,6 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=50, help="validation records per mode and setting")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from unialign_core import load_model
-
     result = choose(load_model(args.model), args.n, args.seed, progress=lambda row: print(json.dumps(row)))
     print(json.dumps({"chosen": {"image": result["image"], "text": result["text"]}}))
     return 0
