@@ -11,6 +11,7 @@ import yaml
 from PIL import Image
 
 from tiny_models import GOLDEN, REPO
+from train.config import DEFAULT_LORA_TARGETS
 
 PY = sys.executable
 COLORS = [
@@ -201,16 +202,7 @@ def train_in_process(cfg_dict: dict, tmp: Path, resume=None, name="config.yaml")
         PartialState._reset_state()
 
 
-DEFAULT_TARGETS = [
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-]
+DEFAULT_TARGETS = list(DEFAULT_LORA_TARGETS)
 
 
 def launch_args(accelerate_config: str, config_path: str, *args, processes=2, port=29517, extra=()):

@@ -86,23 +86,25 @@ class LossConfig(LossWeights):
     cross_negatives: str = "global"
 
 
+# The attention projections of both streams: the modules a LoRA adapts unless the config names others.
+DEFAULT_LORA_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
+
+
 @dataclass
 class LoraConfig:
     rank: int = 16
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: List[str] = field(
-        default_factory=lambda: [
-            "attn.to_q",
-            "attn.to_k",
-            "attn.to_v",
-            "attn.to_out.0",
-            "attn.add_q_proj",
-            "attn.add_k_proj",
-            "attn.add_v_proj",
-            "attn.to_add_out",
-        ]
-    )
+    targets: List[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
 
 
 @dataclass
