@@ -5,7 +5,7 @@ import torch
 from ..unialign_core import CheckpointError, load_lora, lora_deltas
 from ..unialign_core.errors import check_finite
 from .image_types import InputError, core_inputs
-from .model_cache import UniAlignHandle
+from .model_cache import TRANSFORMER_PREFIX, UniAlignHandle
 from .model_files import client_path, file_signature
 
 _cache = {}  # the deltas of the last LoRA applied, by file, its stamp and the model
@@ -29,7 +29,7 @@ def with_lora(handle: UniAlignHandle, lora_name: str, lora_path: str, strength: 
             )
         except CheckpointError as e:
             raise InputError("lora_name", client_path(f"{lora_name!r} does not fit this model: {e.problem}")) from None
-        deltas = {f"transformer.{k}": v.to(handle.patcher.offload_device) for k, v in deltas.items()}
+        deltas = {TRANSFORMER_PREFIX + k: v.to(handle.patcher.offload_device) for k, v in deltas.items()}
         _cache.clear()
         _cache[key] = deltas
     patcher = handle.patcher.clone()

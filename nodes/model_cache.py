@@ -53,15 +53,26 @@ def operations_for(weight_dtype) -> type:
     return comfy.ops.manual_cast if weight_dtype is not None else comfy.ops.disable_weight_init
 
 
+# Where the transformer's weights sit in the ModelPatcher's model: where every ComfyUI model keeps its diffusion
+# model, so ComfyUI's LoRA key map (diffusion_model.*, lora_unet_*) and key-patch filters cover it.
+TRANSFORMER_PREFIX = "diffusion_model."
+
+
 class UniAlignWeights(torch.nn.Module):
     """The transformer and the VAE in one module, so that one ModelPatcher manages them together.
 
-    Keys: transformer.*, vae.* (LoRA patches use transformer.<parameter name>). T5 has its own patcher."""
+    Keys: diffusion_model.* (the transformer, its diffusers SD3 module names), vae.*; LoRA patches use
+    diffusion_model.<parameter name>. T5 has its own patcher."""
 
     def __init__(self, model):
         super().__init__()
-        self.transformer = model.transformer
+        self.add_module(TRANSFORMER_PREFIX[:-1], model.transformer)
         self.vae = model.vae
+
+    @property
+    def transformer(self):
+        """The transformer as registered (the native MODEL's `diffusion_model` may show an object patch instead)."""
+        return self._modules[TRANSFORMER_PREFIX[:-1]]
 
     def get_dtype(self):
         return self.transformer.pos_embed.proj.weight.dtype

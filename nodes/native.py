@@ -22,11 +22,17 @@ The rules (time grid, prompt encoding, condition latents, the model call) are in
 only translates ComfyUI's types. On a ComfyUI without flow models (before SD3 support, June 2024) the nodes still
 register; UniAlign Native Model and UniAlign Native Sigmas then refuse with a message.
 
-Not supported: LoraLoaderModelOnly on the MODEL (its weight keys are `transformer.*`, which ComfyUI's LoRA key map
-does not cover; apply LoRAs with UniAlign LoRA before UniAlign Native Model), saving the MODEL as a checkpoint.
+LoRAs: LoraLoaderModelOnly works on the MODEL (core's hook LoRAs use the same key map; untested). Its transformer sits under `diffusion_model`
+with diffusers' SD3 module names, so ComfyUI maps `diffusion_model.*` and kohya `lora_unet_*` keys itself; for the
+diffusers/PEFT names (`transformer.*`, our trainer's files too) `install_lora_key_map` extends ComfyUI's LoRA key
+map (`comfy.lora.model_lora_keys_unet`, which has no hook for models outside ComfyUI) with
+`UniAlignBaseModel.unialign_lora_key_map`.
+A LoRA from UniAlign LoRA and one from LoraLoaderModelOnly are patches of the same keys on clones of one patcher,
+so each applies once, stacked. Not supported: saving the MODEL as a checkpoint.
 """
 
 import contextlib
+import functools
 import logging
 import weakref
 
@@ -41,7 +47,7 @@ import comfy.supported_models_base
 
 from ..unialign_core import native as core_native
 from .image_types import InputError, core_inputs, image_to_core
-from .model_cache import output_device, place_unmanaged
+from .model_cache import TRANSFORMER_PREFIX, output_device, place_unmanaged
 
 log = logging.getLogger("UniAlignment")
 
@@ -149,10 +155,25 @@ class UniAlignBaseModel(comfy.model_base.BaseModel):
         self.__dict__["_diffusion_model_patch"] = None if value is self.unialign_model.transformer else value
 
     def __setattr__(self, name, value):
-        if name == "diffusion_model":  # the property, never a registered submodule (no second set of keys)
+        if name == "diffusion_model":  # the property: the registered transformer (its keys) never changes
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
+
+    def unialign_lora_key_map(self, key_map):
+        """ComfyUI's LoRA key map (LoRA key prefix -> weight key) with the diffusers/PEFT names of our transformer
+        (diffusers' SD3 module names): `transformer.`, `base_model.model.` and bare names, as UniAlign LoRA reads
+        them, and OneTrainer/SimpleTuner's as ComfyUI maps them for SD3. Keys already mapped are kept."""
+        prefix = TRANSFORMER_PREFIX
+        for key in self.state_dict(keep_vars=True):
+            if not (key.startswith(prefix) and key.endswith(".weight")):
+                continue
+            name = key[len(prefix) : -len(".weight")]
+            flat = name.replace(".", "_")
+            for alias in (f"transformer.{name}", f"base_model.model.{name}", name, f"lora_transformer_{flat}",
+                          f"lycoris_{flat}"):  # fmt: skip
+                key_map.setdefault(alias, key)
+        return key_map
 
     def state_dict_for_saving(self, *args, **kwargs):
         raise ValueError(
@@ -265,6 +286,28 @@ def _place_after_load(patcher, device_to, *args, **kwargs):
     to, load = torch.device(device_to), torch.device(patcher.load_device)
     if to.type == load.type and (to.index or 0) == (load.index or 0):
         place_unmanaged(patcher)
+
+
+def install_lora_key_map():
+    """Extend ComfyUI's `comfy.lora.model_lora_keys_unet` (what LoraLoader/LoraLoaderModelOnly and hook LoRAs map
+    LoRA keys with) by a model's own `unialign_lora_key_map(key_map)` when it has one (only ours). Once per process."""
+    try:
+        import comfy.lora
+    except ImportError:
+        return False
+    original = getattr(comfy.lora, "model_lora_keys_unet", None)
+    if original is None or getattr(original, "unialign_key_map", False):
+        return original is not None
+
+    @functools.wraps(original)
+    def model_lora_keys_unet(model, key_map=None):
+        key_map = original(model, {} if key_map is None else key_map)
+        extend = getattr(model, "unialign_lora_key_map", None)
+        return extend(key_map) if callable(extend) else key_map
+
+    model_lora_keys_unet.unialign_key_map = True
+    comfy.lora.model_lora_keys_unet = model_lora_keys_unet
+    return True
 
 
 def native_model(handle):
@@ -507,10 +550,63 @@ def comfy_vae(vae):
     return comfy.sd.VAE(sd=state)
 
 
+class OwnVAE:
+    """The model's VAE behind ComfyUI's VAE interface (what VAE Decode / VAE Encode call: `decode`, `encode`, their
+    tiled forms, the compression ratios), for a VAE ComfyUI cannot build (not SD3's shape: small test and
+    distilled models). Runs our diffusers VAE under the UNIALIGN_MODEL's patcher; LATENTs are raw, as ComfyUI's."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        config = handle.model.vae.config
+        self.latent_channels = int(config.latent_channels)
+        self.downscale_ratio = self.upscale_ratio = 2 ** (len(config.block_out_channels) - 1)
+        self.output_device = output_device()
+        self.latent_dim = 2
+
+    def throw_exception_if_invalid(self):
+        pass
+
+    def spacial_compression_decode(self):
+        return self.upscale_ratio
+
+    def spacial_compression_encode(self):
+        return self.downscale_ratio
+
+    def temporal_compression_decode(self):
+        return None
+
+    def decode(self, samples_in, vae_options=None):
+        from ..unialign_core import vae as core_vae
+
+        model = self.handle.activate(text_encoder_each_step=False)
+        with torch.no_grad():
+            scaled = model.scale_latents(samples_in.to(model.device, torch.float32))
+            pixels = core_vae.decode(model.vae, scaled)
+        return pixels.movedim(1, -1).to(self.output_device)
+
+    def encode(self, pixel_samples):
+        from ..unialign_core import vae as core_vae
+
+        ratio = self.downscale_ratio
+        h, w = (pixel_samples.shape[1] // ratio) * ratio, (pixel_samples.shape[2] // ratio) * ratio
+        pixels = pixel_samples[:, :h, :w, :3].movedim(-1, 1)
+        model = self.handle.activate(text_encoder_each_step=False)
+        with torch.no_grad():
+            raw = core_vae.posterior(model.vae, pixels).mean  # ComfyUI's VAE Encode takes the mean too
+        return raw.float().to(self.output_device)
+
+    def decode_tiled(self, samples, *args, **kwargs):
+        return self.decode(samples)
+
+    def encode_tiled(self, pixel_samples, *args, **kwargs):
+        return self.encode(pixel_samples)
+
+
 class UniAlignNativeVAE:
     DESCRIPTION = (
         "The model's own SD3 VAE as a ComfyUI VAE, for VAE Decode / VAE Encode with the native MODEL's latents "
-        "(no separate SD3 VAE file needed). ComfyUI keeps its own copy of the VAE weights (~170 MB in fp16)."
+        "(no separate SD3 VAE file needed). ComfyUI keeps its own copy of the VAE weights (~170 MB in fp16). "
+        "A VAE not shaped like SD3's (small test models) runs as the UniAlign nodes run it."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("VAE",)
@@ -525,7 +621,11 @@ class UniAlignNativeVAE:
     def vae(self, model):
         key = model.model
         if key not in _vaes:
-            _vaes[key] = comfy_vae(model.model.vae)
+            try:
+                _vaes[key] = comfy_vae(model.model.vae)
+            except InputError as e:
+                log.info("[UniAlign] %s: VAE Decode / Encode will run the model's own VAE", e)
+                return (OwnVAE(model),)
         return (_vaes[key],)
 
 
@@ -587,6 +687,9 @@ class UniAlignNativeNoise:
             shapes = [tuple(r.shape) for r in conditioning[0][1].get("reference_latents", ())]
         return (SeededNoise(noise_seed, shapes),)
 
+
+if native_support() is None:
+    install_lora_key_map()
 
 NODE_CLASS_MAPPINGS = {
     "UniAlignNativeModel": UniAlignNativeModel,

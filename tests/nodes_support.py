@@ -26,6 +26,24 @@ INPUT_IMAGES = ("example.png", "example_2.png")
 
 # The example workflows by short name (api/<name>.json); tools/make_api.py maps each to its UI file's name.
 WORKFLOW_NAMES = tuple(WORKFLOW_TITLES)
+# Those built from ComfyUI's own samplers on the native MODEL: they need a ComfyUI with SD3 support (mid 2024 on).
+NATIVE_WORKFLOWS = ("native_ksampler", "native_edit_caption_loop")
+SD3_LATENT_DIVISOR = 8  # EmptySD3LatentImage's latent side = width // 8; the tiny VAE scales by 2
+TINY_VAE_SCALE = 2
+
+
+def unsupported_reason(api, object_info):
+    """Why this ComfyUI server (its /object_info) cannot run the API workflow, or None."""
+    missing = sorted({n["class_type"] for n in api.values()} - set(object_info))
+    native = any(n["class_type"].startswith("UniAlignNative") for n in api.values())
+    if native and "ModelSamplingSD3" not in object_info:
+        missing = missing or ["ModelSamplingSD3"]
+    if not missing:
+        return None
+    return (
+        f"this ComfyUI lacks {', '.join(missing)}: it predates SD3 support (June 2024), which the native MODEL and "
+        "its core nodes need; tests/test_native.py runs this workflow on ComfyUI 0.3.64 (COMFYUI_0364_DIR)"
+    )
 
 
 def make_models_dir(models: Path) -> Path:
@@ -96,6 +114,11 @@ def tiny_settings(api, steps=4):
             inputs.update(steps=steps)
         elif cls == "UniAlignUnderstand":
             inputs.update(length=32, steps=8)
+        elif cls == "EmptySD3LatentImage":  # SIDE pixels out of the tiny VAE
+            side = SIDE // TINY_VAE_SCALE * SD3_LATENT_DIVISOR
+            inputs.update(width=side, height=side)
+        elif cls in ("KSampler", "UniAlignNativeSigmas"):
+            inputs.update(steps=steps)
     return api
 
 

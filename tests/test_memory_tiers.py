@@ -162,7 +162,7 @@ def test_partial_load_streams_part_of_the_weights_and_computes_the_same(pack, mo
     _partial_load(patcher, budget)
     services.place_unmanaged(patcher)
     streamed = set(services.streamed_layers(patcher))
-    linears = {f"transformer.{n}" for n in _linears(handle.model.transformer)}
+    linears = {services.TRANSFORMER_PREFIX + n for n in _linears(handle.model.transformer)}
     assert streamed and streamed < linears  # part streamed, part loaded
     comfy_ops = sys.modules["comfy.ops"]
     cast = set()
@@ -197,8 +197,8 @@ def test_partial_load_applies_a_lora_per_call(pack):
     base = {k: v.clone() for k, v in handle.model.transformer.state_dict().items()}
     _partial_load(handle.patcher, handle.patcher.model_size() // 2)
     services.place_unmanaged(handle.patcher)
-    patched = {k[len("transformer.") :] for k in handle.patcher.patches}
-    streamed = {n[len("transformer.") :] + ".weight" for n in services.streamed_layers(handle.patcher)}
+    patched = {k[len(services.TRANSFORMER_PREFIX) :] for k in handle.patcher.patches}
+    streamed = {n[len(services.TRANSFORMER_PREFIX) :] + ".weight" for n in services.streamed_layers(handle.patcher)}
     assert patched & streamed  # some LoRA layers are streamed: their patch is applied as they are cast
     assert all(torch.equal(handle.model.transformer.state_dict()[k], base[k]) for k in patched & streamed)
     torch.testing.assert_close(_velocity(handle.model, text=True), v_full, rtol=1e-4, atol=1e-5)

@@ -327,6 +327,155 @@ def test_loras_carry_over_and_are_never_applied_twice(comfy, handle, lora_handle
         assert (native - base).abs().max() < PARITY_ATOL
 
 
+OUR_LORA = "native_ours.safetensors"  # our trainer's format (unialign_core.save_lora: lora_A/lora_B + alpha)
+DIFFUSERS_LORA = "native_diffusers.safetensors"  # diffusers/PEFT SD3 keys, no alpha (scale 1)
+
+
+def write_diffusers_lora(path, transformer):
+    """A diffusers-format SD3 LoRA (`transformer.<module>.lora_A.weight` / `.lora_B.weight`, no alpha) on layers
+    other than the tiny LoRA's: attention, the context stream and a feed-forward."""
+    from safetensors.torch import save_file
+
+    params = dict(transformer.named_parameters())
+    g = torch.Generator().manual_seed(9)
+    tensors = {}
+    for module in ("transformer_blocks.0.attn.to_k", "transformer_blocks.1.attn.add_q_proj",
+                   "transformer_blocks.2.ff.net.2"):  # fmt: skip
+        out, inner = params[f"{module}.weight"].shape
+        tensors[f"transformer.{module}.lora_A.weight"] = torch.randn(4, inner, generator=g) * 0.3
+        tensors[f"transformer.{module}.lora_B.weight"] = torch.randn(out, 4, generator=g) * 0.3
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def lora_folder(comfy, handle, tmp_path_factory):
+    """models/loras for ComfyUI's LoraLoaderModelOnly, with our file and a diffusers-format one."""
+    import folder_paths
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from nodes_support import write_tiny_lora
+
+    folder = tmp_path_factory.mktemp("native_loras")
+    write_tiny_lora(folder / OUR_LORA)
+    write_diffusers_lora(folder / DIFFUSERS_LORA, handle.model.transformer)
+    folder_paths.add_model_folder_path("loras", str(folder))
+    return folder
+
+
+def lora_model_only(comfy_nodes, model, name, strength=1.0):
+    return comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, name, strength)[0]
+
+
+def test_lora_key_map_covers_comfyui_and_diffusers_names(comfy, handle):
+    import comfy.lora
+
+    model = native_model(handle)
+    keys = set(model.model.state_dict())
+    weight = "diffusion_model.transformer_blocks.0.attn.to_q.weight"
+    assert weight in keys and not any(k.startswith("transformer.") for k in keys)
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    for name in ("diffusion_model.transformer_blocks.0.attn.to_q",  # ComfyUI's own (TrainLoraNode), generic
+                 "lora_unet_transformer_blocks_0_attn_to_q",  # kohya
+                 "transformer.transformer_blocks.0.attn.to_q",  # diffusers / PEFT, our trainer's
+                 "base_model.model.transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_q",
+                 "lora_transformer_transformer_blocks_0_attn_to_q"):  # fmt: skip
+        assert key_map[name] == weight, name
+    assert all(v.startswith("diffusion_model.") for v in key_map.values())  # never the VAE
+
+
+@pytest.mark.parametrize("name", [OUR_LORA, DIFFUSERS_LORA])
+def test_lora_loader_model_only_equals_unialign_lora(comfy, handle, lora_folder, name, caplog):
+    """Core's LoraLoaderModelOnly on the native MODEL gives the latents of UniAlign LoRA + the all-in-one node."""
+    core = pack("unialign_core")
+    positive, _ = encode(handle, PROMPT)
+    negative, _ = encode(handle, NEGATIVE)
+    latent = {"samples": torch.zeros(1, 16, SIDE // 2, SIDE // 2)}
+    kwargs = dict(negative_prompt=NEGATIVE, width=SIDE, height=SIDE, steps=STEPS, guidance=5.0, seed=SEED)
+    with caplog.at_level("WARNING"):
+        patched = lora_model_only(comfy, native_model(handle), name, 0.8)
+    assert not [r for r in caplog.records if "not loaded" in r.getMessage().lower()], caplog.text
+    assert len(patched.patches) == 3 and all(k.startswith("diffusion_model.") for k in patched.patches)
+    native = scaled(handle, ksampler(comfy, patched, positive, negative, latent))
+    via_node = pack("nodes.lora_patches").with_lora(handle, name, str(lora_folder / name), 0.8)
+    allinone = mode_latents(via_node, core.text_to_image, PROMPT, **kwargs)
+    diff = (native - allinone).abs().max().item()
+    print(f"LoraLoaderModelOnly ({name}) vs UniAlign LoRA + all-in-one: max |diff| {diff:.3g}")
+    assert diff < PARITY_ATOL
+    base = mode_latents(handle, core.text_to_image, PROMPT, **kwargs)
+    assert (allinone - base).abs().max() > 1e-2  # the LoRA changes the result
+    # the base after it, both paths: the LoRA is gone (never left on the shared weights)
+    assert (scaled(handle, ksampler(comfy, native_model(handle), positive, negative, latent)) - base).abs().max() < (
+        PARITY_ATOL
+    )
+
+
+def test_lora_loaders_stack_and_never_apply_twice(comfy, handle, lora_folder):
+    """UniAlign LoRA (ours) -> Native Model -> LoraLoaderModelOnly (diffusers) equals both through UniAlign LoRA and
+    the all-in-one node, interleaved with runs of each alone; the same file through both loaders adds up twice,
+    as two LoRA nodes would (the user's choice), never more."""
+    core = pack("unialign_core")
+    lora = pack("nodes.lora_patches")
+    positive, _ = encode(handle, PROMPT)
+    negative, _ = encode(handle, NEGATIVE)
+    latent = {"samples": torch.zeros(1, 16, SIDE // 2, SIDE // 2)}
+    kwargs = dict(negative_prompt=NEGATIVE, width=SIDE, height=SIDE, steps=STEPS, guidance=5.0, seed=SEED)
+    ours = lora.with_lora(handle, OUR_LORA, str(lora_folder / OUR_LORA), 1.0)
+    both = lora.with_lora(ours, DIFFUSERS_LORA, str(lora_folder / DIFFUSERS_LORA), 1.0)
+    twice = lora.with_lora(ours, OUR_LORA, str(lora_folder / OUR_LORA), 1.0)
+    expected_both = mode_latents(both, core.text_to_image, PROMPT, **kwargs)
+    expected_twice = mode_latents(twice, core.text_to_image, PROMPT, **kwargs)
+    expected_ours = mode_latents(ours, core.text_to_image, PROMPT, **kwargs)
+    stacked = lora_model_only(comfy, native_model(ours), DIFFUSERS_LORA)
+    doubled = lora_model_only(comfy, native_model(ours), OUR_LORA)
+    cases = ((stacked, expected_both), (native_model(ours), expected_ours), (doubled, expected_twice))
+    for _ in range(2):
+        for model, expected in cases:
+            out = scaled(handle, ksampler(comfy, model, positive, negative, latent))
+            assert (out - expected).abs().max() < PARITY_ATOL
+        assert (mode_latents(ours, core.text_to_image, PROMPT, **kwargs) - expected_ours).abs().max() < PARITY_ATOL
+    assert (expected_twice - expected_ours).abs().max() > 1e-2
+
+
+def test_comfyui_loads_and_offloads_the_model_like_any_other(comfy, handle, lora_folder):
+    """ComfyUI's model management handles the MODEL (on the CPU this is its bookkeeping): load_models_gpu lists it
+    in current_loaded_models, free_memory / unload_all_models remove it and undo its LoRA patches, the all-in-one
+    nodes' patcher replaces it as a clone of the same model, and sampling after each gives the same latents."""
+    import comfy.model_management as mm
+
+    def entries(patcher):
+        return [m for m in mm.current_loaded_models if m.model is patcher]
+
+    positive, _ = encode(handle, PROMPT)
+    negative, _ = encode(handle, NEGATIVE)
+    latent = {"samples": torch.zeros(1, 16, SIDE // 2, SIDE // 2)}
+    transformer = handle.model.transformer
+    weight = "transformer_blocks.0.attn.to_q.weight"  # a layer the LoRA patches
+    mm.unload_all_models()
+    base = transformer.state_dict()[weight].clone()
+    model = lora_model_only(comfy, native_model(handle), OUR_LORA)
+    expected = ksampler(comfy, model, positive, negative, latent)
+    assert len(entries(model)) == 1  # KSampler loaded it through load_models_gpu
+
+    for free in (lambda: mm.unload_all_models(), lambda: mm.free_memory(1e30, mm.get_torch_device())):
+        mm.load_models_gpu([model])
+        (loaded,) = entries(model)
+        assert loaded.model_memory() == model.model_size() > 0 and loaded.currently_used
+        assert not torch.equal(transformer.state_dict()[weight], base)  # patched while loaded
+        free()
+        assert not entries(model) and not any(m.model.is_clone(model) for m in mm.current_loaded_models)
+        assert torch.equal(transformer.state_dict()[weight], base)  # unloading restored the weights
+        assert torch.equal(ksampler(comfy, model, positive, negative, latent), expected)
+    # the all-in-one nodes' patcher is a clone of the same model: loading it replaces the MODEL (one copy loaded)
+    handle.activate(text_encoder_each_step=False)
+    assert entries(handle.patcher) and not entries(model)
+    assert torch.equal(transformer.state_dict()[weight], base)
+    assert torch.equal(ksampler(comfy, model, positive, negative, latent), expected)
+    assert entries(model) and not entries(handle.patcher)
+    mm.unload_all_models()
+    assert not entries(model) and torch.equal(transformer.state_dict()[weight], base)
+
+
 def test_clip_conditioning_is_refused_with_a_message(comfy, handle):
     model = native_model(handle)
     wrong = [[torch.zeros(1, 77, 4096), {}]]
@@ -426,36 +575,80 @@ def server_prompt():
     }  # fmt: skip
 
 
-@pytest.mark.slow
-def test_server_runs_native_workflows_like_the_all_in_one_nodes(tmp_path):
-    """A real ComfyUI 0.3.x server (this Python) with the pack installed: /object_info lists the native nodes, and
-    one prompt's native results equal the all-in-one nodes' for the same seed."""
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real ComfyUI 0.3.x server (this Python) with the pack installed, the tiny models and the input images."""
     comfy_dir = _comfy_dir()
+    from comfy_server import ComfyServer
+    from nodes_support import make_input_images, make_models_dir
+
+    tmp = tmp_path_factory.mktemp("native_server")
+    models = make_models_dir(tmp / "models")
+    with ComfyServer(comfy_dir, REPO, models, tmp / "comfy") as server:
+        make_input_images(server.base_dir / "input")
+        yield server
+
+
+@pytest.mark.slow
+def test_server_runs_native_workflows_like_the_all_in_one_nodes(server):
+    """On the server: /object_info lists the native nodes, and one prompt's native results equal the all-in-one
+    nodes' for the same seed."""
     from safetensors.torch import load_file
 
-    from comfy_server import ComfyServer
-    from nodes_support import make_input_images, make_models_dir, run
+    from nodes_support import run
 
-    models = make_models_dir(tmp_path / "models")
-    with ComfyServer(comfy_dir, REPO, models, tmp_path / "comfy") as server:
-        info = server.object_info()
-        for name in ("UniAlignNativeModel", "UniAlignNativeTextEncode", "UniAlignNativeImageConditioning",
-                     "UniAlignNativeSigmas", "UniAlignNativeNoise", "UniAlignNativeVAE"):  # fmt: skip
-            assert name in info, name
-            for section in ("required", "optional"):
-                for key, spec in info[name]["input"].get(section, {}).items():
-                    assert len(spec) > 1 and len(spec[1].get("tooltip", "")) > 15, f"{name}.{key} has no tooltip"
-        make_input_images(server.base_dir / "input")
-        run(server, server_prompt(), timeout=300)
-        out = server.base_dir / "output" / "latents"
+    info = server.object_info()
+    for name in ("UniAlignNativeModel", "UniAlignNativeTextEncode", "UniAlignNativeImageConditioning",
+                 "UniAlignNativeSigmas", "UniAlignNativeNoise", "UniAlignNativeVAE"):  # fmt: skip
+        assert name in info, name
+        for section in ("required", "optional"):
+            for key, spec in info[name]["input"].get(section, {}).items():
+                assert len(spec) > 1 and len(spec[1].get("tooltip", "")) > 15, f"{name}.{key} has no tooltip"
+    run(server, server_prompt(), timeout=300)
+    out = server.base_dir / "output" / "latents"
 
-        def latent(prefix):
-            return load_file(str(out / f"{prefix}_00001_.latent"))["latent_tensor"].float()
+    def latent(prefix):
+        return load_file(str(out / f"{prefix}_00001_.latent"))["latent_tensor"].float()
 
-        for native, allinone in (("native_t2i", "aio_t2i"), ("native_edit", "aio_edit")):
-            diff = (latent(native) - latent(allinone)).abs().max().item()
-            print(f"server {native} vs {allinone}: max |diff| {diff:.3g} (raw SD3 latents)")
-            assert diff < PARITY_ATOL, (native, diff)
+    for native, allinone in (("native_t2i", "aio_t2i"), ("native_edit", "aio_edit")):
+        diff = (latent(native) - latent(allinone)).abs().max().item()
+        print(f"server {native} vs {allinone}: max |diff| {diff:.3g} (raw SD3 latents)")
+        assert diff < PARITY_ATOL, (native, diff)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["native_ksampler", "native_edit_caption_loop"])
+def test_server_runs_the_native_example_workflows(server, name):
+    """workflows/8 and 9 (which the March 2024 ComfyUI of test_nodes_server.py skips): their stored widget schema
+    and API twins are this server's, and each runs on the tiny model, saving SIDE x SIDE images (and a caption)."""
+    import json
+
+    import nodes_support as support
+    from tools import make_api
+
+    assert name in support.NATIVE_WORKFLOWS
+    info = server.object_info()
+    path = make_api.ui_path(name)
+    ui = json.loads(path.read_text(encoding="utf-8"))
+    live = make_api.schema_from_object_info(info, make_api.used_classes([path]))
+    stored = make_api.load_schema()
+    assert live == {c: stored[c] for c in live}
+    make_api.check_ui(ui, live, path.name)
+    assert make_api.ui_to_api(ui, live, path.name) == support.load_api(name)
+    api = support.tiny_settings(support.load_api(name))
+    assert support.unsupported_reason(api, info) is None
+    entry = support.run(server, api, timeout=300)
+    saves, texts = support.save_image_nodes(api), support.understand_nodes(api)
+    for save in saves:
+        files = support.output_files(server, entry, save)
+        assert len(files) == 1 and support.read_pixels(files[0]).shape == (support.SIDE, support.SIDE, 3), files
+    if name == "native_edit_caption_loop":
+        assert len(saves) == 2 and len(texts) == 1
+        text = entry["outputs"][texts[0]]["text"]
+        assert len(text) == 1 and text[0].strip()
+        assert support.image_source(api, texts[0]) == support.image_source(api, saves[0])  # caption of the edit
+    else:
+        assert len(saves) == 1 and not texts
 
 
 def test_easycache_wraps_the_model_call(comfy, handle):
@@ -532,7 +725,7 @@ def test_the_latent_decodes_with_comfyuis_sd3_vae(comfy, handle):
     native = pack("nodes.native")
     vae_module = pack("unialign_core.vae")
     with pytest.raises(native.InputError, match="not shaped like SD3's"):
-        native.UniAlignNativeVAE().vae(handle)
+        native.comfy_vae(handle.model.vae)
     torch.manual_seed(0)
     vae = AutoencoderKL(**vae_module.SD3_VAE_CONFIG).eval()
     comfy_vae = native.comfy_vae(vae)
@@ -544,3 +737,20 @@ def test_the_latent_decodes_with_comfyuis_sd3_vae(comfy, handle):
     diff = (theirs.movedim(-1, 1) - ours).abs().max().item()
     print(f"ComfyUI VAE Decode vs ours: max |diff| {diff:.3g}")
     assert theirs.shape == (1, 64, 64, 3) and diff < 1e-3
+
+
+def test_the_vae_node_runs_a_vae_comfyui_cannot_build(comfy, handle):
+    """The tiny model's VAE (not SD3's shape): UniAlign Native VAE gives VAE Decode / VAE Encode our VAE's results."""
+    native = pack("nodes.native")
+    vae_module = pack("unialign_core.vae")
+    (vae,) = native.UniAlignNativeVAE().vae(handle)
+    assert isinstance(vae, native.OwnVAE)
+    raw = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    (image,) = comfy.VAEDecode().decode(vae, {"samples": raw})
+    with torch.no_grad():
+        ours = vae_module.decode(handle.model.vae, handle.model.scale_latents(raw))
+    assert image.shape == (2, 16, 16, 3) and torch.equal(image, ours.movedim(1, -1))
+    (latent,) = comfy.VAEEncode().encode(vae, image)
+    with torch.no_grad():
+        mean = vae_module.posterior(handle.model.vae, image.movedim(-1, 1)).mean
+    assert torch.equal(latent["samples"], mean.float())

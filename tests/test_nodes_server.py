@@ -37,6 +37,7 @@ from nodes_support import (
     save_image_nodes,
     tiny_settings,
     understand_nodes,
+    unsupported_reason,
 )
 from tiny_models import GOLDEN, copy_tree, with_json_entry, with_metadata
 
@@ -238,10 +239,16 @@ def test_loader_lists_files_and_upstream_folders(object_info):
 
 
 def test_workflow_schema_and_api_twins_match_the_server(object_info):
-    """The stored widget schema is this server's, and converting the UI files with it gives the stored twins."""
-    live = make_api.schema_from_object_info(object_info, make_api.used_classes())
-    assert live == make_api.load_schema()
-    for path in make_api.ui_workflows():
+    """The stored widget schema is this server's, and converting the UI files with it gives the stored twins (for
+    the workflows this server can run: the March 2024 ComfyUI has no native ones; tests/test_native.py checks those
+    on ComfyUI 0.3.64)."""
+    paths = [p for p in make_api.ui_workflows()
+             if not unsupported_reason(json.loads(make_api.twin_path(p).read_text()), object_info)]  # fmt: skip
+    assert paths
+    live = make_api.schema_from_object_info(object_info, make_api.used_classes(paths))
+    stored = make_api.load_schema()
+    assert live == {c: stored[c] for c in live}
+    for path in paths:
         ui = json.loads(path.read_text(encoding="utf-8"))
         make_api.check_ui(ui, live, path.name)
         assert make_api.ui_to_api(ui, live, path.name) == json.loads(make_api.twin_path(path).read_text())
@@ -285,7 +292,10 @@ def test_validation_names_each_missing_file_once_on_its_input(server):
 
 
 @pytest.mark.parametrize("name", WORKFLOW_NAMES)
-def test_workflow_runs(server, name):
+def test_workflow_runs(server, object_info, name):
+    reason = unsupported_reason(load_api(name), object_info)
+    if reason:
+        pytest.skip(reason)
     api = fresh(tiny_settings(load_api(name)))
     entry = run(server, api)
     saves = save_image_nodes(api)
@@ -298,7 +308,7 @@ def test_workflow_runs(server, name):
     for node in texts:
         text = entry["outputs"][node]["text"]
         assert len(text) == 1 and isinstance(text[0], str) and text[0].strip(), text
-    if name == "edit_caption_loop":
+    if name in ("edit_caption_loop", "native_edit_caption_loop"):
         # edited image, caption, generated image: all three shown
         assert len(saves) == 2 and len(texts) == 1
         assert image_source(api, texts[0]) == image_source(api, saves[0])

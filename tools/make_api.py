@@ -41,7 +41,12 @@ WORKFLOWS = {
     "personalisation": "5 Personalise from images",
     "understanding": "6 Understand an image",
     "edit_caption_loop": "7 Edit, caption, generate",
+    "native_ksampler": "8 Native KSampler",
+    "native_edit_caption_loop": "9 Native edit, caption, generate",
 }
+# The native workflows (8, 9) use ComfyUI's SD3-era core nodes (KSampler on a flow MODEL, EmptySD3LatentImage,
+# DualCFGGuider, SamplerCustomAdvanced, ModelSamplingSD3): refresh the schema from a ComfyUI 0.3.x server; the
+# March 2024 ComfyUI lacks some of them (its server tests skip those workflows).
 # The saved view (extra.ds) and node titles, checked by --check. Frontend 1.58.1 draws its graph toolbar over the
 # top ~80 px of the canvas and its side bar over the left edge; the view puts the top-left node's title bar about
 # 120 px down and 60 px in at the saved scale. LiteGraph draws titles in a ~14 px font, about 7.5 px a character,
