@@ -701,7 +701,7 @@ NODE_CLASS_MAPPINGS = {
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "UniAlignNativeModel": "UniAlign Native Model (MODEL for KSampler)",
+    "UniAlignNativeModel": "UniAlign Native Model",
     "UniAlignNativeTextEncode": "UniAlign Native Text Encode",
     "UniAlignNativeImageConditioning": "UniAlign Native Image Conditioning (edit / perceive / compose)",
     "UniAlignNativeSigmas": "UniAlign Native Sigmas",

@@ -15,7 +15,8 @@ server tests use). For each workflow (`workflows/*.json`, as the template browse
 2. closes the dialogs, points the widgets at the tiny model with small sizes and steps (the same settings as the
    server tests), queues it with `app.queuePrompt(0)`, waits until the queue is empty and records the run's
    status -> `DIR/<frontend>/<n>_ran.png`.
-`DIR/report.json` holds what was seen: alerts, toasts, dialog texts, browser console errors, the run status.
+`DIR/report.json` holds what was seen: alerts, toasts, dialog texts, browser console warnings and errors, the run
+status.
 The screenshots are for a person to look at; the report is what a script can check.
 """
 
@@ -58,9 +59,13 @@ const text = (sel) => Array.from(document.querySelectorAll(sel)).map(e => e.inne
 return {
   alerts: window.__alerts || [],
   toasts: text('.p-toast-message, .comfy-toast'),
-  dialogs: text('.p-dialog, .comfy-modal[style*="flex"], dialog[open]'),
+  dialogs: text('.p-dialog, [role="dialog"], .comfy-modal[style*="flex"], dialog[open]'),
 };
 """
+
+# Wait for a promise in the page; return only whether it failed (1.5x resolves to objects with cycles).
+AWAIT = """const done = arguments[arguments.length - 1];
+Promise.resolve({}).then(() => done(null), (e) => done(String(e)));"""
 
 SET_TINY = """
 const tiny = arguments[0], images = arguments[1];
@@ -76,6 +81,11 @@ for (const node of app.graph._nodes) {
 
 
 def close_dialogs(driver):
+    from selenium.webdriver.common.keys import Keys
+
+    for _ in range(2):  # Escape closes 1.5x's dialogs (its first-start template browser among them)
+        driver.find_element("tag name", "body").send_keys(Keys.ESCAPE)
+        time.sleep(0.3)
     driver.execute_script(
         "document.querySelectorAll('.p-dialog-close-button, .p-dialog-header-close, .comfy-modal-close')"
         ".forEach(b => b.click());"
@@ -112,6 +122,7 @@ def check_frontend(label, static_dir, names, out, comfyui_dir, driver_factory):
         extra = ["--front-end-root", static_dir] if static_dir else []
         with ComfyServer(comfyui_dir, REPO, models, tmp / "base", startup_timeout=300, extra_args=extra) as server:
             driver = driver_factory()
+            driver.set_script_timeout(120)
             try:
                 driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": CATCH_ALERTS})
                 driver.get(server.url)
@@ -126,13 +137,13 @@ def check_frontend(label, static_dir, names, out, comfyui_dir, driver_factory):
                     ui_file = REPO / "workflows" / f"{WORKFLOW_TITLES[name]}.json"
                     graph = json.loads(ui_file.read_text(encoding="utf-8"))
                     driver.execute_script("window.__alerts = [];")
-                    driver.execute_script("return app.loadGraphData(arguments[0])", graph)
+                    load_error = driver.execute_async_script(AWAIT.format("app.loadGraphData(arguments[0])"), graph)
                     time.sleep(3)
                     seen = driver.execute_script(SEEN)
                     driver.save_screenshot(str(shots / f"{name}_load.png"))
                     close_dialogs(driver)
                     driver.execute_script(SET_TINY, TINY_WIDGETS, list(INPUT_IMAGES))
-                    driver.execute_script("return app.queuePrompt(0)")
+                    queue_error = driver.execute_async_script(AWAIT.format("app.queuePrompt(0)"))
                     started = time.monotonic()
                     time.sleep(2)
                     while not queue_empty(server.url) and time.monotonic() - started < 300:
@@ -140,13 +151,17 @@ def check_frontend(label, static_dir, names, out, comfyui_dir, driver_factory):
                     time.sleep(2)
                     ran = driver.execute_script(SEEN)
                     driver.save_screenshot(str(shots / f"{name}_ran.png"))
-                    console = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+                    console = [
+                        f"{e['level']}: {e['message']}" for e in driver.get_log("browser") if e["level"] != "INFO"
+                    ]
                     results[name] = {
+                        "load_error": load_error,
+                        "queue_error": queue_error,
                         "on_load": seen,
                         "after_run": ran,
                         "run": last_status(server.url),
                         "run_seconds": round(time.monotonic() - started, 1),
-                        "console_errors": console,
+                        "console": console,
                     }
                     close_dialogs(driver)
                     print(f"[{label}] {name}: {json.dumps(results[name])[:400]}", flush=True)
