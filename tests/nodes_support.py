@@ -2,8 +2,10 @@
 input images, the tiny-model settings for the example workflows, and running a prompt.
 """
 
+import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -194,3 +196,16 @@ def comfyui_dir_from_env():
     if not value or not (Path(value) / "main.py").is_file():
         raise SystemExit("set COMFYUI_DIR to a ComfyUI folder (e.g. made by .ci/get_comfyui.sh DIR)")
     return Path(value)
+
+
+def import_pack(name):
+    """Import the pack's __init__.py as a package called `name`, as ComfyUI does with a custom-node folder (once:
+    a second call returns the same module). ComfyUI's folder must already be on sys.path."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, REPO / "__init__.py", submodule_search_locations=[str(REPO)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -5,7 +5,6 @@ The core tests need no ComfyUI. The node tests import the real ComfyUI of COMFYU
 tests/test_memory_tiers.py does; without COMFYUI_DIR they skip.
 """
 
-import importlib.util
 import sys
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from nodes_support import REPO, SIDE, TINY_MODEL, make_models_dir
+from nodes_support import SIDE, TINY_MODEL, import_pack, make_models_dir
 from tiny_models import golden_model, write_single_file
 from unialign_core import CheckpointError, InputError, answer, caption, compose, edit, load_model, text_to_image
 from unialign_core.errors import InputTypeError
@@ -211,12 +210,7 @@ def pack(comfyui_dir, tmp_path_factory):
 
     models = make_models_dir(tmp_path_factory.mktemp("models"))
     with_format_version(models / "unialignment" / TINY_MODEL, models / "unialignment" / "newer.safetensors", NEWER)
-    spec = importlib.util.spec_from_file_location(
-        "unialign_pack_errors", REPO / "__init__.py", submodule_search_locations=[str(REPO)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = import_pack("unialign_pack_errors")
     for name in ("unialignment", "loras"):
         folder_paths.folder_names_and_paths[name] = ([str(models / name)], {".safetensors"})
     yield module

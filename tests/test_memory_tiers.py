@@ -4,14 +4,13 @@ The core tests need no ComfyUI. The others import the real ComfyUI of COMFYUI_DI
 the pack's handle as the Loader does, and drive ComfyUI's own loading code; without COMFYUI_DIR they skip.
 """
 
-import importlib.util
 import sys
 
 import pytest
 import torch
 import torch.nn as nn
 
-from nodes_support import REPO, SIDE, TINY_LORA, TINY_MODEL, make_models_dir
+from nodes_support import SIDE, TINY_LORA, TINY_MODEL, import_pack, make_models_dir
 from tiny_models import GOLDEN
 from unialign_core import load_model, text_to_image
 from unialign_core.transformer import FP8_SCOPE
@@ -100,12 +99,7 @@ def pack(comfyui_dir, tmp_path_factory):
     import folder_paths
 
     models = make_models_dir(tmp_path_factory.mktemp("models"))
-    spec = importlib.util.spec_from_file_location(
-        "unialign_pack_tiers", REPO / "__init__.py", submodule_search_locations=[str(REPO)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = import_pack("unialign_pack_tiers")
     for name in ("unialignment", "loras"):
         folder_paths.folder_names_and_paths[name] = ([str(models / name)], {".safetensors"})
     yield module, mm

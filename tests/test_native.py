@@ -13,7 +13,6 @@ Tolerance: fp32 on the CPU, the native latents equal the modes' within PARITY_AT
 arithmetic in a different order: CFG on x0 instead of on the velocity, Euler through the derivative).
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from nodes_support import import_pack
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "data" / "golden" / "tiny_unialignment"
@@ -65,13 +66,7 @@ def comfy():
 
     if not hasattr(comfy.model_sampling, "ModelSamplingDiscreteFlow"):
         pytest.skip(f"the ComfyUI at {path} has no flow models (older than mid 2024)")
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            PACK, REPO / "__init__.py", submodule_search_locations=[str(REPO)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = module
-        spec.loader.exec_module(module)
+    import_pack(PACK)
     return comfy_nodes
 
 

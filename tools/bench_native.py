@@ -14,7 +14,6 @@ model. ComfyUI is imported from COMFYUI_0364_DIR (a ComfyUI 0.3.x; tools/setup_c
 """
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -34,18 +33,16 @@ def import_comfy():
     path = os.environ.get("COMFYUI_0364_DIR") or os.environ.get("COMFYUI_DIR")
     if not path or not (Path(path) / "comfy" / "model_sampling.py").is_file():
         raise SystemExit("set COMFYUI_0364_DIR to a ComfyUI 0.3.x folder (tools/setup_comfyui.sh)")
-    sys.path[:0] = [path, str(REPO)]
+    sys.path[:0] = [path, str(REPO), str(REPO / "tests")]
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = not torch.cuda.is_available()
     import comfy.model_management  # noqa: F401  (after --cpu)
 
     import nodes as comfy_nodes
+    from nodes_support import import_pack  # tests/: the pack imported as ComfyUI imports a custom-node folder
 
-    spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = module
-    spec.loader.exec_module(module)
+    import_pack(PACK)
     return comfy_nodes
 
 
