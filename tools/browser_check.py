@@ -10,6 +10,7 @@ one, the frontend the ComfyUI's Python has installed is used.
 
 For each frontend a server starts on the tiny test model (tests/nodes_support.py: the models and input pictures the
 server tests use). For each workflow (`workflows/*.json`, as the template browser lists them) it:
+0. (once) opens the template browser on the pack's category -> `DIR/<frontend>/templates.png`;
 1. loads the file with `app.loadGraphData(json)`, exactly as saved, and records every alert, toast and dialog
    (the missing-models dialog included: the test model is not the released one) -> `DIR/<frontend>/<n>_load.png`;
 2. closes the dialogs, points the widgets at the tiny model with small sizes and steps (the same settings as the
@@ -32,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from comfy_server import ComfyServer  # noqa: E402
+from comfy_server import PACK_NAME, ComfyServer  # noqa: E402
 from nodes_support import INPUT_IMAGES, SIDE, TINY_MODEL, make_input_images, make_models_dir  # noqa: E402
 from tools.make_api import WORKFLOWS as WORKFLOW_TITLES  # noqa: E402
 
@@ -94,6 +95,27 @@ def close_dialogs(driver):
     time.sleep(0.5)
 
 
+def look_at_templates(driver, path):
+    """Open the template browser on the pack's own category, screenshot it, and return the titles shown there."""
+    driver.execute_async_script(AWAIT.format("app.extensionManager.command.execute('Comfy.BrowseTemplates')"))
+    time.sleep(3)
+    found = driver.execute_script(
+        "const hits = Array.from(document.querySelectorAll('[role=\"dialog\"] *'))"
+        "  .filter(e => e.children.length === 0 && e.textContent.trim() === arguments[0]);"
+        "if (hits.length) { hits[0].scrollIntoView(); hits[0].click(); }"
+        "return hits.length > 0;",
+        PACK_NAME,
+    )
+    time.sleep(3)
+    driver.save_screenshot(str(path))
+    titles = driver.execute_script(
+        "return Array.from(document.querySelectorAll('[role=dialog] *'))"
+        "  .filter(e => e.children.length === 0 && /^[0-9] [A-Z]/.test(e.textContent.trim()))"
+        "  .map(e => e.textContent.trim());"
+    )
+    return {"category_found": found, "titles_in_order": titles}
+
+
 def queue_empty(url):
     with urllib.request.urlopen(url + "/queue", timeout=10) as r:
         q = json.load(r)
@@ -131,6 +153,8 @@ def check_frontend(label, static_dir, names, out, comfyui_dir, driver_factory):
                         break
                     time.sleep(1)
                 time.sleep(3)
+                close_dialogs(driver)
+                results["(template browser)"] = look_at_templates(driver, shots / "templates.png")
                 close_dialogs(driver)
                 driver.get_log("browser")  # drop the start-up messages
                 for name in names:
