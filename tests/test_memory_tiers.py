@@ -189,11 +189,17 @@ def test_partial_load_applies_a_lora_per_call(pack):
     v_full = _velocity(handle.model, text=True)
     mm.unload_all_models()
     base = {k: v.clone() for k, v in handle.model.transformer.state_dict().items()}
-    _partial_load(handle.patcher, handle.patcher.model_size() // 2)
-    services.place_unmanaged(handle.patcher)
     patched = {k[len(services.TRANSFORMER_PREFIX) :] for k in handle.patcher.patches}
-    streamed = {n[len(services.TRANSFORMER_PREFIX) :] + ".weight" for n in services.streamed_layers(handle.patcher)}
-    assert patched & streamed  # some LoRA layers are streamed: their patch is applied as they are cast
+    # Which layers a budget streams depends on ComfyUI's order (0.3.64 keeps the biggest layers loaded): shrink the
+    # budget until some LoRA layers are streamed, so that their patch is applied as they are cast.
+    for divisor in (2, 4, 8, 32, 128):
+        mm.unload_all_models()
+        _partial_load(handle.patcher, handle.patcher.model_size() // divisor)
+        services.place_unmanaged(handle.patcher)
+        streamed = {n[len(services.TRANSFORMER_PREFIX) :] + ".weight" for n in services.streamed_layers(handle.patcher)}
+        if patched & streamed:
+            break
+    assert patched & streamed, f"no budget streams a LoRA layer (streamed: {sorted(streamed)})"
     assert all(torch.equal(handle.model.transformer.state_dict()[k], base[k]) for k in patched & streamed)
     torch.testing.assert_close(_velocity(handle.model, text=True), v_full, rtol=1e-4, atol=1e-5)
     mm.unload_all_models()
