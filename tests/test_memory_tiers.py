@@ -193,7 +193,7 @@ def test_partial_load_applies_a_lora_per_call(pack):
     # Which layers a budget streams depends on ComfyUI's order (0.3.64 keeps the biggest layers loaded): shrink the
     # budget until some LoRA layers are streamed, so that their patch is applied as they are cast.
     for divisor in (2, 4, 8, 32, 128):
-        mm.unload_all_models()
+        handle.patcher.unpatch_model(handle.patcher.offload_device)  # restore the weights a try patched in place
         _partial_load(handle.patcher, handle.patcher.model_size() // divisor)
         services.place_unmanaged(handle.patcher)
         streamed = {n[len(services.TRANSFORMER_PREFIX) :] + ".weight" for n in services.streamed_layers(handle.patcher)}
