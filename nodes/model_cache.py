@@ -90,7 +90,7 @@ class TextEncoderWeights(torch.nn.Module):
         return self._dtype
 
 
-def _same_device(a: torch.device, b: torch.device) -> bool:
+def same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index or 0) == (b.index or 0)
 
 
@@ -106,11 +106,11 @@ def place_unmanaged(patcher) -> int:
         if getattr(module, "comfy_cast_weights", False):
             continue
         for param in module.parameters(recurse=False):
-            if not _same_device(param.device, device):
+            if not same_device(param.device, device):
                 param.data = param.data.to(device)
                 moved += 1
         for name, buffer in module.named_buffers(recurse=False):
-            if not _same_device(buffer.device, device):
+            if not same_device(buffer.device, device):
                 module._buffers[name] = buffer.to(device)
                 moved += 1
     return moved

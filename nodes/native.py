@@ -46,8 +46,9 @@ import comfy.model_sampling
 import comfy.supported_models_base
 
 from ..unialign_core import native as core_native
+from ..unialign_core.lora import PREFIXES as LORA_PREFIXES
 from .image_types import InputError, core_inputs, image_to_core
-from .model_cache import TRANSFORMER_PREFIX, output_device, place_unmanaged
+from .model_cache import TRANSFORMER_PREFIX, output_device, place_unmanaged, same_device
 
 log = logging.getLogger("UniAlignment")
 
@@ -170,8 +171,10 @@ class UniAlignBaseModel(comfy.model_base.BaseModel):
                 continue
             name = key[len(prefix) : -len(".weight")]
             flat = name.replace(".", "_")
-            for alias in (f"transformer.{name}", f"base_model.model.{name}", name, f"lora_transformer_{flat}",
-                          f"lycoris_{flat}"):  # fmt: skip
+            # the prefixes UniAlign LoRA reads (diffusion_model.* ComfyUI maps itself) and bare names, then the
+            # flat names OneTrainer/SimpleTuner/LyCORIS files use for SD3
+            aliases = [p + name for p in LORA_PREFIXES] + [name, f"lora_transformer_{flat}", f"lycoris_{flat}"]
+            for alias in aliases:
                 key_map.setdefault(alias, key)
         return key_map
 
@@ -283,8 +286,7 @@ def _place_after_load(patcher, device_to, *args, **kwargs):
     not cast per call (norms, the position table) go to the compute device, as the all-in-one nodes do."""
     if device_to is None:
         return
-    to, load = torch.device(device_to), torch.device(patcher.load_device)
-    if to.type == load.type and (to.index or 0) == (load.index or 0):
+    if same_device(torch.device(device_to), torch.device(patcher.load_device)):
         place_unmanaged(patcher)
 
 
